@@ -1,0 +1,3 @@
+"""Microscope SDK: Prefect-free compute and I/O for auditing checkpoints."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,176 @@
+"""Read a text dataset, tokenize it and pack it into fixed-length windows.
+
+Windows are what the model sees: `[special prefix] tokens… [special suffix]`, built with the
+tokenizer's own special tokens, documents joined by its EOS/SEP token. Each token keeps its document
+id (-1 for special tokens) so activations can be traced back to text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from microscope.errors import InputError
+from schemas.config import DatasetConfig
+
+
+@dataclass
+class Packed:
+    input_ids: np.ndarray  # [n_windows, seq_len] int32
+    doc_ids: np.ndarray  # [n_windows, seq_len] int32, -1 for special tokens
+    doc_token_counts: np.ndarray  # [n_docs] tokens per document (before truncation by max_tokens)
+    truncated: bool
+
+
+def read_documents(cfg: DatasetConfig) -> list[str | None]:
+    """Documents as a list of strings (None where a record has no text; validation reports it)."""
+    if not cfg.path:
+        raise InputError("no dataset given; pass --dataset PATH or set dataset.path in the config")
+    p = Path(cfg.path).expanduser()
+    if not p.exists():
+        if p.suffix or cfg.path.startswith((".", "/", "~")) or cfg.path.count("/") > 1:
+            raise InputError(f"dataset file {cfg.path} does not exist; pass an existing .txt, .jsonl or .parquet file")
+        return _hf_dataset(cfg)
+    if p.is_dir():
+        raise InputError(f"dataset path {p} is a folder; pass a .txt, .jsonl or .parquet file")
+    if p.suffix == ".txt":
+        text = p.read_text(encoding="utf-8", errors="replace")
+        if cfg.txt_mode == "file":
+            return [text] if text.strip() else []
+        parts = text.split("\n\n") if cfg.txt_mode == "paragraphs" else text.splitlines()
+        return [d.strip() for d in parts if d.strip()]
+    if p.suffix == ".jsonl":
+        docs: list[str | None] = []
+        with open(p, encoding="utf-8") as f:
+            for i, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError:
+                    raise InputError(f"{p} line {i} is not valid JSON; fix or remove that line") from None
+                if not isinstance(rec, dict) or cfg.text_field not in rec:
+                    raise InputError(
+                        f"{p} line {i} has no '{cfg.text_field}' field; set dataset.text_field to the text's key"
+                    )
+                docs.append(rec[cfg.text_field])
+        return docs
+    if p.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(p, columns=[cfg.text_field])
+        except Exception as exc:  # noqa: BLE001 -- pyarrow raises several types for one meaning
+            raise InputError(
+                f"{p} has no readable '{cfg.text_field}' column ({type(exc).__name__}); set dataset.text_field"
+            ) from None
+        return table.column(cfg.text_field).to_pylist()
+    raise InputError(f"dataset {p} has suffix '{p.suffix}'; use .txt, .jsonl or .parquet")
+
+
+def _hf_dataset(cfg: DatasetConfig) -> list[str | None]:
+    try:
+        import datasets  # optional: only for hub dataset names
+
+        ds = datasets.load_dataset(cfg.path, split=cfg.split)
+    except ImportError:
+        raise InputError(
+            f"dataset '{cfg.path}' is not a local file and the 'datasets' package is not installed; pass a file"
+        ) from None
+    except Exception as exc:  # noqa: BLE001 -- any hub failure means "not available here"
+        raise InputError(
+            f"dataset '{cfg.path}' is not a local file and the hub could not provide it ({type(exc).__name__}); "
+            "pass a .txt, .jsonl or .parquet file"
+        ) from None
+    return list(ds[cfg.text_field])
+
+
+def text_digest(docs: list[str | None]) -> str:
+    h = hashlib.sha256()
+    for d in docs:
+        h.update(b"\x00" if d is None else d.encode("utf-8") + b"\x1e")
+    return h.hexdigest()
+
+
+def token_lengths(docs: list[str | None], tokenizer: Any) -> tuple[list[list[int]], np.ndarray]:
+    texts = [d if isinstance(d, str) else "" for d in docs]
+    enc = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    return enc, np.array([len(e) for e in enc], dtype=np.int64)
+
+
+def pack(token_lists: list[list[int]], tokenizer: Any, cfg: DatasetConfig) -> Packed:
+    """Concatenate documents (joined by EOS/SEP) and cut windows of `seq_len` with the model's
+    special tokens around each window; stop at `max_tokens`; drop a final partial window."""
+    n_special = tokenizer.num_special_tokens_to_add(pair=False)
+    body = cfg.seq_len - n_special
+    if body < 1:
+        raise InputError(f"dataset.seq_len={cfg.seq_len} leaves no room beside {n_special} special tokens; raise it")
+    sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    max_windows = cfg.max_tokens // cfg.seq_len
+    flat: list[int] = []
+    docs: list[int] = []
+    used = 0
+    for i, toks in enumerate(token_lists):
+        used = i + 1
+        flat += toks
+        docs += [i] * len(toks)
+        if sep is not None and toks:
+            flat.append(sep)
+            docs.append(-1)
+        if len(flat) >= max_windows * body:
+            break
+    n_windows = min(len(flat) // body, max_windows)
+    truncated = used < len(token_lists) or len(flat) - n_windows * body > 1
+    ids = np.empty((n_windows, cfg.seq_len), dtype=np.int32)
+    dids = np.empty((n_windows, cfg.seq_len), dtype=np.int32)
+    for w in range(n_windows):
+        chunk = flat[w * body : (w + 1) * body]
+        full = tokenizer.build_inputs_with_special_tokens(chunk)
+        # Where special tokens were added, their doc id is -1; the body keeps its own ids.
+        mask = tokenizer.get_special_tokens_mask(chunk, already_has_special_tokens=False)
+        assert len(full) == cfg.seq_len == len(mask), (len(full), cfg.seq_len, len(mask))
+        it = iter(docs[w * body : (w + 1) * body])
+        ids[w] = full
+        dids[w] = [-1 if m else next(it) for m in mask]
+    return Packed(ids, dids, np.array([len(t) for t in token_lists], dtype=np.int64), truncated)
+
+
+def tokens_digest(packed: Packed, tokenizer_name: str) -> str:
+    h = hashlib.sha256(tokenizer_name.encode())
+    h.update(np.ascontiguousarray(packed.input_ids))
+    h.update(np.ascontiguousarray(packed.doc_ids))
+    return h.hexdigest()
+
+
+def write_tokens(packed: Packed, path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from schemas.activations import TOKENS_SCHEMA
+
+    n, s = packed.input_ids.shape
+    offsets = pa.array(np.arange(0, (n + 1) * s, s, dtype=np.int32))
+    table = pa.table(
+        {
+            "window": pa.array(np.arange(n, dtype=np.int32)),
+            "input_ids": pa.ListArray.from_arrays(offsets, pa.array(packed.input_ids.reshape(-1))),
+            "doc_ids": pa.ListArray.from_arrays(offsets, pa.array(packed.doc_ids.reshape(-1))),
+        },
+        schema=TOKENS_SCHEMA,
+    )
+    pq.write_table(table, path)
+
+
+def read_tokens(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    n = t.num_rows
+    ids = np.asarray(t.column("input_ids").combine_chunks().flatten()).reshape(n, -1)
+    dids = np.asarray(t.column("doc_ids").combine_chunks().flatten()).reshape(n, -1)
+    return ids, dids

@@ -1,0 +1,127 @@
+"""Find, fingerprint and safely read checkpoints.
+
+Pickled weights are read only with `torch.load(weights_only=True)`: a pickle that carries code is
+refused before anything in it runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from pathlib import Path
+from typing import Any
+
+from microscope.errors import InputError
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def looks_like_path(source: str) -> bool:
+    """Hub ids are 'name' or 'org/name'; anything else is meant as a local path."""
+    return source.startswith(("/", ".", "~")) or source.endswith(WEIGHT_SUFFIXES) or source.count("/") > 1
+
+
+def locate(source: str, revision: str | None = None) -> Path:
+    """A local folder or file for `source`; downloads a hub id where the hub is reachable."""
+    p = Path(source).expanduser()
+    if p.exists():
+        return p.resolve()
+    if looks_like_path(source):
+        raise InputError(f"model path {source} does not exist; pass an HF folder, a weights file or a hub id")
+    return _download(source, revision)
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            etag_timeout=10,
+            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"],
+        )
+    except Exception as exc:  # the hub's errors are many; all mean "not available here"
+        reason = type(exc).__name__
+        raise InputError(
+            f"model '{repo_id}' is not a local path and the Hugging Face Hub could not provide it ({reason}); "
+            "download it where the hub is reachable and pass the folder"
+        ) from None
+    return Path(path)
+
+
+def fingerprint(path: Path, extra: dict[str, Any] | None = None) -> str:
+    """sha256 over the checkpoint's files (relative name + bytes): ingest's cache key."""
+    h = hashlib.sha256()
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    for f in files:
+        if f.name.startswith(".") or "/." in f.as_posix():
+            continue
+        rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
+        h.update(rel.encode() + b"\0")
+        with open(f, "rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+    h.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def check_safetensors(path: Path) -> None:
+    """Parse the header and check the data fits in the file, so truncation is caught before loading."""
+    import struct
+
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8 or n > 100_000_000:
+                raise ValueError("header length exceeds the file")
+            header = json.loads(f.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + n + end > size:
+            raise ValueError(f"data ends at byte {8 + n + end} but the file has {size}")
+    except (ValueError, struct.error, KeyError, TypeError, UnicodeDecodeError) as exc:
+        raise InputError(
+            f"{path} is not a valid safetensors file ({exc}); it is truncated or corrupt, re-save or re-download it"
+        ) from None
+
+
+def read_state_dict(path: Path) -> dict[str, Any]:
+    """Tensors from a .safetensors or pickled (.pt/.bin/.pth) state dict, without running code."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        check_safetensors(path)
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()
+        hint = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise InputError(
+            f"refusing to load {path}: it is a pickle that needs arbitrary code to load "
+            f"({hint or 'not a plain tensor state dict'}); re-save the weights with safetensors"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        raise InputError(f"{path} is not a readable PyTorch state dict ({str(exc).splitlines()[0]}); re-save it") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise InputError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors; save model.state_dict()")
+    return obj
+
+
+def check_hf_folder(path: Path) -> None:
+    """Validate the weight files of an HF folder before transformers sees them."""
+    if not (path / "config.json").is_file():
+        raise InputError(f"{path} has no config.json; pass an HF model folder or a weights file with model.module")
+    weights = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES]
+    if not weights:
+        raise InputError(f"{path} has no weight files (*.safetensors or *.bin); save the model with save_pretrained")
+    for f in weights:
+        if f.suffix == ".safetensors":
+            check_safetensors(f)
+        else:
+            read_state_dict(f)  # refuses code-carrying pickles before transformers touches them

@@ -1,0 +1,222 @@
+"""Build a model (and its tokenizer) from a ModelRef, and describe and digest it."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from microscope.errors import InputError
+from microscope.models import checkpoint
+from microscope.models.families import Family, child_path, family_for, find_blocks
+from schemas.config import ModelConfig
+from schemas.records import Architecture, HookPoints, ModelParams, ModelRef
+
+if TYPE_CHECKING:
+    import torch
+    import torch.nn as nn
+
+
+def resolve(cfg: ModelConfig) -> ModelRef:
+    """Locate the checkpoint and fingerprint its files (cheap: no model is built)."""
+    if not cfg.source:
+        raise InputError("no model given; pass --model PATH or set model.source in the config")
+    path = checkpoint.locate(cfg.source, cfg.revision)
+    if path.is_file() and not cfg.module:
+        raise InputError(
+            f"{path.name} is a bare state dict; set model.module to its class ('package.module:Class') "
+            "and model.kwargs to its arguments"
+        )
+    if path.is_file() and path.suffix not in checkpoint.WEIGHT_SUFFIXES:
+        raise InputError(f"{path} is not a checkpoint; use an HF folder, .safetensors, .pt, .pth or .bin")
+    extra = {"module": cfg.module, "kwargs": cfg.kwargs, "dtype": cfg.dtype}
+    return ModelRef(
+        source=cfg.source,
+        resolved_path=str(path),
+        module=cfg.module,
+        kwargs=cfg.kwargs,
+        tokenizer=cfg.tokenizer,
+        revision=cfg.revision,
+        dtype=cfg.dtype,
+        source_fingerprint=checkpoint.fingerprint(path, extra),
+    )
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def _import_class(path: str) -> type:
+    mod_name, _, cls_name = path.partition(":")
+    try:
+        cls = getattr(importlib.import_module(mod_name), cls_name)
+    except (ImportError, AttributeError) as exc:
+        raise InputError(f"model.module '{path}' cannot be imported ({exc}); check the module path") from None
+    if not isinstance(cls, type):
+        raise InputError(f"model.module '{path}' is not a class")
+    return cls
+
+
+def _is_causal_hf(config: Any) -> bool:
+    archs = getattr(config, "architectures", None) or []
+    return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
+
+
+def load_model(ref: ModelRef) -> nn.Module:
+    """The model in eval mode, on CPU, in `ref.dtype`."""
+    import torch
+
+    path = Path(ref.resolved_path or ref.source)
+    dtype = _torch_dtype(ref.dtype)
+    if path.is_dir():
+        checkpoint.check_hf_folder(path)
+        import transformers
+
+        try:
+            config = transformers.AutoConfig.from_pretrained(path)
+            auto = transformers.AutoModelForCausalLM if _is_causal_hf(config) else transformers.AutoModel
+            model = auto.from_pretrained(path, dtype=dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"transformers cannot load {path}: {str(exc).splitlines()[0]}") from None
+    else:
+        model = _load_bare(path, ref, dtype)
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.to(dtype) if ref.dtype != "float32" else model
+
+
+def _load_bare(path: Path, ref: ModelRef, dtype: torch.dtype) -> nn.Module:
+    import torch
+
+    state = checkpoint.read_state_dict(path)  # before importing the class: a bad file fails first
+    cls = _import_class(ref.module or "")
+    try:
+        config_class = getattr(cls, "config_class", None)
+        if config_class is not None and hasattr(cls, "from_pretrained"):
+            model = cls(config_class(**ref.kwargs))
+        else:
+            model = cls(**ref.kwargs)
+    except TypeError as exc:
+        raise InputError(f"model.kwargs do not fit {ref.module}: {exc}") from None
+    if not isinstance(model, torch.nn.Module):
+        raise InputError(f"model.module '{ref.module}' builds a {type(model).__name__}, not a torch.nn.Module")
+    result = model.load_state_dict(state, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    loaded = {p.data_ptr() for k, p in model.state_dict().items() if k in state}
+    missing = [k for k in result.missing_keys if model.state_dict()[k].data_ptr() not in loaded]
+    if missing or result.unexpected_keys:
+        raise InputError(
+            f"{path.name} does not fit {ref.module}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}; "
+            "check model.module and model.kwargs"
+        )
+    return model
+
+
+def load_tokenizer(ref: ModelRef) -> Any:
+    import transformers
+
+    where = ref.tokenizer or (ref.resolved_path if Path(ref.resolved_path or "").is_dir() else None)
+    if where is None:
+        raise InputError("a bare state dict has no tokenizer; set model.tokenizer to a tokenizer folder or hub id")
+    try:
+        return transformers.AutoTokenizer.from_pretrained(where)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"no tokenizer could be loaded from {where} ({str(exc).splitlines()[0]}); set model.tokenizer") from None
+
+
+def unique_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """State dict entries in sorted-name order with tied tensors kept once (under the first name)."""
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    out = []
+    for name, t in sorted(model.state_dict().items()):
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        out.append((name, t))
+    return out
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 over (name, dtype, shape, bytes) of every unique tensor: the same weights give the same
+    digest whatever file format they came from."""
+    h = hashlib.sha256()
+    for name, t in unique_state(model):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(__import__("torch").uint8).numpy())
+    return h.hexdigest()
+
+
+def hook_points(model: nn.Module, family: Family | None = None) -> tuple[str, list[HookPoints]]:
+    family = family or family_for(model)
+    blocks_name, blocks = find_blocks(model, family)
+    points = []
+    for i, block in enumerate(blocks):
+        base = f"{blocks_name}.{i}"
+        attn, mlp = child_path(block, family, "attn"), child_path(block, family, "mlp")
+        points.append(
+            HookPoints(
+                layer=i,
+                resid=base,
+                attn=f"{base}.{attn}" if attn else None,
+                mlp=f"{base}.{mlp}" if mlp else None,
+            )
+        )
+    return blocks_name, points
+
+
+def describe(model: nn.Module) -> Architecture:
+    family = family_for(model)
+    blocks_name, points = hook_points(model, family)
+    cfg = getattr(model, "config", None)
+
+    def cfg_get(*names: str) -> int | None:
+        for n in names:
+            v = getattr(cfg, n, None)
+            if isinstance(v, int):
+                return v
+        return None
+
+    n_params = sum(t.numel() for _, t in unique_state(model) if t.is_floating_point())
+    modules = module_table(model, blocks_name)
+    has_unembed = hasattr(model, "get_output_embeddings") and model.get_output_embeddings() is not None
+    first = next(iter(model.parameters()), None)
+    return Architecture(
+        family=family.name,
+        model_type=getattr(cfg, "model_type", None),
+        class_name=type(model).__name__,
+        n_layers=len(points),
+        hidden_size=cfg_get("hidden_size", "n_embd", "d_model"),
+        n_heads=cfg_get("num_attention_heads", "n_head"),
+        vocab_size=cfg_get("vocab_size"),
+        n_params=n_params,
+        dtype=str(first.dtype).removeprefix("torch.") if first is not None else "none",
+        has_unembedding=bool(has_unembed),
+        is_causal=family.causal or (cfg is not None and _is_causal_hf(cfg)),
+        modules=modules,
+        hook_points=points,
+    )
+
+
+def module_table(model: nn.Module, blocks_name: str) -> list[ModelParams]:
+    """Parameters per module: the modules beside the blocks (embeddings, final norm, head), each
+    block, and each block's direct children (attention, MLP, norms)."""
+    parts = blocks_name.split(".")
+    ancestors = {".".join(parts[:i]) for i in range(len(parts))}  # "", "bert", "bert.encoder"
+    rows = []
+    for name, mod in model.named_modules():
+        parent, _, _ = name.rpartition(".")
+        in_blocks = name.startswith(blocks_name + ".")
+        depth = name[len(blocks_name) + 1:].count(".") if in_blocks else -1
+        beside = not in_blocks and parent in ancestors and name not in ancestors and name != blocks_name
+        if beside or 0 <= depth <= 1:
+            n = sum(p.numel() for p in mod.parameters())
+            if n:
+                rows.append(ModelParams(name=name, type=type(mod).__name__, params=n))
+    return rows

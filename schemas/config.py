@@ -1,0 +1,214 @@
+"""The audit configuration: one YAML file, one section per stage.
+
+Every model forbids unknown keys, so a typo fails loudly with the key's name instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+HookName = Literal["resid", "mlp", "attn"]
+HOOK_NAMES: tuple[str, ...] = ("resid", "mlp", "attn")
+STAGES: tuple[str, ...] = ("ingest", "trace", "report")
+# What each stage needs to have run first; `--stages` pulls these in.
+STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
+    "ingest": (),
+    "trace": ("ingest",),
+    "report": ("ingest",),
+}
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(Section):
+    source: str | None = Field(
+        None,
+        description="HF folder, HF hub id, or a .safetensors/.pt/.bin state dict. `--model` overrides it.",
+    )
+    module: str | None = Field(
+        None,
+        description="For a bare state dict: import path of the nn.Module class, 'package.module:Class'.",
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Keyword arguments for `module` (for an HF model class: the fields of its config).",
+    )
+    tokenizer: str | None = Field(
+        None, description="Tokenizer folder or hub id, for a bare state dict or to override the model's own."
+    )
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for a hub id.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Dtype the model is loaded in for auditing."
+    )
+
+    @field_validator("module")
+    @classmethod
+    def _module_path(cls, v: str | None) -> str | None:
+        if v is not None and ":" not in v:
+            raise ValueError(f"'{v}' is not an import path; write it as 'package.module:ClassName'")
+        return v
+
+
+class DatasetConfig(Section):
+    path: str | None = Field(
+        None,
+        description=".txt, .jsonl or .parquet file, or an HF datasets name. `--dataset` overrides it.",
+    )
+    text_field: str = Field("text", description="Field (.jsonl) or column (.parquet) holding the text.")
+    split: str = Field("train", description="Split to read for an HF datasets name.")
+    txt_mode: Literal["lines", "file", "paragraphs"] = Field(
+        "lines",
+        description="How a .txt file splits into documents: one per line, per blank-line paragraph, or whole file.",
+    )
+    seq_len: int = Field(128, ge=2, le=65536, description="Tokens per packed window.")
+    max_tokens: int = Field(65536, ge=2, description="Stop packing after this many tokens.")
+    min_doc_tokens: int = Field(1, ge=1, description="Documents shorter than this (in tokens) fail validation.")
+    max_doc_tokens: int = Field(
+        1_000_000, ge=1, description="Documents longer than this (in tokens) fail validation."
+    )
+
+    @model_validator(mode="after")
+    def _windows_fit(self) -> DatasetConfig:
+        if self.max_tokens < self.seq_len:
+            raise ValueError(
+                f"max_tokens={self.max_tokens} is smaller than seq_len={self.seq_len}; "
+                "raise max_tokens or lower seq_len"
+            )
+        if self.min_doc_tokens > self.max_doc_tokens:
+            raise ValueError("min_doc_tokens is larger than max_doc_tokens; swap or widen them")
+        return self
+
+
+class TraceConfig(Section):
+    layers: list[int] | Literal["all"] = Field(
+        "all", description="Block indices to trace (negative counts from the end), or 'all'."
+    )
+    hooks: list[HookName] = Field(
+        default_factory=lambda: ["resid"],
+        description="Hook points per block: resid (block output), mlp (MLP output), attn (attention output).",
+    )
+    batch_size: int = Field(16, ge=1, description="Windows per forward pass; halves on out-of-memory.")
+    part_tokens: int = Field(
+        65536, ge=1, description="Tokens per Parquet part file; a killed trace resumes at the last whole part."
+    )
+    row_group_tokens: int = Field(8192, ge=1, description="Rows per Parquet row group (streaming unit).")
+    compression: Literal["none", "zstd", "lz4", "snappy"] = Field(
+        "none", description="Parquet compression; activations barely compress, so 'none' is fastest."
+    )
+    near_zero: float = Field(1e-6, gt=0, description="|x| below this counts as a near-zero entry.")
+
+    @field_validator("hooks")
+    @classmethod
+    def _hooks_unique(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError(f"list at least one hook; allowed: {', '.join(HOOK_NAMES)}")
+        if len(set(v)) != len(v):
+            raise ValueError("hooks are listed twice; list each once")
+        return sorted(v, key=HOOK_NAMES.index)
+
+    @field_validator("layers")
+    @classmethod
+    def _layers_unique(cls, v: list[int] | str) -> list[int] | str:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("list at least one layer, or write 'all'")
+            if len(set(v)) != len(v):
+                raise ValueError("layers are listed twice; list each once")
+        return v
+
+
+class ReportConfig(Section):
+    title: str | None = Field(None, description="Report title; defaults to the model's name.")
+    max_modules: int = Field(60, ge=1, description="Rows of the parameters-per-module table.")
+
+
+class AuditConfig(Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    trace: TraceConfig = Field(default_factory=TraceConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
+    seed: int = Field(0, description="Seed for anything random in the audit.")
+
+    def section_hash(self, name: str, *extra: str) -> str:
+        """Hash of one section's canonical JSON plus input digests: the stage's `config_hash`."""
+        return canonical_hash({"section": getattr(self, name).model_dump(mode="json"), "inputs": list(extra)})
+
+
+def canonical_hash(obj: Any, length: int = 16) -> str:
+    """sha256 of canonical JSON (sorted keys, no whitespace), truncated to `length` hex digits."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:length]
+
+
+class ConfigError(ValueError):
+    """A config file that does not validate; the message names the key and what is allowed."""
+
+
+def describe_validation_error(err: ValidationError, origin: str) -> str:
+    """One line per problem: `dataset.seq_len: Input should be ... (got 'x')`."""
+    parts = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            section = _section_for(e["loc"][:-1])
+            allowed = ", ".join(sorted(section.model_fields)) if section else "?"
+            parts.append(f"unknown key '{key}' in {origin}; allowed here: {allowed}")
+        else:
+            got = e.get("input")
+            got_s = "" if isinstance(got, dict) else f" (got {got!r})"
+            parts.append(f"{key}: {e['msg']}{got_s}")
+    return "; ".join(parts)
+
+
+def _section_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] = AuditConfig
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None) if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return None
+        model = ann
+    return model
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AuditConfig:
+    """Read a YAML config (or defaults when `path` is None) and apply dotted-key overrides."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    origin = "the defaults"
+    if path is not None:
+        p = Path(path)
+        origin = str(p)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"{p} is not valid YAML{where}; fix the syntax") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections (model, dataset, trace, ...)")
+        data = loaded
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *heads, last = dotted.split(".")
+        for h in heads:
+            node = node.setdefault(h, {})
+        node[last] = value
+    try:
+        return AuditConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(err, origin)) from None

@@ -1,0 +1,122 @@
+"""Result records: small, JSON-serialisable, passed between tasks and read by the viewer and CI.
+
+They carry URIs and summary figures, never tensors or frames; big things live in the artifact store.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StageStatus(str, Enum):
+    completed = "completed"
+    cached = "cached"
+    failed = "failed"
+    skipped = "skipped"
+
+
+class HookPoints(Record):
+    """Module paths resolved for one block; None where the family has no such point."""
+
+    layer: int
+    resid: str
+    mlp: str | None = None
+    attn: str | None = None
+
+
+class ModelParams(Record):
+    name: str
+    type: str
+    params: int
+
+
+class Architecture(Record):
+    family: str = Field(description="Adapter family: gpt2, llama, bert, gpt_neox, generic, ...")
+    model_type: str | None = Field(None, description="HF config.model_type where there is one.")
+    class_name: str
+    n_layers: int
+    hidden_size: int | None = None
+    n_heads: int | None = None
+    vocab_size: int | None = None
+    n_params: int
+    dtype: str
+    has_unembedding: bool = False
+    is_causal: bool = False
+    modules: list[ModelParams] = Field(default_factory=list, description="Parameters per module.")
+    hook_points: list[HookPoints] = Field(default_factory=list)
+
+
+class ValidationCheck(Record):
+    expectation: str
+    success: bool
+    detail: str = ""
+
+
+class DatasetSummary(Record):
+    source: str
+    text_digest: str = Field(description="sha256 of the documents' text, in order.")
+    n_documents: int
+    n_tokens: int = Field(description="Tokens packed into windows (what the model sees).")
+    n_windows: int
+    seq_len: int
+    tokens_per_doc_mean: float
+    tokens_per_doc_max: int
+    truncated: bool = Field(description="True when max_tokens cut the dataset short.")
+    checks: list[ValidationCheck] = Field(default_factory=list)
+
+
+class StageRecord(Record):
+    stage: str
+    status: StageStatus
+    config_hash: str | None = None
+    input_digests: dict[str, str] = Field(default_factory=dict)
+    artifacts: dict[str, str] = Field(default_factory=dict, description="Name -> URI in the artifact store.")
+    metrics: dict[str, float] = Field(default_factory=dict, description="Summary figures.")
+    details: dict[str, Any] = Field(default_factory=dict, description="Small structured results.")
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    seconds: float | None = Field(None, description="Wall time of the computation that produced it.")
+    error: str | None = None
+    mlflow_run_id: str | None = None
+
+
+class ModelRef(Record):
+    """What later stages need to reload the model: where it is and what it must hash to."""
+
+    source: str
+    resolved_path: str | None = None
+    module: str | None = None
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    tokenizer: str | None = None
+    revision: str | None = None
+    dtype: str = "float32"
+    source_fingerprint: str = Field(description="sha256 of the checkpoint files' bytes (ingest's cache key).")
+
+
+class AuditRecord(Record):
+    audit_id: str
+    created_at: datetime
+    finished_at: datetime | None = None
+    status: StageStatus
+    model: ModelRef
+    model_digest: str | None = None
+    architecture: Architecture | None = None
+    dataset_source: str | None = None
+    dataset_digest: str | None = None
+    dataset: DatasetSummary | None = None
+    config: dict[str, Any]
+    stages: dict[str, StageRecord] = Field(default_factory=dict)
+    report_uri: str | None = None
+    mlflow_run_id: str | None = None
+    mlflow_tracking_uri: str | None = None
+    prefect_flow_run_id: str | None = None
+    store_uri: str
+    error: str | None = None
