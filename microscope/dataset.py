@@ -106,10 +106,12 @@ def token_lengths(docs: list[str | None], tokenizer: Any) -> tuple[list[list[int
 def pack(token_lists: list[list[int]], tokenizer: Any, cfg: DatasetConfig) -> Packed:
     """Concatenate documents (joined by EOS/SEP) and cut windows of `seq_len` with the model's
     special tokens around each window; stop at `max_tokens`; drop a final partial window."""
-    n_special = tokenizer.num_special_tokens_to_add(pair=False)
-    body = cfg.seq_len - n_special
+    prefix, suffix = special_frame(tokenizer)
+    body = cfg.seq_len - len(prefix) - len(suffix)
     if body < 1:
-        raise InputError(f"dataset.seq_len={cfg.seq_len} leaves no room beside {n_special} special tokens; raise it")
+        raise InputError(
+            f"dataset.seq_len={cfg.seq_len} leaves no room beside {len(prefix) + len(suffix)} special tokens; raise it"
+        )
     sep = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     max_windows = cfg.max_tokens // cfg.seq_len
     flat: list[int] = []
@@ -129,15 +131,21 @@ def pack(token_lists: list[list[int]], tokenizer: Any, cfg: DatasetConfig) -> Pa
     ids = np.empty((n_windows, cfg.seq_len), dtype=np.int32)
     dids = np.empty((n_windows, cfg.seq_len), dtype=np.int32)
     for w in range(n_windows):
-        chunk = flat[w * body : (w + 1) * body]
-        full = tokenizer.build_inputs_with_special_tokens(chunk)
-        # Where special tokens were added, their doc id is -1; the body keeps its own ids.
-        mask = tokenizer.get_special_tokens_mask(chunk, already_has_special_tokens=False)
-        assert len(full) == cfg.seq_len == len(mask), (len(full), cfg.seq_len, len(mask))
-        it = iter(docs[w * body : (w + 1) * body])
-        ids[w] = full
-        dids[w] = [-1 if m else next(it) for m in mask]
+        # [n_windows, seq_len]: prefix specials, body tokens, suffix specials (doc id -1 for specials)
+        ids[w] = prefix + flat[w * body : (w + 1) * body] + suffix
+        dids[w] = [-1] * len(prefix) + docs[w * body : (w + 1) * body] + [-1] * len(suffix)
     return Packed(ids, dids, np.array([len(t) for t in token_lists], dtype=np.int64), truncated)
+
+
+def special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text ([CLS]…[SEP], <s>…, or none)."""
+    probe = "hello world"
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    full = tokenizer(probe, add_special_tokens=True)["input_ids"]
+    for i in range(len(full) - len(plain) + 1):
+        if full[i : i + len(plain)] == plain:
+            return list(full[:i]), list(full[i + len(plain) :])
+    return [], []
 
 
 def tokens_digest(packed: Packed, tokenizer_name: str) -> str:

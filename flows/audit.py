@@ -1,0 +1,145 @@
+"""The audit flow: ingest → trace → report, one task per stage, tracked in MLflow.
+
+A failed stage is recorded with its one-line error; stages that needed it are skipped; everything
+already computed stays in the store and the audit record is saved either way.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.context import get_run_context
+
+from microscope import audits, tracking
+from microscope.errors import InputError
+from microscope.stages.ingest import load_outputs
+from microscope.store import open_store
+from flows.stages import expand_stages
+from schemas.config import STAGES, AuditConfig
+from schemas.records import AuditRecord, ModelRef, StageRecord, StageStatus
+from tasks.ingest import ingest_task
+from tasks.report import report_task
+from tasks.trace import trace_task
+from tasks.tracking import finish_run, log_lineage, log_stage, start_run
+
+
+class AuditFailed(RuntimeError):
+    """Raised at the end of a flow whose stages did not all succeed (the record is already saved)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return msg if type(exc).__module__.startswith("microscope") else f"{type(exc).__name__}: {msg}"
+
+
+def _run(task: Any, stage: str, store: Any, **kwargs: Any) -> StageRecord:
+    """Run one stage task; a Prefect cache hit becomes status `cached` if its artifacts still exist."""
+    state = task(**kwargs, return_state=True)
+    if state.is_completed():
+        rec: StageRecord = state.result()
+        if state.name == "Cached":
+            manifest = rec.details.get("prefix", "") + "/manifest.json"
+            if not store.exists(manifest):  # the store lost it: recompute instead of trusting the cache
+                get_run_logger().warning("%s: cached artifacts are gone from the store; recomputing", stage)
+                return _run(task.with_options(refresh_cache=True), stage, store, **kwargs)
+            rec = rec.model_copy(update={"status": StageStatus.cached})
+        return rec
+    exc = state.result(raise_on_failure=False)
+    error = _one_line(exc) if isinstance(exc, BaseException) else str(exc)
+    return StageRecord(
+        stage=stage, status=StageStatus.failed, error=error, details={"input_error": isinstance(exc, InputError)}
+    )
+
+
+@flow(name="audit", flow_run_name="{audit_id}", validate_parameters=False)
+def audit(
+    audit_id: str,
+    config: AuditConfig,
+    model: ModelRef,
+    dataset_fingerprint: str,
+    stages: list[str],
+    store_uri: str,
+) -> AuditRecord:
+    log = get_run_logger()
+    store = open_store(store_uri)
+    flow_run_id = str(get_run_context().flow_run.id)
+    selected = expand_stages(stages)
+    rec = AuditRecord(
+        audit_id=audit_id,
+        created_at=datetime.now(UTC),
+        status=StageStatus.completed,
+        model=model,
+        dataset_source=config.dataset.path,
+        config=config.model_dump(mode="json"),
+        store_uri=store.uri,
+        prefect_flow_run_id=flow_run_id,
+        mlflow_tracking_uri=tracking.mlflow_tracking_uri(),
+    )
+    tags = {"prefect.flow_run_id": flow_run_id, "microscope.audit_id": audit_id}
+    rec.mlflow_run_id = start_run(audit_id, tags, rec.config)
+
+    def track(r: StageRecord, section: dict[str, Any]) -> StageRecord:
+        stage_tags = {**tags, "microscope.model_digest": rec.model_digest or ""}
+        r.mlflow_run_id = log_stage(rec.mlflow_run_id, r, section, stage_tags)
+        rec.stages[r.stage] = r
+        log.info("%s: %s%s", r.stage, r.status.value, f" ({r.error})" if r.error else "")
+        return r
+
+    ingest = None
+    if "ingest" in selected:
+        ingest = track(
+            _run(ingest_task, "ingest", store, ref=model, cfg=config, dataset_fingerprint=dataset_fingerprint, store_uri=store.uri),
+            {"model": config.model.model_dump(mode="json"), "dataset": config.dataset.model_dump(mode="json")},
+        )
+    if ingest is not None and ingest.status in (StageStatus.completed, StageStatus.cached):
+        rec.model_digest = ingest.details["model_digest"]
+        rec.dataset_digest = ingest.details["dataset_digest"]
+        rec.architecture, rec.dataset = load_outputs(ingest, store)
+        log_lineage(rec.mlflow_run_id, model.resolved_path or model.source, rec.model_digest, str(config.dataset.path), rec.dataset_digest)
+        if "trace" in selected:
+            track(
+                _run(trace_task, "trace", store, ref=model, ingest=ingest, cfg=config, store_uri=store.uri),
+                config.trace.model_dump(mode="json"),
+            )
+        if "report" in selected:
+            done = {k: v for k, v in rec.stages.items() if v.status != StageStatus.skipped}
+            report = track(_run(report_task, "report", store, stages=done, cfg=config, store_uri=store.uri), config.report.model_dump(mode="json"))
+            if report.status != StageStatus.failed:
+                rec.report_uri = report.artifacts["report"]
+    for s in STAGES:
+        if s not in rec.stages:
+            why = "not requested" if s not in selected else "an earlier stage failed"
+            rec.stages[s] = StageRecord(stage=s, status=StageStatus.skipped, error=None, details={"reason": why})
+
+    failed = [r for r in rec.stages.values() if r.status == StageStatus.failed]
+    rec.status = StageStatus.failed if failed else StageStatus.completed
+    rec.error = f"{failed[0].stage}: {failed[0].error}" if failed else None
+    rec.finished_at = datetime.now(UTC)
+    audits.save(store, rec)
+    report_local = str(store.local_path(rec.stages["report"].details["report_key"])) if rec.report_uri else None
+    finish_run(rec.mlflow_run_id, rec, report_local)
+    if rec.report_uri:
+        create_link_artifact(key="audit-report", link=_as_link(rec.report_uri), description=f"Report of audit {audit_id}")
+    create_markdown_artifact(key="audit-summary", markdown=_summary_md(rec), description=f"Audit {audit_id}")
+    if failed:
+        raise AuditFailed(rec.error)
+    return rec
+
+
+def _as_link(uri: str) -> str:
+    return uri if "://" in uri else f"file://{uri}"
+
+
+def _summary_md(rec: AuditRecord) -> str:
+    rows = "\n".join(
+        f"| {r.stage} | {r.status.value} | {'' if r.seconds is None else f'{r.seconds:.2f}'} | {r.error or ''} |"
+        for r in rec.stages.values()
+    )
+    return (
+        f"# Audit `{rec.audit_id}`\n\nModel digest `{(rec.model_digest or '')[:16]}`, dataset digest "
+        f"`{(rec.dataset_digest or '')[:16]}`.\n\n| stage | status | seconds | error |\n|---|---|---|---|\n{rows}\n\n"
+        f"Report: {rec.report_uri or '—'}\n\nMLflow run `{rec.mlflow_run_id}` at `{rec.mlflow_tracking_uri}`\n"
+    )

@@ -1,0 +1,195 @@
+"""`microscope`: run, show and list audits. Heavy imports happen inside the commands, so `--help`
+answers at once."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+EXIT_INPUT = 2  # bad input: config, file, checkpoint, dataset
+EXIT_FAILED = 1  # the audit ran and a stage failed
+
+
+def _env_defaults() -> None:
+    from microscope import workspace
+
+    home = workspace.home()
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect-results"))
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """Everything printed while the flow runs (ours, Prefect's, subprocesses') goes to stderr, so
+    stdout carries only the JSON record."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
+def _fail(msg: str, code: int = EXIT_INPUT) -> int:
+    print(f"microscope: error: {msg}", file=sys.stderr)
+    return code
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    _env_defaults()
+    from microscope import audits, workspace
+    from microscope.models.loading import resolve
+    from microscope.stages.ingest import dataset_fingerprint
+    from microscope.store import open_store
+    from schemas.config import load_config
+
+    cfg = load_config(args.config, {"model.source": args.model, "dataset.path": args.dataset})
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else []
+    from flows.stages import expand_stages
+
+    expand_stages(stages)  # unknown names fail before anything starts
+    ref = resolve(cfg.model)
+    data_fp = dataset_fingerprint(cfg.dataset.path)
+    store = open_store(args.store or workspace.store_uri())
+    audit_id = args.audit_id or audits.new_audit_id()
+    print(f"microscope: audit {audit_id} of {ref.source} (store {store.uri})", file=sys.stderr)
+
+    with _stdout_to_stderr():
+        from flows.audit import audit
+
+        state = audit(
+            audit_id=audit_id,
+            config=cfg,
+            model=ref,
+            dataset_fingerprint=data_fp,
+            stages=stages,
+            store_uri=store.uri,
+            return_state=True,
+        )
+    try:
+        record = audits.load(store, audit_id)
+    except Exception:  # noqa: BLE001 -- the flow died before saving its record
+        exc = state.result(raise_on_failure=False)
+        return _fail(f"audit {audit_id} crashed before saving its record: {exc}", EXIT_FAILED)
+    _print_record(record, args.json)
+    if record.status.value == "failed":
+        return _fail(record.error or "a stage failed", EXIT_INPUT if _is_input_error(record) else EXIT_FAILED)
+    return 0
+
+
+def _is_input_error(record: Any) -> bool:
+    return any(r.details.get("input_error") for r in record.stages.values())
+
+
+def _print_record(record: Any, as_json: bool) -> None:
+    if as_json:
+        print(record.model_dump_json(indent=2))
+        return
+    print(f"audit {record.audit_id}: {record.status.value}")
+    for r in record.stages.values():
+        secs = "" if r.seconds is None else f" {r.seconds:.2f}s"
+        err = f"  {r.error}" if r.error else ""
+        print(f"  {r.stage:<8} {r.status.value:<9}{secs}{err}")
+    if record.model_digest:
+        print(f"model digest   {record.model_digest[:16]}")
+    if record.report_uri:
+        print(f"report         {record.report_uri}")
+    if record.stages.get("trace") and record.stages["trace"].details.get("prefix"):
+        print(f"activations    {record.store_uri}/{record.stages['trace'].details['prefix']}")
+    print(f"mlflow         {record.mlflow_tracking_uri} (run {record.mlflow_run_id})")
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from microscope import audits, workspace
+    from microscope.store import open_store
+
+    record = audits.load(open_store(args.store or workspace.store_uri()), args.audit_id)
+    _print_record(record, args.json)
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from microscope import audits, workspace
+    from microscope.store import open_store
+
+    records = audits.list_all(open_store(args.store or workspace.store_uri()))
+    if args.json:
+        print(json.dumps([json.loads(r.model_dump_json()) for r in records], indent=2))
+        return 0
+    if not records:
+        print("no audits yet; start one with `microscope run --model PATH --dataset FILE`", file=sys.stderr)
+    for r in records:
+        model = (r.architecture.class_name if r.architecture else "?") + f" {(r.model_digest or '')[:12]}"
+        print(f"{r.audit_id}  {r.status.value:<9}  {model}  {r.dataset_source}")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from schemas.config import AuditConfig
+    from schemas.records import AuditRecord
+
+    model = {"config": AuditConfig, "audit": AuditRecord}[args.which]
+    print(json.dumps(model.model_json_schema(), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="microscope", description="Audit neural-network checkpoints.")
+    p.add_argument("--store", help="artifact store: a folder or s3://bucket/prefix (default: $MICROSCOPE_STORE "
+                   "or .microscope/artifacts)")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run an audit")
+    r.add_argument("--model", help="HF folder, hub id, or a .safetensors/.pt state dict (overrides model.source)")
+    r.add_argument("--dataset", help=".txt/.jsonl/.parquet file or HF dataset name (overrides dataset.path)")
+    r.add_argument("--config", help="audit YAML config")
+    r.add_argument("--stages", help="comma-separated stages to run (plus what they need); default all")
+    r.add_argument("--audit-id", help="id for this audit (default: timestamp + random)")
+    r.add_argument("--json", action="store_true", help="print the audit record as JSON on stdout")
+    r.set_defaults(fn=cmd_run)
+
+    s = sub.add_parser("show", help="show one audit")
+    s.add_argument("audit_id")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(fn=cmd_show)
+
+    ls = sub.add_parser("list", help="list audits")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(fn=cmd_list)
+
+    sc = sub.add_parser("schema", help="print the JSON Schema of the config or the audit record")
+    sc.add_argument("which", choices=["config", "audit"])
+    sc.set_defaults(fn=cmd_schema)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from microscope.errors import MicroscopeError
+    from schemas.config import ConfigError
+
+    try:
+        return int(args.fn(args))
+    except (ConfigError, MicroscopeError) as exc:
+        return _fail(str(exc))
+    except ValueError as exc:  # stage names and other argument checks
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted; finished stages are kept, re-run to resume", 130)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

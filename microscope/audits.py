@@ -1,0 +1,35 @@
+"""The audit index: one JSON record per audit under `audits/` in the artifact store."""
+
+from __future__ import annotations
+
+import secrets
+from datetime import UTC, datetime
+
+from microscope.errors import InputError
+from microscope.store import ArtifactStore
+from schemas.records import AuditRecord
+
+
+def new_audit_id() -> str:
+    return datetime.now(UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def save(store: ArtifactStore, record: AuditRecord) -> str:
+    return store.put_bytes(f"audits/{record.audit_id}.json", record.model_dump_json(indent=2).encode())
+
+
+def load(store: ArtifactStore, audit_id: str) -> AuditRecord:
+    key = f"audits/{audit_id}.json"
+    if not store.exists(key):
+        known = [k.removeprefix("audits/").removesuffix(".json") for k in store.list("audits")]
+        matches = [k for k in known if k.startswith(audit_id)]
+        if len(matches) == 1:
+            key = f"audits/{matches[0]}.json"
+        else:
+            raise InputError(f"no audit '{audit_id}' in {store.uri}; `microscope list` shows the audits there")
+    return AuditRecord.model_validate_json(store.get_bytes(key))
+
+
+def list_all(store: ArtifactStore) -> list[AuditRecord]:
+    out = [AuditRecord.model_validate_json(store.get_bytes(k)) for k in store.list("audits") if k.endswith(".json")]
+    return sorted(out, key=lambda r: r.created_at)

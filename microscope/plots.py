@@ -1,0 +1,78 @@
+"""Inline SVG charts: the report stays one self-contained file with no scripts or network."""
+
+from __future__ import annotations
+
+import html
+import math
+
+PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")
+
+
+def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
+    if hi <= lo:
+        hi = lo + 1.0
+    step = 10 ** math.floor(math.log10((hi - lo) / n))
+    for m in (1, 2, 5, 10):
+        if (hi - lo) / (step * m) <= n:
+            step *= m
+            break
+    start = math.floor(lo / step) * step
+    return [start + i * step for i in range(int((hi - start) / step) + 2) if start + i * step <= hi + step * 0.01]
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.2e}"
+
+
+def line_chart(
+    series: dict[str, list[tuple[float, float]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    width: int = 420,
+    height: int = 240,
+) -> str:
+    pts = [p for s in series.values() for p in s if math.isfinite(p[1])]
+    if not pts:
+        return ""
+    left, right, top, bottom = 56, 12, 28, 40
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(0.0, min(ys)), max(ys) if max(ys) > min(0.0, min(ys)) else 1.0
+    yt = _ticks(y0, y1)
+    y1 = max(y1, yt[-1])
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def sy(y: float) -> float:
+        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
+        f'aria-label="{html.escape(title)}" class="chart">',
+        f'<text x="{width / 2}" y="16" text-anchor="middle" class="t">{html.escape(title)}</text>',
+        f'<text x="{width / 2}" y="{height - 6}" text-anchor="middle" class="a">{html.escape(xlabel)}</text>',
+        f'<text x="12" y="{height / 2}" text-anchor="middle" class="a" transform="rotate(-90 12 {height / 2})">'
+        f"{html.escape(ylabel)}</text>",
+    ]
+    for t in yt:
+        out.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class="g"/>')
+        out.append(f'<text x="{left - 4}" y="{sy(t) + 4:.1f}" text-anchor="end" class="k">{_fmt(t)}</text>')
+    for x in sorted(set(xs)):
+        out.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle" class="k">{_fmt(x)}</text>')
+    for i, (name, s) in enumerate(series.items()):
+        color = PALETTE[i % len(PALETTE)]
+        s = [p for p in s if math.isfinite(p[1])]
+        path = " ".join(f"{'M' if j == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for j, (x, y) in enumerate(s))
+        out.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="2"/>')
+        for x, y in s:
+            out.append(
+                f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"><title>{html.escape(name)} '
+                f"layer {_fmt(x)}: {_fmt(y)}</title></circle>"
+            )
+        out.append(
+            f'<text x="{left + 8 + 90 * i}" y="{top + 10}" fill="{color}" class="k">&#9632; {html.escape(name)}</text>'
+        )
+    out.append("</svg>")
+    return "".join(out)

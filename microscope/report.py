@@ -1,0 +1,141 @@
+"""The audit report: one self-contained HTML file joining every stage's results per layer.
+
+It renders whatever stage records exist, so later stages only add a section.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from microscope.plots import line_chart
+from schemas.records import Architecture, DatasetSummary, StageRecord
+
+CSS = """
+body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
+h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
+table{border-collapse:collapse;margin:.5rem 0}td,th{border:1px solid #ddd;padding:.25rem .55rem;text-align:right}
+th{background:#f5f5f5}td.l,th.l{text-align:left}code{font-size:12px;background:#f5f5f5;padding:0 .2rem}
+.ok{color:#2ca02c}.bad{color:#d62728;font-weight:600}.muted{color:#777}.charts{display:flex;flex-wrap:wrap;gap:1rem}
+svg.chart{border:1px solid #eee;background:#fff}svg .t{font-weight:600;font-size:13px}svg .a{font-size:12px;fill:#444}
+svg .k{font-size:11px;fill:#555}svg .g{stroke:#eee}
+"""
+
+TEMPLATE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{{ title }}</title><style>{{ css }}</style></head><body>
+<h1>{{ title }}</h1>
+<p class="muted">model digest <code>{{ model_digest }}</code> · dataset digest <code>{{ dataset_digest }}</code>
+· rendered {{ rendered }}</p>
+
+<h2>Stages</h2>
+<table><tr><th class="l">stage</th><th class="l">status</th><th>seconds</th><th class="l">config hash</th>
+<th class="l">summary</th></tr>
+{% for r in stages %}<tr><td class="l">{{ r.stage }}</td>
+<td class="l {{ 'bad' if r.status.value == 'failed' else 'ok' }}">{{ r.status.value }}</td>
+<td>{{ '%.2f' % r.seconds if r.seconds is not none else '' }}</td><td class="l"><code>{{ r.config_hash or '' }}</code></td>
+<td class="l">{% for k, v in r.metrics.items() %}{{ k }}={{ fmt(v) }} {% endfor %}{% if r.error %}<span class="bad">{{ r.error }}</span>{% endif %}</td></tr>
+{% endfor %}</table>
+
+{% if arch %}
+<h2>Model</h2>
+<table>
+<tr><th class="l">class</th><td class="l">{{ arch.class_name }}</td></tr>
+<tr><th class="l">family</th><td class="l">{{ arch.family }}{% if arch.model_type %} ({{ arch.model_type }}){% endif %}</td></tr>
+<tr><th class="l">layers</th><td>{{ arch.n_layers }}</td></tr>
+<tr><th class="l">hidden size</th><td>{{ arch.hidden_size or '–' }}</td></tr>
+<tr><th class="l">attention heads</th><td>{{ arch.n_heads or '–' }}</td></tr>
+<tr><th class="l">vocabulary</th><td>{{ arch.vocab_size or '–' }}</td></tr>
+<tr><th class="l">parameters</th><td>{{ '{:,}'.format(arch.n_params) }}</td></tr>
+<tr><th class="l">dtype</th><td class="l">{{ arch.dtype }}</td></tr>
+<tr><th class="l">kind</th><td class="l">{{ 'causal LM' if arch.is_causal else 'encoder' }}{{ ', has unembedding' if arch.has_unembedding else '' }}</td></tr>
+</table>
+<h3>Parameters per module</h3>
+<table><tr><th class="l">module</th><th class="l">type</th><th>parameters</th><th>share</th></tr>
+{% for m in modules %}<tr><td class="l"><code>{{ m.name }}</code></td><td class="l">{{ m.type }}</td>
+<td>{{ '{:,}'.format(m.params) }}</td><td>{{ '%.1f%%' % (100 * m.params / arch.n_params) }}</td></tr>{% endfor %}
+</table>{% if more_modules %}<p class="muted">… and {{ more_modules }} more modules.</p>{% endif %}
+<h3>Hook points</h3>
+<table><tr><th>layer</th><th class="l">resid</th><th class="l">mlp</th><th class="l">attn</th></tr>
+{% for p in arch.hook_points %}<tr><td>{{ p.layer }}</td><td class="l"><code>{{ p.resid }}</code></td>
+<td class="l"><code>{{ p.mlp or '–' }}</code></td><td class="l"><code>{{ p.attn or '–' }}</code></td></tr>{% endfor %}
+</table>
+{% endif %}
+
+{% if data %}
+<h2>Dataset</h2>
+<table>
+<tr><th class="l">source</th><td class="l"><code>{{ data.source }}</code></td></tr>
+<tr><th class="l">documents</th><td>{{ '{:,}'.format(data.n_documents) }}</td></tr>
+<tr><th class="l">tokens in windows</th><td>{{ '{:,}'.format(data.n_tokens) }}{{ ' (cut at max_tokens)' if data.truncated else '' }}</td></tr>
+<tr><th class="l">windows × seq_len</th><td>{{ data.n_windows }} × {{ data.seq_len }}</td></tr>
+<tr><th class="l">tokens per document</th><td>mean {{ '%.1f' % data.tokens_per_doc_mean }}, max {{ data.tokens_per_doc_max }}</td></tr>
+<tr><th class="l">text digest</th><td class="l"><code>{{ data.text_digest[:16] }}</code></td></tr>
+</table>
+<h3>Validation (great-expectations)</h3>
+<table><tr><th class="l">expectation</th><th class="l">result</th><th class="l">detail</th></tr>
+{% for c in data.checks %}<tr><td class="l">{{ c.expectation }}</td>
+<td class="l {{ 'ok' if c.success else 'bad' }}">{{ 'passed' if c.success else 'FAILED' }}</td><td class="l">{{ c.detail }}</td></tr>{% endfor %}
+</table>
+{% endif %}
+
+{% if trace_rows %}
+<h2>Activations per layer</h2>
+<div class="charts">{% for c in trace_charts %}{{ c }}{% endfor %}</div>
+<table><tr><th>layer</th><th class="l">hook</th><th class="l">module</th><th>d</th><th>tokens</th><th>mean ‖x‖</th>
+<th>std ‖x‖</th><th>max ‖x‖</th><th>near-zero</th></tr>
+{% for r in trace_rows %}<tr><td>{{ r.layer }}</td><td class="l">{{ r.hook }}</td><td class="l"><code>{{ r.module }}</code></td>
+<td>{{ r.d }}</td><td>{{ '{:,}'.format(r.rows) }}</td><td>{{ fmt(r.stats.mean_norm) }}</td><td>{{ fmt(r.stats.std_norm) }}</td>
+<td>{{ fmt(r.stats.max_norm) }}</td><td>{{ '%.2f%%' % (100 * r.stats.near_zero_frac) }}</td></tr>{% endfor %}
+</table>
+<p class="muted">Activation cache: <code>{{ trace_prefix }}</code> (one Parquet dataset per layer and hook).</p>
+{% endif %}
+</body></html>
+"""
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:,.0f}" if v.is_integer() and abs(v) < 1e15 else f"{v:.4g}"
+    return str(v)
+
+
+def render(
+    stages: dict[str, StageRecord],
+    arch: Architecture | None,
+    data: DatasetSummary | None,
+    title: str | None = None,
+    max_modules: int = 60,
+) -> str:
+    from jinja2 import Environment
+
+    ingest = stages.get("ingest")
+    trace = stages.get("trace")
+    trace_rows: list[dict[str, Any]] = []
+    charts: list[str] = []
+    if trace is not None and trace.details.get("datasets"):
+        trace_rows = sorted(trace.details["datasets"].values(), key=lambda r: (r["layer"], r["hook"]))
+        for metric, label in (("mean_norm", "mean ‖x‖"), ("max_norm", "max ‖x‖"), ("near_zero_frac", "near-zero fraction")):
+            series: dict[str, list[tuple[float, float]]] = {}
+            for r in trace_rows:
+                series.setdefault(r["hook"], []).append((r["layer"], r["stats"][metric]))
+            charts.append(line_chart(series, f"{label} by layer", "layer", label))
+    env = Environment(autoescape=True)
+    env.globals["fmt"] = _fmt
+    modules = arch.modules[:max_modules] if arch else []
+    from markupsafe import Markup
+
+    return env.from_string(TEMPLATE).render(
+        title=title or (f"Microscope audit: {arch.class_name}" if arch else "Microscope audit"),
+        css=Markup(CSS),
+        model_digest=(ingest.details.get("model_digest", "") if ingest else "")[:16],
+        dataset_digest=(ingest.details.get("dataset_digest", "") if ingest else "")[:16],
+        rendered=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        stages=[s for s in stages.values()],
+        arch=arch,
+        modules=modules,
+        more_modules=(len(arch.modules) - len(modules)) if arch else 0,
+        data=data,
+        trace_rows=trace_rows,
+        trace_charts=[Markup(c) for c in charts],
+        trace_prefix=trace.details.get("prefix", "") if trace else "",
+    )

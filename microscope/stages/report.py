@@ -1,0 +1,45 @@
+"""report: render the HTML report from the stage records and store it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from microscope import report
+from microscope.stages import from_manifest, stage_prefix, timed
+from microscope.stages.ingest import load_outputs
+from microscope.store import ArtifactStore
+from schemas.config import AuditConfig, canonical_hash
+from schemas.records import StageRecord, StageStatus
+
+VERSION = "1"
+
+
+def config_hash(cfg: AuditConfig, stages: dict[str, StageRecord]) -> str:
+    inputs = {name: [r.status.value, r.config_hash] for name, r in sorted(stages.items())}
+    return canonical_hash({"v": VERSION, "report": cfg.report.model_dump(), "inputs": inputs})
+
+
+def run(stages: dict[str, StageRecord], cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
+    ingest = stages["ingest"]
+    chash = config_hash(cfg, stages)
+    prefix = stage_prefix(ingest.details["model_digest"], "report", chash)
+    manifest = store.read_manifest(prefix)
+    if manifest is not None:
+        return from_manifest(manifest)
+    times: dict[str, Any] = {}
+    with timed(times):
+        arch, data = load_outputs(ingest, store)
+        html = report.render(stages, arch, data, cfg.report.title, cfg.report.max_modules)
+        uri = store.put_bytes(f"{prefix}/report.html", html.encode())
+    record = StageRecord(
+        stage="report",
+        status=StageStatus.completed,
+        config_hash=chash,
+        input_digests={name: r.config_hash or "" for name, r in stages.items()},
+        artifacts={"report": uri, "manifest": store.uri_for(f"{prefix}/manifest.json")},
+        metrics={"bytes": float(len(html))},
+        details={"prefix": prefix, "report_key": f"{prefix}/report.html"},
+        **times,
+    )
+    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
+    return record

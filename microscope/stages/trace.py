@@ -1,0 +1,72 @@
+"""trace: the model's activations at the configured (layer, hook) points, into the Parquet cache."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from microscope import dataset as ds
+from microscope.errors import InputError
+from microscope.models import loading
+from microscope.stages import from_manifest, stage_prefix, timed
+from microscope.store import ArtifactStore
+from microscope.trace import Progress, resolve_layers, resolve_points, trace_to_parquet
+from schemas.config import AuditConfig, canonical_hash
+from schemas.records import Architecture, ModelRef, StageRecord, StageStatus
+
+VERSION = "1"
+
+
+def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str = "fp") -> str:
+    trace = cfg.trace.model_dump(exclude={"batch_size"})  # batch size changes speed, not results
+    return canonical_hash({"v": VERSION, "trace": trace, "dataset": dataset_digest, "variant": variant})
+
+
+def run(
+    ref: ModelRef,
+    ingest: StageRecord,
+    arch: Architecture,
+    cfg: AuditConfig,
+    store: ArtifactStore,
+    progress: Progress | None = None,
+) -> StageRecord:
+    model_digest = ingest.details["model_digest"]
+    dataset_digest = ingest.details["dataset_digest"]
+    chash = config_hash(cfg, dataset_digest)
+    prefix = stage_prefix(model_digest, "trace", chash)
+    manifest = store.read_manifest(prefix)
+    if manifest is not None:
+        return from_manifest(manifest)
+
+    layers = resolve_layers(cfg.trace.layers, arch.n_layers)
+    points = resolve_points(arch.hook_points, layers, cfg.trace.hooks, arch.family)
+    blocks = {p.layer: p.resid for p in arch.hook_points}
+    times: dict[str, Any] = {}
+    with timed(times):
+        model = loading.load_model(ref)
+        if loading.model_digest(model) != model_digest:
+            raise InputError(
+                f"the checkpoint at {ref.source} changed since ingest (digest differs); re-run the audit"
+            )
+        ids, dids = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
+        result = trace_to_parquet(model, ids, dids, points, blocks, cfg.trace, store, prefix, progress)
+    artifacts = {name: store.uri_for(f"{prefix}/{name}") for name in result.datasets}
+    metrics: dict[str, float] = {
+        "tokens": float(ids.size),
+        "datasets": float(len(result.datasets)),
+        "final_batch_size": float(result.final_batch_size),
+        "oom_halvings": float(result.oom_halvings),
+    }
+    if times["seconds"] > 0:
+        metrics["tokens_per_s"] = ids.size / times["seconds"] * (1 - result.resumed_from_window / max(len(ids), 1))
+    record = StageRecord(
+        stage="trace",
+        status=StageStatus.completed,
+        config_hash=chash,
+        input_digests={"model": model_digest, "dataset": dataset_digest},
+        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
+        metrics=metrics,
+        details={"prefix": prefix, "datasets": result.datasets, "resumed_from_window": result.resumed_from_window},
+        **times,
+    )
+    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
+    return record

@@ -1,0 +1,139 @@
+"""MLflow lineage: one parent run per audit, one child run per stage.
+
+SQLite under the workspace by default; `MLFLOW_TRACKING_URI` wins. Params are the stage's config,
+metrics its summary figures, inputs the model and dataset by digest and URI.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from microscope import workspace
+from schemas.records import AuditRecord, StageRecord
+
+EXPERIMENT = os.environ.get("MICROSCOPE_EXPERIMENT", "microscope")
+
+
+def _mlflow() -> Any:
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    import mlflow
+
+    uri = workspace.mlflow_uri()
+    if uri.startswith("sqlite:///"):
+        workspace.home().mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    return mlflow
+
+
+def _experiment_id(mlflow: Any) -> str:
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlflow.create_experiment(EXPERIMENT, artifact_location=workspace.mlflow_artifact_root())
+    except Exception:  # noqa: BLE001 -- another process created it first
+        return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:6000]
+    return out
+
+
+def start_audit_run(audit_id: str, tags: dict[str, str], config: dict[str, Any]) -> str:
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    run = client.create_run(_experiment_id(mlflow), run_name=audit_id, tags={"microscope.audit_id": audit_id, **tags})
+    params = flatten(config)
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in sorted(params.items())]
+    for i in range(0, len(items), 100):
+        client.log_batch(run.info.run_id, params=items[i : i + 100])
+    return run.info.run_id
+
+
+def log_lineage(run_id: str, model_uri: str, model_digest: str, dataset_uri: str, dataset_digest: str) -> None:
+    """Model and dataset as MLflow inputs, identified by digest: the audit's lineage."""
+    mlflow = _mlflow()
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+
+    with mlflow.start_run(run_id=run_id):
+        for uri, digest, context in ((model_uri, model_digest, "model"), (dataset_uri, dataset_digest, "dataset")):
+            try:
+                source = resolve_dataset_source(uri)
+            except Exception:  # noqa: BLE001 -- a hub id or other non-artifact URI
+                from mlflow.data.http_dataset_source import HTTPDatasetSource
+
+                source = HTTPDatasetSource(f"https://huggingface.co/{uri}")
+            name = os.path.basename(uri.rstrip("/")) or uri
+            mlflow.log_input(MetaDataset(source, name=name, digest=digest[:36]), context=context)
+        mlflow.set_tags({"microscope.model_digest": model_digest, "microscope.dataset_digest": dataset_digest})
+
+
+def log_stage(parent_run_id: str, record: StageRecord, config: dict[str, Any], tags: dict[str, str]) -> str:
+    """A child run for one stage (cached stages too, tagged as such)."""
+    mlflow = _mlflow()
+    from mlflow.entities import Metric, Param, RunTag
+
+    client = mlflow.MlflowClient()
+    exp = client.get_run(parent_run_id).info.experiment_id
+    all_tags = {
+        "mlflow.parentRunId": parent_run_id,
+        "microscope.stage": record.stage,
+        "microscope.status": record.status.value,
+        "microscope.config_hash": record.config_hash or "",
+        **tags,
+    }
+    run = client.create_run(exp, run_name=record.stage, tags=all_tags)
+    rid = run.info.run_id
+    import time
+
+    now = int(time.time() * 1000)
+    params = [Param(k, v) for k, v in sorted(flatten(config).items())]
+    metrics = [Metric(k, float(v), now, 0) for k, v in sorted(record.metrics.items())]
+    if record.seconds is not None:
+        metrics.append(Metric("seconds", record.seconds, now, 0))
+    for i in range(0, max(len(params), len(metrics)), 100):
+        client.log_batch(rid, metrics=metrics[i : i + 100], params=params[i : i + 100])
+    client.log_dict(rid, record.model_dump(mode="json"), "stage_record.json")
+    status = "FAILED" if record.status.value == "failed" else "FINISHED"
+    client.set_terminated(rid, status=status)
+    return rid
+
+
+def log_file(run_id: str, path: str, artifact_path: str | None = None) -> None:
+    mlflow = _mlflow()
+    mlflow.MlflowClient().log_artifact(run_id, path, artifact_path)
+
+
+def finish_audit_run(run_id: str, record: AuditRecord) -> None:
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    client.log_dict(run_id, record.model_dump(mode="json"), "audit_record.json")
+    client.set_terminated(run_id, status="FAILED" if record.status.value == "failed" else "FINISHED")
+
+
+def audit_runs(audit_id: str) -> tuple[Any, list[Any]]:
+    """(parent run, child runs) of one audit: for `show` and the tests."""
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    parents = client.search_runs([exp.experiment_id], f"tags.`microscope.audit_id` = '{audit_id}'")
+    if not parents:
+        return None, []
+    parent = parents[0]
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    return parent, children
+
+
+def mlflow_tracking_uri() -> str:
+    return workspace.mlflow_uri()

@@ -1,0 +1,1 @@
+"""Prefect tasks: thin wrappers over `microscope.stages` adding cache keys, retries, progress, artifacts."""

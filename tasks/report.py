@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import task
+
+from microscope.stages import report
+from microscope.store import open_store
+from schemas.config import AuditConfig
+from schemas.records import StageRecord
+from tasks.common import cache_key, stage_options
+
+
+def _key(_ctx: Any, p: dict[str, Any]) -> str:
+    return cache_key("report", config=report.config_hash(p["cfg"], p["stages"]), store=p["store_uri"])
+
+
+@task(cache_key_fn=_key, **stage_options("report"))
+def report_task(stages: dict[str, StageRecord], cfg: AuditConfig, store_uri: str) -> StageRecord:
+    """Render the HTML report from whatever stage records exist."""
+    return report.run(stages, cfg, open_store(store_uri))
