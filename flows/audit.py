@@ -12,6 +12,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import get_run_context
+from prefect.states import Failed
 
 from microscope import audits, tracking
 from microscope.errors import InputError
@@ -24,10 +25,6 @@ from tasks.ingest import ingest_task
 from tasks.report import report_task
 from tasks.trace import trace_task
 from tasks.tracking import finish_run, log_lineage, log_stage, start_run
-
-
-class AuditFailed(RuntimeError):
-    """Raised at the end of a flow whose stages did not all succeed (the record is already saved)."""
 
 
 def _one_line(exc: BaseException) -> str:
@@ -124,8 +121,8 @@ def audit(
     if rec.report_uri:
         create_link_artifact(key="audit-report", link=_as_link(rec.report_uri), description=f"Report of audit {audit_id}")
     create_markdown_artifact(key="audit-summary", markdown=_summary_md(rec), description=f"Audit {audit_id}")
-    if failed:
-        raise AuditFailed(rec.error)
+    if failed:  # a Failed final state without a traceback: the error is already one clean line
+        return Failed(message=rec.error)  # type: ignore[return-value]
     return rec
 
 

@@ -75,7 +75,7 @@ class _Stats:
     entries: int = 0
 
     def update(self, acts: np.ndarray, eps: float) -> None:
-        norms = np.linalg.norm(acts, axis=1)
+        norms = np.sqrt(np.einsum("ij,ij->i", acts, acts, dtype=np.float64))  # float64: no overflow or drift
         self.rows += acts.shape[0]
         self.norm_sum += float(norms.sum(dtype=np.float64))
         self.norm_sq_sum += float(np.square(norms, dtype=np.float64).sum())
@@ -311,11 +311,11 @@ def trace_to_parquet(
 def _read_part_meta(store: ArtifactStore, key: str) -> tuple[_Stats, int]:
     import pyarrow.parquet as pq
 
-    schema = pq.read_schema(store.local_path(key))
-    raw = (schema.metadata or {}).get(STATS_METADATA_KEY)
+    meta = pq.read_metadata(store.local_path(key))
+    raw = (meta.metadata or {}).get(STATS_METADATA_KEY)
     if raw is None:
         raise RuntimeError(f"part {key} has no statistics metadata; delete it and re-run the trace")
-    return _Stats(**json.loads(raw)), schema.field("activation").type.list_size
+    return _Stats(**json.loads(raw)), meta.schema.to_arrow_schema().field("activation").type.list_size
 
 
 def read_activations(store: ArtifactStore, parts: list[str], columns: list[str] | None = None) -> Any:

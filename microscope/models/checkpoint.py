@@ -96,7 +96,7 @@ def read_state_dict(path: Path) -> dict[str, Any]:
 
         return load_file(str(path))
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as exc:
         first = str(exc).strip().splitlines()
         hint = next((ln.strip() for ln in first if "GLOBAL" in ln or "Unsupported" in ln), "")
@@ -125,3 +125,13 @@ def check_hf_folder(path: Path) -> None:
             check_safetensors(f)
         else:
             read_state_dict(f)  # refuses code-carrying pickles before transformers touches them
+
+
+def preflight(path: Path) -> None:
+    """Cheap checks before any model is built: a bad checkpoint fails here, before the pipeline starts."""
+    if path.is_dir():
+        check_hf_folder(path)
+    elif path.suffix == ".safetensors":
+        check_safetensors(path)
+    else:
+        read_state_dict(path)  # mmap'd, so a large file costs little; a code-carrying pickle is refused

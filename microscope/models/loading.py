@@ -30,6 +30,7 @@ def resolve(cfg: ModelConfig) -> ModelRef:
         )
     if path.is_file() and path.suffix not in checkpoint.WEIGHT_SUFFIXES:
         raise InputError(f"{path} is not a checkpoint; use an HF folder, .safetensors, .pt, .pth or .bin")
+    checkpoint.preflight(path)
     extra = {"module": cfg.module, "kwargs": cfg.kwargs, "dtype": cfg.dtype}
     return ModelRef(
         source=cfg.source,

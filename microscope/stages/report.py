@@ -15,7 +15,8 @@ VERSION = "1"
 
 
 def config_hash(cfg: AuditConfig, stages: dict[str, StageRecord]) -> str:
-    inputs = {name: [r.status.value, r.config_hash] for name, r in sorted(stages.items())}
+    # A cached stage holds the same results as the run that computed it: hash it as completed.
+    inputs = {name: [r.status == StageStatus.failed, r.config_hash, r.error] for name, r in sorted(stages.items())}
     return canonical_hash({"v": VERSION, "report": cfg.report.model_dump(), "inputs": inputs})
 
 

@@ -1,0 +1,215 @@
+"""Shared fixtures: tiny models built from configs, a small corpus, an isolated workspace, and real
+local services (a Prefect server, moto_server as S3)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode} before answering {url}")
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            return
+        except Exception:  # noqa: BLE001 -- not up yet
+            time.sleep(0.3)
+    raise RuntimeError(f"{url} did not answer within {timeout}s")
+
+
+# ---- tiny models -------------------------------------------------------------------------------
+
+def corpus_lines(n: int = 200) -> list[str]:
+    import re
+
+    from pydoc_data.topics import topics
+
+    out = []
+    for name in sorted(topics):
+        for para in re.split(r"\n\s*\n", topics[name]):
+            text = " ".join(para.split())
+            if len(text) > 40:
+                out.append(text)
+    return out[:n]
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A GPT-2-style byte-level BPE tokenizer (vocab 512) trained on Python's help text."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = ByteLevelBPETokenizer()
+    tok.train_from_iterator(corpus_lines(400), vocab_size=512, special_tokens=["<|endoftext|>"])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    out = tmp_path_factory.mktemp("bpe")
+    fast.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def wordpiece_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A BERT WordPiece tokenizer (vocab 512) trained on Python's help text."""
+    from tokenizers import BertWordPieceTokenizer
+    from transformers import BertTokenizerFast
+
+    tok = BertWordPieceTokenizer()
+    tok.train_from_iterator(corpus_lines(400), vocab_size=512)
+    out = tmp_path_factory.mktemp("wordpiece")
+    tok.save_model(str(out))
+    BertTokenizerFast(vocab_file=str(out / "vocab.txt")).save_pretrained(out)
+    return out
+
+
+def build_model(family: str, **overrides: object):
+    """A tiny randomly initialised model of `family` (seeded), built from its config."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=512)
+    if family == "gpt2":
+        cfg = tf.GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=128, bos_token_id=0, eos_token_id=0, **common)
+        cls = tf.GPT2LMHeadModel
+    elif family == "llama":
+        cfg = tf.LlamaConfig(
+            num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, max_position_embeddings=128, bos_token_id=0, eos_token_id=0, **common,
+        )
+        cls = tf.LlamaForCausalLM
+    elif family == "bert":
+        cfg = tf.BertConfig(
+            num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=128, **common,
+        )
+        cls = tf.BertModel
+    elif family == "gpt_neox":
+        cfg = tf.GPTNeoXConfig(
+            num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+            max_position_embeddings=128, bos_token_id=0, eos_token_id=0, **common,
+        )
+        cls = tf.GPTNeoXForCausalLM
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    model = cls(cfg).eval()
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_dir: Path) -> Path:
+    """An HF folder: tiny GPT-2 (safetensors) plus its tokenizer."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny-gpt2")
+    build_model("gpt2").save_pretrained(out)
+    AutoTokenizer.from_pretrained(bpe_tokenizer_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    p.write_text("\n".join(corpus_lines(60)) + "\n")
+    return p
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An isolated MICROSCOPE_HOME (store, MLflow SQLite, Prefect results)."""
+    h = tmp_path / "ms-home"
+    monkeypatch.setenv("MICROSCOPE_HOME", str(h))
+    monkeypatch.delenv("MICROSCOPE_STORE", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return h
+
+
+# ---- real local services -----------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A real `prefect server` on 127.0.0.1 (SQLite), shared by the CLI tests."""
+    port = free_port()
+    phome = tmp_path_factory.mktemp("prefect-home")
+    env = {**os.environ, "PREFECT_HOME": str(phome), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    log = open(phome / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{url}/health", 90, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> str:
+    """moto_server on 127.0.0.1: a real S3 API for the store's boto3 path."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url, 30, proc)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture
+def s3_env(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("MICROSCOPE_S3_ENDPOINT_URL", s3_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    return s3_endpoint
+
+
+def make_bucket(endpoint: str, name: str) -> None:
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=name)
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(VENV_BIN / "microscope"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )

@@ -1,0 +1,150 @@
+"""Loading checkpoints safely, and digests that identify weights rather than files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from microscope.errors import InputError
+from microscope.models import checkpoint, loading
+from schemas.config import ModelConfig
+from tests.conftest import build_model
+
+GPT2_CLASS = "transformers:GPT2LMHeadModel"
+GPT2_KWARGS = dict(n_layer=3, n_embd=32, n_head=2, n_positions=128, vocab_size=512, bos_token_id=0, eos_token_id=0)
+
+
+def load(path: Path, **kw) -> torch.nn.Module:
+    ref = loading.resolve(ModelConfig(source=str(path), **kw))
+    return loading.load_model(ref)
+
+
+def test_same_weights_same_digest_across_formats(tmp_path: Path) -> None:
+    model = build_model("gpt2")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}  # tied: stored once
+    save_file(state, tmp_path / "w.safetensors")
+    torch.save(model.state_dict(), tmp_path / "w.pt")  # the pickled dict keeps both tied names
+    torch.save(model.state_dict(), tmp_path / "w.bin")
+    model.save_pretrained(tmp_path / "hf")
+    digests = {
+        "safetensors": loading.model_digest(load(tmp_path / "w.safetensors", module=GPT2_CLASS, kwargs=GPT2_KWARGS)),
+        "pt": loading.model_digest(load(tmp_path / "w.pt", module=GPT2_CLASS, kwargs=GPT2_KWARGS)),
+        "bin": loading.model_digest(load(tmp_path / "w.bin", module=GPT2_CLASS, kwargs=GPT2_KWARGS)),
+        "hf": loading.model_digest(load(tmp_path / "hf")),
+        "memory": loading.model_digest(model),
+    }
+    assert len(set(digests.values())) == 1, digests
+
+
+def test_one_changed_weight_changes_digest() -> None:
+    model = build_model("llama")
+    before = loading.model_digest(model)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] += 1e-3
+    assert loading.model_digest(model) != before
+
+
+def test_digest_is_independent_of_file_path(tmp_path: Path) -> None:
+    model = build_model("bert")
+    model.save_pretrained(tmp_path / "a")
+    model.save_pretrained(tmp_path / "b")
+    assert loading.model_digest(load(tmp_path / "a")) == loading.model_digest(load(tmp_path / "b"))
+
+
+class Evil:
+    """Unpickling this would run `touch MARKER`."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_malicious_pickle_is_refused_and_nothing_runs(tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"weight": torch.zeros(2), "payload": Evil(marker)}, tmp_path / "evil.pt")
+    with pytest.raises(InputError) as e:
+        load(tmp_path / "evil.pt", module=GPT2_CLASS, kwargs=GPT2_KWARGS)
+    assert "refusing to load" in str(e.value) and "safetensors" in str(e.value)
+    assert not marker.exists()
+
+
+def test_malicious_bin_in_hf_folder_is_refused(tmp_path: Path) -> None:
+    model = build_model("gpt2")
+    model.save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()
+    marker = tmp_path / "pwned"
+    torch.save({"payload": Evil(marker)}, tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(InputError, match="refusing to load"):
+        load(tmp_path / "hf")
+    assert not marker.exists()
+
+
+def test_truncated_safetensors(tmp_path: Path) -> None:
+    model = build_model("gpt2")
+    model.save_pretrained(tmp_path / "hf")
+    f = tmp_path / "hf" / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    with pytest.raises(InputError, match="truncated or corrupt"):
+        load(tmp_path / "hf")
+
+
+def test_missing_path_and_unreachable_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(InputError, match="does not exist"):
+        loading.resolve(ModelConfig(source=str(tmp_path / "nope")))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="Hugging Face Hub could not provide it"):
+        loading.resolve(ModelConfig(source="some-org/some-model"))
+
+
+def test_bare_state_dict_needs_module_and_fitting_kwargs(tmp_path: Path) -> None:
+    model = build_model("gpt2")
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    with pytest.raises(InputError, match="set model.module"):
+        loading.resolve(ModelConfig(source=str(tmp_path / "w.pt")))
+    with pytest.raises(InputError, match="does not fit"):
+        load(tmp_path / "w.pt", module=GPT2_CLASS, kwargs={**GPT2_KWARGS, "n_layer": 2})
+    with pytest.raises(InputError, match="cannot be imported"):
+        load(tmp_path / "w.pt", module="nowhere.at_all:Net")
+
+
+def test_plain_torch_module_state_dict(tmp_path: Path) -> None:
+    """A non-HF nn.Module from its import path and kwargs, its blocks and hook points found generically."""
+    from tests.toy_models import ToyLM
+
+    torch.manual_seed(0)
+    net = ToyLM(n_layers=3)
+    save_file(net.state_dict(), tmp_path / "toy.safetensors")
+    m = load(tmp_path / "toy.safetensors", module="tests.toy_models:ToyLM", kwargs={"n_layers": 3})
+    assert loading.model_digest(m) == loading.model_digest(net)
+    arch = loading.describe(m)
+    assert arch.family == "generic" and arch.n_layers == 3
+    assert arch.hook_points[2].resid == "blocks.2" and arch.hook_points[2].mlp == "blocks.2.mlp"
+    assert arch.hook_points[2].attn == "blocks.2.attn"
+    with pytest.raises(InputError, match="does not fit"):
+        load(tmp_path / "toy.safetensors", module="tests.toy_models:ToyLM", kwargs={"n_layers": 2})
+    with pytest.raises(InputError, match="model.kwargs do not fit"):
+        load(tmp_path / "toy.safetensors", module="tests.toy_models:ToyLM", kwargs={"width": 3})
+
+
+def test_describe_tables(tmp_path: Path) -> None:
+    for family, n_heads in (("gpt2", 2), ("llama", 4), ("bert", 2), ("gpt_neox", 2)):
+        arch = loading.describe(build_model(family))
+        assert arch.family == family and arch.n_layers == 3 and arch.hidden_size == 32 and arch.n_heads == n_heads
+        assert arch.n_params == sum(t.numel() for _, t in loading.unique_state(build_model(family)) if t.is_floating_point())
+        assert all(p.resid and p.mlp and p.attn for p in arch.hook_points)
+        blocks = [m for m in arch.modules if m.name == arch.hook_points[1].resid]
+        assert blocks and blocks[0].params > 0
+
+
+def test_fingerprint_changes_with_bytes(tmp_path: Path) -> None:
+    f = tmp_path / "w.safetensors"
+    save_file({"a": torch.zeros(3)}, f)
+    a = checkpoint.fingerprint(f)
+    save_file({"a": torch.ones(3)}, f)
+    assert checkpoint.fingerprint(f) != a

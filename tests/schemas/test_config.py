@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from schemas.config import AuditConfig, ConfigError, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "audit.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_overrides(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "dataset:\n  seq_len: 64\ntrace:\n  layers: [0, -1]\n  hooks: [mlp, resid]\n"),
+                      {"dataset.path": "x.txt", "model.source": None})
+    assert cfg.dataset.seq_len == 64 and cfg.dataset.path == "x.txt"
+    assert cfg.trace.layers == [0, -1]
+    assert cfg.trace.hooks == ["resid", "mlp"]  # canonical order, so the config hash is order-free
+    assert cfg.model.source is None
+
+
+def test_unknown_key_names_key_and_allowed(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "dataset:\n  seq_lenn: 64\n"))
+    msg = str(e.value)
+    assert "unknown key 'dataset.seq_lenn'" in msg and "seq_len" in msg and "max_tokens" in msg
+    assert "\n" not in msg
+
+
+def test_unknown_section(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown key 'tracee'.*allowed here: dataset, model, report, seed, trace"):
+        load_config(write(tmp_path, "tracee: {}\n"))
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("dataset:\n  seq_len: many\n", "dataset.seq_len: Input should be a valid integer"),
+        ("trace:\n  hooks: [resid, mlpp]\n", "trace.hooks.1: Input should be 'resid', 'mlp' or 'attn'"),
+        ("trace:\n  layers: []\n", "list at least one layer"),
+        ("dataset:\n  seq_len: 128\n  max_tokens: 64\n", "raise max_tokens or lower seq_len"),
+        ("model:\n  module: mypkg.Net\n", "'package.module:ClassName'"),
+        ("- a\n- b\n", "must hold a mapping"),
+        ("dataset: [\n", "not valid YAML at line"),
+    ],
+)
+def test_bad_values_say_how_to_fix(tmp_path: Path, text: str, needle: str) -> None:
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    assert needle in str(e.value)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_section_hash_is_canonical() -> None:
+    a = AuditConfig.model_validate({"trace": {"hooks": ["mlp", "resid"]}})
+    b = AuditConfig.model_validate({"trace": {"hooks": ["resid", "mlp"]}})
+    c = AuditConfig.model_validate({"trace": {"hooks": ["resid"]}})
+    assert a.section_hash("trace") == b.section_hash("trace") != c.section_hash("trace")
+    assert a.section_hash("trace", "d1") != a.section_hash("trace", "d2")
+
+
+def test_json_schema_exports() -> None:
+    schema = AuditConfig.model_json_schema()
+    assert set(schema["properties"]) >= {"model", "dataset", "trace", "report"}

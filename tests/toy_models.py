@@ -1,0 +1,33 @@
+"""Plain nn.Modules importable by path ('tests.toy_models:ToyLM'), for bare state-dict checkpoints."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ToyBlock(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.attn = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class ToyLM(nn.Module):
+    """Embedding, a stack of residual blocks, an unembedding: takes token ids like an LM."""
+
+    def __init__(self, vocab: int = 512, d: int = 16, n_layers: int = 2):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.blocks = nn.ModuleList(ToyBlock(d) for _ in range(n_layers))
+        self.unembed = nn.Linear(d, vocab)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids)
+        for b in self.blocks:
+            x = b(x)
+        return self.unembed(x)
