@@ -14,11 +14,11 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.context import get_run_context
 from prefect.states import Failed
 
+from flows.stages import expand_stages
 from microscope import audits, tracking
 from microscope.errors import InputError
 from microscope.stages.ingest import load_outputs
 from microscope.store import open_store
-from flows.stages import expand_stages
 from schemas.config import STAGES, AuditConfig
 from schemas.records import AuditRecord, ModelRef, StageRecord, StageStatus
 from tasks.ingest import ingest_task
@@ -88,14 +88,28 @@ def audit(
     ingest = None
     if "ingest" in selected:
         ingest = track(
-            _run(ingest_task, "ingest", store, ref=model, cfg=config, dataset_fingerprint=dataset_fingerprint, store_uri=store.uri),
+            _run(
+                ingest_task,
+                "ingest",
+                store,
+                ref=model,
+                cfg=config,
+                dataset_fingerprint=dataset_fingerprint,
+                store_uri=store.uri,
+            ),
             {"model": config.model.model_dump(mode="json"), "dataset": config.dataset.model_dump(mode="json")},
         )
     if ingest is not None and ingest.status in (StageStatus.completed, StageStatus.cached):
         rec.model_digest = ingest.details["model_digest"]
         rec.dataset_digest = ingest.details["dataset_digest"]
         rec.architecture, rec.dataset = load_outputs(ingest, store)
-        log_lineage(rec.mlflow_run_id, model.resolved_path or model.source, rec.model_digest, str(config.dataset.path), rec.dataset_digest)
+        log_lineage(
+            rec.mlflow_run_id,
+            model.resolved_path or model.source,
+            rec.model_digest,
+            str(config.dataset.path),
+            rec.dataset_digest,
+        )
         if "trace" in selected:
             track(
                 _run(trace_task, "trace", store, ref=model, ingest=ingest, cfg=config, store_uri=store.uri),
@@ -103,7 +117,10 @@ def audit(
             )
         if "report" in selected:
             done = {k: v for k, v in rec.stages.items() if v.status != StageStatus.skipped}
-            report = track(_run(report_task, "report", store, stages=done, cfg=config, store_uri=store.uri), config.report.model_dump(mode="json"))
+            report = track(
+                _run(report_task, "report", store, stages=done, cfg=config, store_uri=store.uri),
+                config.report.model_dump(mode="json"),
+            )
             if report.status != StageStatus.failed:
                 rec.report_uri = report.artifacts["report"]
     for s in STAGES:
@@ -119,7 +136,9 @@ def audit(
     report_local = str(store.local_path(rec.stages["report"].details["report_key"])) if rec.report_uri else None
     finish_run(rec.mlflow_run_id, rec, report_local)
     if rec.report_uri:
-        create_link_artifact(key="audit-report", link=_as_link(rec.report_uri), description=f"Report of audit {audit_id}")
+        create_link_artifact(
+            key="audit-report", link=_as_link(rec.report_uri), description=f"Report of audit {audit_id}"
+        )
     create_markdown_artifact(key="audit-summary", markdown=_summary_md(rec), description=f"Audit {audit_id}")
     if failed:  # a Failed final state without a traceback: the error is already one clean line
         return Failed(message=rec.error)  # type: ignore[return-value]

@@ -148,8 +148,10 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="microscope", description="Audit neural-network checkpoints.")
-    p.add_argument("--store", help="artifact store: a folder or s3://bucket/prefix (default: $MICROSCOPE_STORE "
-                   "or .microscope/artifacts)")
+    p.add_argument(
+        "--store",
+        help="artifact store: a folder or s3://bucket/prefix (default: $MICROSCOPE_STORE or .microscope/artifacts)",
+    )
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run", help="run an audit")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import secrets
 from datetime import UTC, datetime
 
+from schemas.records import AuditRecord
+
 from microscope.errors import InputError
 from microscope.store import ArtifactStore
-from schemas.records import AuditRecord
 
 
 def new_audit_id() -> str:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from schemas.config import DatasetConfig
 
 from microscope.errors import InputError
-from schemas.config import DatasetConfig
 
 
 @dataclass
@@ -158,7 +158,6 @@ def tokens_digest(packed: Packed, tokenizer_name: str) -> str:
 def write_tokens(packed: Packed, path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
-
     from schemas.activations import TOKENS_SCHEMA
 
     n, s = packed.input_ids.shape

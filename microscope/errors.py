@@ -26,7 +26,8 @@ def is_retryable(exc: BaseException) -> bool:
     if isinstance(exc, TransientError | ConnectionError | TimeoutError):
         return True
     try:  # boto3 / urllib3 failures are transient unless they are 4xx client errors
-        from botocore.exceptions import ClientError, ConnectionError as BotoConnError, EndpointConnectionError
+        from botocore.exceptions import ClientError, EndpointConnectionError
+        from botocore.exceptions import ConnectionError as BotoConnError
 
         if isinstance(exc, BotoConnError | EndpointConnectionError):
             return True

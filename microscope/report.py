@@ -8,8 +8,9 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from microscope.plots import line_chart
 from schemas.records import Architecture, DatasetSummary, StageRecord
+
+from microscope.plots import line_chart
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
@@ -114,7 +115,11 @@ def render(
     charts: list[str] = []
     if trace is not None and trace.details.get("datasets"):
         trace_rows = sorted(trace.details["datasets"].values(), key=lambda r: (r["layer"], r["hook"]))
-        for metric, label in (("mean_norm", "mean ‖x‖"), ("max_norm", "max ‖x‖"), ("near_zero_frac", "near-zero fraction")):
+        for metric, label in (
+            ("mean_norm", "mean ‖x‖"),
+            ("max_norm", "max ‖x‖"),
+            ("near_zero_frac", "near-zero fraction"),
+        ):
             series: dict[str, list[tuple[float, float]]] = {}
             for r in trace_rows:
                 series.setdefault(r["hook"], []).append((r["layer"], r["stats"][metric]))

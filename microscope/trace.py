@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-
-from microscope.errors import InputError
-from microscope.store import ArtifactStore
 from schemas.activations import STATS_METADATA_KEY, activation_schema
 from schemas.config import TraceConfig
 from schemas.records import HookPoints
+
+from microscope.errors import InputError
+from microscope.store import ArtifactStore
 
 if TYPE_CHECKING:
     import torch
@@ -51,7 +51,9 @@ def resolve_layers(layers: list[int] | str, n_layers: int) -> list[int]:
     return sorted(out)
 
 
-def resolve_points(points: list[HookPoints], layers: list[int], hooks: list[str], family: str) -> dict[tuple[int, str], str]:
+def resolve_points(
+    points: list[HookPoints], layers: list[int], hooks: list[str], family: str
+) -> dict[tuple[int, str], str]:
     """(layer, hook) -> module path."""
     out = {}
     for layer in layers:
@@ -117,7 +119,9 @@ class _PartWriter:
     _writer: Any = None
     _tmp: Any = None
 
-    def write(self, window: np.ndarray, position: np.ndarray, doc: np.ndarray, token: np.ndarray, acts: np.ndarray) -> None:
+    def write(
+        self, window: np.ndarray, position: np.ndarray, doc: np.ndarray, token: np.ndarray, acts: np.ndarray
+    ) -> None:
         import pyarrow as pa
 
         self.stats.update(acts, self.cfg.near_zero)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from microscope import workspace
 from schemas.records import AuditRecord, StageRecord
+
+from microscope import workspace
 
 EXPERIMENT = os.environ.get("MICROSCOPE_EXPERIMENT", "microscope")
 
@@ -82,7 +83,7 @@ def log_lineage(run_id: str, model_uri: str, model_digest: str, dataset_uri: str
 def log_stage(parent_run_id: str, record: StageRecord, config: dict[str, Any], tags: dict[str, str]) -> str:
     """A child run for one stage (cached stages too, tagged as such)."""
     mlflow = _mlflow()
-    from mlflow.entities import Metric, Param, RunTag
+    from mlflow.entities import Metric, Param
 
     client = mlflow.MlflowClient()
     exp = client.get_run(parent_run_id).info.experiment_id

@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 import numpy as np
-
-from microscope.errors import InputError
 from schemas.config import DatasetConfig
 from schemas.records import ValidationCheck
+
+from microscope.errors import InputError
 
 
 def validate_documents(docs: list[str | None], n_tokens: np.ndarray, cfg: DatasetConfig) -> list[ValidationCheck]:
@@ -53,7 +53,9 @@ def raise_on_failure(checks: list[ValidationCheck], source: str, cfg: DatasetCon
         if c.expectation == "expect_table_row_count_to_be_between":
             raise InputError(f"dataset {source} is empty (no documents with text); give it at least one document")
         if c.expectation == "expect_column_values_to_not_be_null":
-            raise InputError(f"dataset {source} has records without text ({c.detail}); drop them or fix dataset.text_field")
+            raise InputError(
+                f"dataset {source} has records without text ({c.detail}); drop them or fix dataset.text_field"
+            )
         raise InputError(
             f"dataset {source} has documents outside [{cfg.min_doc_tokens}, {cfg.max_doc_tokens}] tokens "
             f"({c.detail}); clean them or widen dataset.min_doc_tokens/max_doc_tokens"

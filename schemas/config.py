@@ -70,9 +70,7 @@ class DatasetConfig(Section):
     seq_len: int = Field(128, ge=2, le=65536, description="Tokens per packed window.")
     max_tokens: int = Field(65536, ge=2, description="Stop packing after this many tokens.")
     min_doc_tokens: int = Field(1, ge=1, description="Documents shorter than this (in tokens) fail validation.")
-    max_doc_tokens: int = Field(
-        1_000_000, ge=1, description="Documents longer than this (in tokens) fail validation."
-    )
+    max_doc_tokens: int = Field(1_000_000, ge=1, description="Documents longer than this (in tokens) fail validation.")
 
     @model_validator(mode="after")
     def _windows_fit(self) -> DatasetConfig:

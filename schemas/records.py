@@ -6,7 +6,7 @@ They carry URIs and summary figures, never tensors or frames; big things live in
 from __future__ import annotations
 
 from datetime import datetime
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,7 +16,7 @@ class Record(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class StageStatus(str, Enum):
+class StageStatus(StrEnum):
     completed = "completed"
     cached = "cached"
     failed = "failed"

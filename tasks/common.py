@@ -6,10 +6,9 @@ import sys
 import time
 from typing import Any
 
-from prefect.tasks import exponential_backoff
-
 from microscope import __version__
 from microscope.errors import is_retryable
+from prefect.tasks import exponential_backoff
 from schemas.config import canonical_hash
 
 RETRIES = 3

@@ -2,12 +2,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
-
 from microscope.stages import report
 from microscope.store import open_store
+from prefect import task
 from schemas.config import AuditConfig
 from schemas.records import StageRecord
+
 from tasks.common import cache_key, stage_options
 
 

@@ -2,13 +2,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prefect import task
-
 from microscope.stages import ingest as ingest_stage
 from microscope.stages import trace
 from microscope.store import open_store
+from prefect import task
 from schemas.config import AuditConfig
 from schemas.records import ModelRef, StageRecord
+
 from tasks.common import Progress, cache_key, stage_options
 
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from microscope import tracking
 from prefect import task
 from prefect.cache_policies import NO_CACHE
-
-from microscope import tracking
 from schemas.records import AuditRecord, StageRecord
+
 from tasks.common import RETRIES, RETRY_DELAYS, retry_transient
 
 _opts: dict[str, Any] = {

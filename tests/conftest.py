@@ -44,9 +44,9 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) ->
 
 # ---- tiny models -------------------------------------------------------------------------------
 
+
 def corpus_lines(n: int = 200) -> list[str]:
     import re
-
     from pydoc_data.topics import topics
 
     out = []
@@ -98,20 +98,37 @@ def build_model(family: str, **overrides: object):
         cls = tf.GPT2LMHeadModel
     elif family == "llama":
         cfg = tf.LlamaConfig(
-            num_hidden_layers=3, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-            intermediate_size=64, max_position_embeddings=128, bos_token_id=0, eos_token_id=0, **common,
+            num_hidden_layers=3,
+            hidden_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            **common,
         )
         cls = tf.LlamaForCausalLM
     elif family == "bert":
         cfg = tf.BertConfig(
-            num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=128, **common,
+            num_hidden_layers=3,
+            hidden_size=32,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            **common,
         )
         cls = tf.BertModel
     elif family == "gpt_neox":
         cfg = tf.GPTNeoXConfig(
-            num_hidden_layers=3, hidden_size=32, num_attention_heads=2, intermediate_size=64,
-            max_position_embeddings=128, bos_token_id=0, eos_token_id=0, **common,
+            num_hidden_layers=3,
+            hidden_size=32,
+            num_attention_heads=2,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            bos_token_id=0,
+            eos_token_id=0,
+            **common,
         )
         cls = tf.GPTNeoXForCausalLM
     else:
@@ -152,18 +169,25 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 # ---- real local services -----------------------------------------------------------------------
 
+
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A real `prefect server` on 127.0.0.1 (SQLite), shared by the CLI tests."""
     port = free_port()
     phome = tmp_path_factory.mktemp("prefect-home")
-    env = {**os.environ, "PREFECT_HOME": str(phome), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_UI_ENABLED": "false"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(phome),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
     env.pop("PREFECT_API_URL", None)
     log = open(phome / "server.log", "w")
     proc = subprocess.Popen(
         [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}/api"
     try:
@@ -183,7 +207,8 @@ def s3_endpoint() -> str:
     port = free_port()
     proc = subprocess.Popen(
         [str(VENV_BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:

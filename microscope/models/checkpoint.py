@@ -42,7 +42,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
             etag_timeout=10,
             allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"],
         )
-    except Exception as exc:  # the hub's errors are many; all mean "not available here"
+    except Exception as exc:  # noqa: BLE001 -- the hub's errors are many; all mean "not available here"
         reason = type(exc).__name__
         raise InputError(
             f"model '{repo_id}' is not a local path and the Hugging Face Hub could not provide it ({reason}); "
@@ -105,7 +105,9 @@ def read_state_dict(path: Path) -> dict[str, Any]:
             f"({hint or 'not a plain tensor state dict'}); re-save the weights with safetensors"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
-        raise InputError(f"{path} is not a readable PyTorch state dict ({str(exc).splitlines()[0]}); re-save it") from None
+        raise InputError(
+            f"{path} is not a readable PyTorch state dict ({str(exc).splitlines()[0]}); re-save it"
+        ) from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):

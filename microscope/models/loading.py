@@ -7,11 +7,12 @@ import importlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from schemas.config import ModelConfig
+from schemas.records import Architecture, HookPoints, ModelParams, ModelRef
+
 from microscope.errors import InputError
 from microscope.models import checkpoint
 from microscope.models.families import Family, child_path, family_for, find_blocks
-from schemas.config import ModelConfig
-from schemas.records import Architecture, HookPoints, ModelParams, ModelRef
 
 if TYPE_CHECKING:
     import torch
@@ -68,7 +69,6 @@ def _is_causal_hf(config: Any) -> bool:
 
 def load_model(ref: ModelRef) -> nn.Module:
     """The model in eval mode, on CPU, in `ref.dtype`."""
-    import torch
 
     path = Path(ref.resolved_path or ref.source)
     dtype = _torch_dtype(ref.dtype)
@@ -127,7 +127,9 @@ def load_tokenizer(ref: ModelRef) -> Any:
     try:
         return transformers.AutoTokenizer.from_pretrained(where)
     except (OSError, ValueError) as exc:
-        raise InputError(f"no tokenizer could be loaded from {where} ({str(exc).splitlines()[0]}); set model.tokenizer") from None
+        raise InputError(
+            f"no tokenizer could be loaded from {where} ({str(exc).splitlines()[0]}); set model.tokenizer"
+        ) from None
 
 
 def unique_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
@@ -214,7 +216,7 @@ def module_table(model: nn.Module, blocks_name: str) -> list[ModelParams]:
     for name, mod in model.named_modules():
         parent, _, _ = name.rpartition(".")
         in_blocks = name.startswith(blocks_name + ".")
-        depth = name[len(blocks_name) + 1:].count(".") if in_blocks else -1
+        depth = name[len(blocks_name) + 1 :].count(".") if in_blocks else -1
         beside = not in_blocks and parent in ancestors and name not in ancestors and name != blocks_name
         if beside or 0 <= depth <= 1:
             n = sum(p.numel() for p in mod.parameters())

@@ -6,14 +6,15 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+from schemas.config import AuditConfig, canonical_hash
+from schemas.records import Architecture, DatasetSummary, ModelRef, StageRecord, StageStatus
+
 from microscope import dataset as ds
 from microscope.errors import InputError
 from microscope.models import loading
 from microscope.stages import from_manifest, stage_prefix, timed
 from microscope.store import ArtifactStore
 from microscope.validation import raise_on_failure, validate_documents
-from schemas.config import AuditConfig, canonical_hash
-from schemas.records import Architecture, DatasetSummary, ModelRef, StageRecord, StageStatus
 
 VERSION = "1"
 

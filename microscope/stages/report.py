@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from schemas.config import AuditConfig, canonical_hash
+from schemas.records import StageRecord, StageStatus
+
 from microscope import report
 from microscope.stages import from_manifest, stage_prefix, timed
 from microscope.stages.ingest import load_outputs
 from microscope.store import ArtifactStore
-from schemas.config import AuditConfig, canonical_hash
-from schemas.records import StageRecord, StageStatus
 
 VERSION = "1"
 

@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+from schemas.config import AuditConfig, canonical_hash
+from schemas.records import Architecture, ModelRef, StageRecord, StageStatus
+
 from microscope import dataset as ds
 from microscope.errors import InputError
 from microscope.models import loading
 from microscope.stages import from_manifest, stage_prefix, timed
 from microscope.store import ArtifactStore
 from microscope.trace import Progress, resolve_layers, resolve_points, trace_to_parquet
-from schemas.config import AuditConfig, canonical_hash
-from schemas.records import Architecture, ModelRef, StageRecord, StageStatus
 
 VERSION = "1"
 
@@ -44,9 +45,7 @@ def run(
     with timed(times):
         model = loading.load_model(ref)
         if loading.model_digest(model) != model_digest:
-            raise InputError(
-                f"the checkpoint at {ref.source} changed since ingest (digest differs); re-run the audit"
-            )
+            raise InputError(f"the checkpoint at {ref.source} changed since ingest (digest differs); re-run the audit")
         ids, dids = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
         result = trace_to_parquet(model, ids, dids, points, blocks, cfg.trace, store, prefix, progress)
     artifacts = {name: store.uri_for(f"{prefix}/{name}") for name in result.datasets}

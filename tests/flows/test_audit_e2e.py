@@ -50,8 +50,11 @@ def run_json(root: Path, env: dict, args: list[str]) -> dict:
 
 def artifact_files(home: Path) -> dict[str, float]:
     art = home / "artifacts"
-    return {p.relative_to(art).as_posix(): p.stat().st_mtime_ns for p in art.rglob("*") if p.is_file()
-            and not p.relative_to(art).as_posix().startswith("audits/")}
+    return {
+        p.relative_to(art).as_posix(): p.stat().st_mtime_ns
+        for p in art.rglob("*")
+        if p.is_file() and not p.relative_to(art).as_posix().startswith("audits/")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +131,11 @@ def test_stages_subset_pulls_dependencies(audit_env, tmp_path: Path) -> None:
     root, env, args = audit_env
     env = {**env, "MICROSCOPE_HOME": str(tmp_path / "home")}
     rec = run_json(root, env, [*args, "--stages", "trace"])
-    assert {s: rec["stages"][s]["status"] for s in STAGES} == {"ingest": "completed", "trace": "completed", "report": "skipped"}
+    assert {s: rec["stages"][s]["status"] for s in STAGES} == {
+        "ingest": "completed",
+        "trace": "completed",
+        "report": "skipped",
+    }
     assert rec["report_uri"] is None
 
 
@@ -138,12 +145,20 @@ def test_s3_store_holds_the_same_artifacts(two_runs, audit_env, s3_endpoint: str
     first, _, _ = two_runs
     root, env, args = audit_env
     make_bucket(s3_endpoint, "audits")
-    s3env = {**env, "MICROSCOPE_S3_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "t", "AWS_SECRET_ACCESS_KEY": "t",
-             "AWS_DEFAULT_REGION": "us-east-1", "MICROSCOPE_HOME": str(root / "home-s3")}
+    s3env = {
+        **env,
+        "MICROSCOPE_S3_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "t",
+        "AWS_SECRET_ACCESS_KEY": "t",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "MICROSCOPE_HOME": str(root / "home-s3"),
+    }
     rec = run_json(root, s3env, ["--store", "s3://audits/team", *args])
     assert rec["status"] == "completed" and rec["store_uri"] == "s3://audits/team"
     assert rec["report_uri"].startswith("s3://audits/team/")
-    s3 = boto3.client("s3", endpoint_url=s3_endpoint, aws_access_key_id="t", aws_secret_access_key="t", region_name="us-east-1")
+    s3 = boto3.client(
+        "s3", endpoint_url=s3_endpoint, aws_access_key_id="t", aws_secret_access_key="t", region_name="us-east-1"
+    )
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket="audits", Prefix="team/")
     s3_keys = {o["Key"].removeprefix("team/") for p in pages for o in p.get("Contents", [])}
     local = root / "home" / "artifacts"

@@ -136,7 +136,9 @@ def test_describe_tables(tmp_path: Path) -> None:
     for family, n_heads in (("gpt2", 2), ("llama", 4), ("bert", 2), ("gpt_neox", 2)):
         arch = loading.describe(build_model(family))
         assert arch.family == family and arch.n_layers == 3 and arch.hidden_size == 32 and arch.n_heads == n_heads
-        assert arch.n_params == sum(t.numel() for _, t in loading.unique_state(build_model(family)) if t.is_floating_point())
+        assert arch.n_params == sum(
+            t.numel() for _, t in loading.unique_state(build_model(family)) if t.is_floating_point()
+        )
         assert all(p.resid and p.mlp and p.attn for p in arch.hook_points)
         blocks = [m for m in arch.modules if m.name == arch.hook_points[1].resid]
         assert blocks and blocks[0].params > 0

@@ -22,7 +22,12 @@ def exercise(store) -> None:
     tmp.write_bytes(b"x" * 1000)
     store.put_file("m/stage/h/c.parquet", tmp, move=True)
     assert not tmp.exists()
-    assert store.list("m/stage") == ["m/stage/h/a.bin", "m/stage/h/b.json", "m/stage/h/c.parquet", "m/stage/h/manifest.json"]
+    assert store.list("m/stage") == [
+        "m/stage/h/a.bin",
+        "m/stage/h/b.json",
+        "m/stage/h/c.parquet",
+        "m/stage/h/manifest.json",
+    ]
     assert store.local_path("m/stage/h/c.parquet").read_bytes() == b"x" * 1000
     with pytest.raises(InputError, match="missing"):
         store.get_bytes("m/none")

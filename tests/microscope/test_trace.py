@@ -102,7 +102,9 @@ def test_parquet_round_trip_is_bit_exact(tmp_path: Path) -> None:
     np.testing.assert_array_equal(got.view(np.uint32), x.view(np.uint32))
     import pyarrow.parquet as pq
 
-    assert pq.ParquetFile(store.local_path("a/part-00000.parquet")).metadata.num_row_groups == 3  # 50-row writes buffered to ≥64 rows
+    assert (
+        pq.ParquetFile(store.local_path("a/part-00000.parquet")).metadata.num_row_groups == 3
+    )  # 50-row writes buffered to ≥64 rows
 
 
 def test_stats_match_numpy(tmp_path: Path) -> None:

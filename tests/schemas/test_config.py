@@ -14,8 +14,10 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults_and_overrides(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, "dataset:\n  seq_len: 64\ntrace:\n  layers: [0, -1]\n  hooks: [mlp, resid]\n"),
-                      {"dataset.path": "x.txt", "model.source": None})
+    cfg = load_config(
+        write(tmp_path, "dataset:\n  seq_len: 64\ntrace:\n  layers: [0, -1]\n  hooks: [mlp, resid]\n"),
+        {"dataset.path": "x.txt", "model.source": None},
+    )
     assert cfg.dataset.seq_len == 64 and cfg.dataset.path == "x.txt"
     assert cfg.trace.layers == [0, -1]
     assert cfg.trace.hooks == ["resid", "mlp"]  # canonical order, so the config hash is order-free

@@ -1,0 +1,35 @@
+# make demo: a full audit of the pretrained MiniLM on Python's help text (creates .venv if needed)
+# make test: the whole test suite (creates .venv if needed)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+DEMO   := .microscope/demo
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	mkdir -p $(DEMO)
+	$(BIN)/python examples/make_demo_corpus.py $(DEMO)/corpus.txt --print-model-path > $(DEMO).model
+	$(BIN)/microscope run --model "$$(cat $(DEMO).model)" --dataset $(DEMO)/corpus.txt --config examples/demo.yaml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/trace.py
+
+clean:
+	rm -rf .microscope

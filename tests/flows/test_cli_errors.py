@@ -1,0 +1,112 @@
+"""Bad input through the command line: a non-zero exit and one clear line on stderr, nothing lost."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import run_cli
+from tests.microscope.test_checkpoint import Evil
+
+
+@pytest.fixture
+def env(tmp_path: Path, prefect_api: str) -> dict[str, str]:
+    e = {
+        **os.environ,
+        "MICROSCOPE_HOME": str(tmp_path / "home"),
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_HOME": str(tmp_path / "prefect-client"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    e.pop("MICROSCOPE_STORE", None)
+    e.pop("MLFLOW_TRACKING_URI", None)
+    return e
+
+
+def error_line(proc) -> str:
+    """The last stderr line: the one the user reads."""
+    assert proc.returncode != 0, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith("microscope: error: "), proc.stderr[-2000:]
+    return lines[-1]
+
+
+def test_missing_model_path(env, tmp_path: Path, corpus_file: Path) -> None:
+    p = run_cli(["run", "--model", str(tmp_path / "nope"), "--dataset", str(corpus_file)], env, tmp_path)
+    assert p.returncode == 2
+    assert "model path" in error_line(p) and "does not exist" in error_line(p)
+    assert len(p.stderr.strip().splitlines()) == 1  # failed before anything started
+
+
+def test_missing_dataset(env, tmp_path: Path, tiny_gpt2_dir: Path) -> None:
+    p = run_cli(["run", "--model", str(tiny_gpt2_dir), "--dataset", str(tmp_path / "none.txt")], env, tmp_path)
+    assert p.returncode == 2 and "dataset" in error_line(p) and "does not exist" in error_line(p)
+
+
+def test_truncated_safetensors(env, tmp_path: Path, tiny_gpt2_dir: Path, corpus_file: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_gpt2_dir, broken)
+    f = broken / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:-1000])
+    p = run_cli(["run", "--model", str(broken), "--dataset", str(corpus_file)], env, tmp_path)
+    assert p.returncode == 2 and "truncated or corrupt" in error_line(p)
+    assert len(p.stderr.strip().splitlines()) == 1
+
+
+def test_malicious_pickle_never_runs(env, tmp_path: Path, corpus_file: Path) -> None:
+    marker = tmp_path / "pwned"
+    torch.save({"w": torch.zeros(1), "x": Evil(marker)}, tmp_path / "evil.pt")
+    (tmp_path / "c.yaml").write_text("model:\n  module: tests.toy_models:ToyLM\n")
+    p = run_cli(
+        [
+            "run",
+            "--model",
+            str(tmp_path / "evil.pt"),
+            "--dataset",
+            str(corpus_file),
+            "--config",
+            str(tmp_path / "c.yaml"),
+        ],
+        env,
+        tmp_path,
+    )
+    assert p.returncode == 2 and "refusing to load" in error_line(p)
+    assert not marker.exists()
+
+
+def test_unknown_config_key(env, tmp_path: Path, tiny_gpt2_dir: Path, corpus_file: Path) -> None:
+    (tmp_path / "c.yaml").write_text("trace:\n  layer: [0]\n")
+    p = run_cli(
+        ["run", "--model", str(tiny_gpt2_dir), "--dataset", str(corpus_file), "--config", str(tmp_path / "c.yaml")],
+        env,
+        tmp_path,
+    )
+    assert p.returncode == 2
+    line = error_line(p)
+    assert "unknown key 'trace.layer'" in line and "layers" in line
+
+
+def test_unknown_stage(env, tmp_path: Path, tiny_gpt2_dir: Path, corpus_file: Path) -> None:
+    p = run_cli(
+        ["run", "--model", str(tiny_gpt2_dir), "--dataset", str(corpus_file), "--stages", "trace,sea"], env, tmp_path
+    )
+    assert p.returncode == 2 and "unknown stage(s) sea" in error_line(p)
+
+
+def test_empty_dataset_fails_validation_and_keeps_the_record(env, tmp_path: Path, tiny_gpt2_dir: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    p = run_cli(["run", "--model", str(tiny_gpt2_dir), "--dataset", str(empty), "--json"], env, tmp_path)
+    assert p.returncode == 2
+    assert "is empty" in error_line(p) and "at least one document" in error_line(p)
+    import json
+
+    record = json.loads(p.stdout)  # the audit record is still written and printed
+    assert record["stages"]["ingest"]["status"] == "failed"
+    assert record["stages"]["trace"]["status"] == "skipped"
+    listed = run_cli(["list", "--json"], env, tmp_path)
+    assert [r["audit_id"] for r in json.loads(listed.stdout)] == [record["audit_id"]]
