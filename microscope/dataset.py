@@ -99,7 +99,8 @@ def text_digest(docs: list[str | None]) -> str:
 
 def token_lengths(docs: list[str | None], tokenizer: Any) -> tuple[list[list[int]], np.ndarray]:
     texts = [d if isinstance(d, str) else "" for d in docs]
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    # verbose=False: documents longer than the model's context are expected; packing cuts them.
+    enc = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"] if texts else []
     return enc, np.array([len(e) for e in enc], dtype=np.int64)
 
 

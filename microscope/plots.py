@@ -35,7 +35,7 @@ def line_chart(
     pts = [p for s in series.values() for p in s if math.isfinite(p[1])]
     if not pts:
         return ""
-    left, right, top, bottom = 56, 12, 28, 40
+    left, right, top, bottom = 56, 12, 40, 40
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     y0, y1 = min(0.0, min(ys)), max(ys) if max(ys) > min(0.0, min(ys)) else 1.0
@@ -51,7 +51,7 @@ def line_chart(
     out = [
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
         f'aria-label="{html.escape(title)}" class="chart">',
-        f'<text x="{width / 2}" y="16" text-anchor="middle" class="t">{html.escape(title)}</text>',
+        f'<text x="{left}" y="16" class="t">{html.escape(title)}</text>',
         f'<text x="{width / 2}" y="{height - 6}" text-anchor="middle" class="a">{html.escape(xlabel)}</text>',
         f'<text x="12" y="{height / 2}" text-anchor="middle" class="a" transform="rotate(-90 12 {height / 2})">'
         f"{html.escape(ylabel)}</text>",
@@ -71,8 +71,8 @@ def line_chart(
                 f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"><title>{html.escape(name)} '
                 f"layer {_fmt(x)}: {_fmt(y)}</title></circle>"
             )
-        out.append(
-            f'<text x="{left + 8 + 90 * i}" y="{top + 10}" fill="{color}" class="k">&#9632; {html.escape(name)}</text>'
-        )
+        # Legend along the top right; inline style, since the stylesheet's text fill would win over an attribute.
+        lx = width - right - 70 * (len(series) - i)
+        out.append(f'<text x="{lx}" y="{top - 8}" class="k" style="fill:{color}">&#9632; {html.escape(name)}</text>')
     out.append("</svg>")
     return "".join(out)

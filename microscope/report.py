@@ -51,10 +51,13 @@ TEMPLATE = """<!doctype html>
 <tr><th class="l">kind</th><td class="l">{{ 'causal LM' if arch.is_causal else 'encoder' }}{{ ', has unembedding' if arch.has_unembedding else '' }}</td></tr>
 </table>
 <h3>Parameters per module</h3>
-<table><tr><th class="l">module</th><th class="l">type</th><th>parameters</th><th>share</th></tr>
-{% for m in modules %}<tr><td class="l"><code>{{ m.name }}</code></td><td class="l">{{ m.type }}</td>
+{% macro module_rows(rows) %}<table><tr><th class="l">module</th><th class="l">type</th><th>parameters</th><th>share</th></tr>
+{% for m in rows %}<tr><td class="l"><code>{{ m.name }}</code></td><td class="l">{{ m.type }}</td>
 <td>{{ '{:,}'.format(m.params) }}</td><td>{{ '%.1f%%' % (100 * m.params / arch.n_params) }}</td></tr>{% endfor %}
-</table>{% if more_modules %}<p class="muted">… and {{ more_modules }} more modules.</p>{% endif %}
+</table>{% endmacro %}
+{{ module_rows(top_modules) }}
+<details><summary>Inside each block</summary>{{ module_rows(modules) }}
+{% if more_modules %}<p class="muted">… and {{ more_modules }} more modules (report.max_modules).</p>{% endif %}</details>
 <h3>Hook points</h3>
 <table><tr><th>layer</th><th class="l">resid</th><th class="l">mlp</th><th class="l">attn</th></tr>
 {% for p in arch.hook_points %}<tr><td>{{ p.layer }}</td><td class="l"><code>{{ p.resid }}</code></td>
@@ -127,6 +130,9 @@ def render(
     env = Environment(autoescape=True)
     env.globals["fmt"] = _fmt
     modules = arch.modules[:max_modules] if arch else []
+    block_paths = {p.resid for p in arch.hook_points} if arch else set()
+    # Embeddings, blocks and heads; the blocks' own children go in a collapsed table.
+    top_modules = [m for m in (arch.modules if arch else []) if not any(m.name.startswith(b + ".") for b in block_paths)]
     from markupsafe import Markup
 
     return env.from_string(TEMPLATE).render(
@@ -138,6 +144,7 @@ def render(
         stages=[s for s in stages.values()],
         arch=arch,
         modules=modules,
+        top_modules=top_modules,
         more_modules=(len(arch.modules) - len(modules)) if arch else 0,
         data=data,
         trace_rows=trace_rows,

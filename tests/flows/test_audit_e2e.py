@@ -167,3 +167,18 @@ def test_s3_store_holds_the_same_artifacts(two_runs, audit_env, s3_endpoint: str
     assert s3_keys - strip == local_keys - strip
     for key in sorted(k for k in local_keys if k.endswith(".parquet")):  # the data itself, byte for byte
         assert s3.get_object(Bucket="audits", Key=f"team/{key}")["Body"].read() == (local / key).read_bytes(), key
+
+
+def test_runs_without_a_prefect_server(tiny_gpt2_dir: Path, corpus_file: Path, tmp_path: Path) -> None:
+    """No PREFECT_API_URL: Prefect starts its temporary local server, and the audit runs the same."""
+    env = {**os.environ, "MICROSCOPE_HOME": str(tmp_path / "home"), "PREFECT_HOME": str(tmp_path / "ph")}
+    env.pop("PREFECT_API_URL", None)
+    proc = run_cli(
+        ["run", "--model", str(tiny_gpt2_dir), "--dataset", str(corpus_file), "--stages", "ingest", "--json"],
+        env,
+        tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(proc.stdout)
+    assert rec["stages"]["ingest"]["status"] == "completed" and rec["stages"]["trace"]["status"] == "skipped"
+    assert "temporary server" in proc.stderr

@@ -1,0 +1,143 @@
+"""The production configuration, for real: a Prefect server on PostgreSQL with Redis messaging,
+MLflow on PostgreSQL, artifacts on S3 (moto_server). Skipped, with the reason, where no PostgreSQL
+or Redis answers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import VENV_BIN, free_port, make_bucket, run_cli, wait_http
+
+PG = "127.0.0.1:5432"
+REDIS = "redis://127.0.0.1:6379/7"
+
+
+def reachable(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+pytestmark = pytest.mark.skipif(
+    not (reachable(5432) and reachable(6379)), reason="needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379"
+)
+
+
+@pytest.fixture(scope="module")
+def databases():
+    import psycopg2
+
+    names = [f"microscope_{kind}_{secrets.token_hex(4)}" for kind in ("prefect", "mlflow")]
+    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for n in names:
+            cur.execute(f"CREATE DATABASE {n}")
+    yield names
+    with conn.cursor() as cur:
+        for n in names:
+            cur.execute(f"DROP DATABASE IF EXISTS {n} WITH (FORCE)")
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def prefect_on_postgres(databases, tmp_path_factory: pytest.TempPathFactory) -> str:
+    port = free_port()
+    home = tmp_path_factory.mktemp("prefect-pg")
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://postgres@{PG}/{databases[0]}",
+        "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
+        "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
+        "PREFECT_REDIS_MESSAGING_URL": REDIS,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(f"{url}/health", 120, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_audit_on_postgres_redis_and_s3(
+    databases, prefect_on_postgres: str, s3_endpoint: str, tiny_gpt2_dir: Path, corpus_file: Path, tmp_path: Path
+) -> None:
+    import httpx
+    import psycopg2
+    from mlflow import MlflowClient
+
+    make_bucket(s3_endpoint, "prod")
+    mlflow_uri = f"postgresql+psycopg2://postgres@{PG}/{databases[1]}"
+    (tmp_path / "audit.yaml").write_text("dataset:\n  seq_len: 32\n  max_tokens: 512\ntrace:\n  layers: [0, -1]\n")
+    env = {
+        **os.environ,
+        "MICROSCOPE_HOME": str(tmp_path / "home"),
+        "MICROSCOPE_STORE": "s3://prod/audits",
+        "MICROSCOPE_S3_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "t",
+        "AWS_SECRET_ACCESS_KEY": "t",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "PREFECT_API_URL": prefect_on_postgres,
+        "PREFECT_HOME": str(tmp_path / "prefect-client"),
+        "MLFLOW_TRACKING_URI": mlflow_uri,
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    args = [
+        "run",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--dataset",
+        str(corpus_file),
+        "--config",
+        str(tmp_path / "audit.yaml"),
+        "--json",
+    ]
+    first = run_cli(args, env, tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rec = json.loads(first.stdout)
+    assert rec["status"] == "completed" and rec["store_uri"] == "s3://prod/audits"
+    assert rec["mlflow_tracking_uri"] == mlflow_uri
+
+    second = json.loads(run_cli(args, env, tmp_path).stdout)
+    assert {s: r["status"] for s, r in second["stages"].items()} == {
+        "ingest": "cached",
+        "trace": "cached",
+        "report": "cached",
+    }
+
+    # The flow runs live in the Postgres-backed Prefect server...
+    flow_run = httpx.get(f"{prefect_on_postgres}/flow_runs/{rec['prefect_flow_run_id']}").json()
+    assert flow_run["name"] == rec["audit_id"] and flow_run["state"]["type"] == "COMPLETED"
+    with (
+        psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname=databases[0]) as conn,
+        conn.cursor() as cur,
+    ):
+        cur.execute("SELECT count(*) FROM flow_run WHERE name IN (%s, %s)", (rec["audit_id"], second["audit_id"]))
+        assert cur.fetchone()[0] == 2
+    # ...and the MLflow runs in Postgres, parent and one child per stage.
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    parent = client.get_run(rec["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["microscope.stage"] for c in children) == ["ingest", "report", "trace"]
