@@ -132,7 +132,9 @@ def render(
     modules = arch.modules[:max_modules] if arch else []
     block_paths = {p.resid for p in arch.hook_points} if arch else set()
     # Embeddings, blocks and heads; the blocks' own children go in a collapsed table.
-    top_modules = [m for m in (arch.modules if arch else []) if not any(m.name.startswith(b + ".") for b in block_paths)]
+    top_modules = [
+        m for m in (arch.modules if arch else []) if not any(m.name.startswith(b + ".") for b in block_paths)
+    ]
     from markupsafe import Markup
 
     return env.from_string(TEMPLATE).render(

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,7 @@ if TYPE_CHECKING:
     import torch
     import torch.nn as nn
 
+MAX_PENDING = 2  # batches queued for the writer thread
 TL_NAMES = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 Progress = Callable[[int, int], None]
 
@@ -240,6 +243,15 @@ def trace_to_parquet(
 
     bs, halvings = cfg.batch_size, 0
     handles = []
+    # Parquet encoding and statistics run on one writer thread while the next batch goes through the
+    # model; at most MAX_PENDING batches wait, which bounds memory.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="parquet-writer")
+    pending: deque[Future[None]] = deque()
+
+    def drain(keep: int) -> None:
+        while len(pending) > keep:
+            pending.popleft().result()  # re-raises a writer error here, in the caller's thread
+
     try:
         # Sorted so hook order is deterministic; the stopper is registered last on the last block.
         for lh in sorted(points):
@@ -280,22 +292,27 @@ def trace_to_parquet(
                 pos = np.tile(positions, n)
                 doc = doc_ids[w : w + n].reshape(-1)
                 tok = input_ids[w : w + n].reshape(-1)
+                jobs = []
                 for lh in sorted(points):
                     acts = captured[lh].reshape(rows, -1).numpy()  # [n*seq, d]
                     if lh not in writers:
                         d_of[lh] = acts.shape[1]
                         key = f"{prefix}/{names[lh]}/part-{part:05d}.parquet"
                         writers[lh] = _PartWriter(store, key, acts.shape[1], cfg)
-                    writers[lh].write(win, pos, doc, tok, acts)
+                    jobs.append((writers[lh], acts))
+                pending.append(pool.submit(_write_all, jobs, win, pos, doc, tok))
+                drain(MAX_PENDING)
                 w += n
                 if progress:
                     progress(w, n_windows)
+            drain(0)
             for lh, wr in writers.items():
                 wr.close()
                 stats[lh].merge(wr.stats)
     finally:
         for h in handles:
             h.remove()
+        pool.shutdown(wait=True, cancel_futures=True)
 
     datasets = {}
     for lh in sorted(points):
@@ -310,6 +327,11 @@ def trace_to_parquet(
             "stats": stats[lh].summary(),
         }
     return TraceResult(datasets, n_windows, min(done_parts * part_windows, n_windows), bs, halvings)
+
+
+def _write_all(jobs: list[tuple[_PartWriter, np.ndarray]], *columns: np.ndarray) -> None:
+    for writer, acts in jobs:
+        writer.write(*columns, acts)
 
 
 def _read_part_meta(store: ArtifactStore, key: str) -> tuple[_Stats, int]:
