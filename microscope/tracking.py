@@ -137,4 +137,12 @@ def audit_runs(audit_id: str) -> tuple[Any, list[Any]]:
 
 
 def mlflow_tracking_uri() -> str:
-    return workspace.mlflow_uri()
+    """The tracking URI with any password masked: it goes into records and logs."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    uri = workspace.mlflow_uri()
+    parts = urlsplit(uri)
+    if not parts.password:
+        return uri  # untouched: urlunsplit would rewrite sqlite:////abs/path
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))

@@ -134,10 +134,6 @@ class AuditConfig(Section):
     report: ReportConfig = Field(default_factory=ReportConfig)
     seed: int = Field(0, description="Seed for anything random in the audit.")
 
-    def section_hash(self, name: str, *extra: str) -> str:
-        """Hash of one section's canonical JSON plus input digests: the stage's `config_hash`."""
-        return canonical_hash({"section": getattr(self, name).model_dump(mode="json"), "inputs": list(extra)})
-
 
 def canonical_hash(obj: Any, length: int = 16) -> str:
     """sha256 of canonical JSON (sorted keys, no whitespace), truncated to `length` hex digits."""

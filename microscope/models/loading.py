@@ -148,11 +148,13 @@ def unique_state(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 def model_digest(model: nn.Module) -> str:
     """sha256 over (name, dtype, shape, bytes) of every unique tensor: the same weights give the same
     digest whatever file format they came from."""
+    import torch
+
     h = hashlib.sha256()
     for name, t in unique_state(model):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(__import__("torch").uint8).numpy())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # raw bytes, whatever the dtype (bf16 included)
     return h.hexdigest()
 
 

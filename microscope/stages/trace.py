@@ -55,8 +55,9 @@ def run(
         "final_batch_size": float(result.final_batch_size),
         "oom_halvings": float(result.oom_halvings),
     }
-    if times["seconds"] > 0:
-        metrics["tokens_per_s"] = ids.size / times["seconds"] * (1 - result.resumed_from_window / max(len(ids), 1))
+    traced = (len(ids) - result.resumed_from_window) * ids.shape[1]  # a resumed trace did only the rest
+    if times["seconds"] > 0 and traced:
+        metrics["tokens_per_s"] = traced / times["seconds"]
     record = StageRecord(
         stage="trace",
         status=StageStatus.completed,

@@ -86,3 +86,12 @@ def test_s3_missing_bucket_is_input_error(s3_env: str, home: Path) -> None:
 def test_unsupported_uri() -> None:
     with pytest.raises(InputError, match="unsupported store URI"):
         open_store("gs://bucket")
+
+
+def test_tracking_uri_never_shows_a_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    from microscope.tracking import mlflow_tracking_uri
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql+psycopg2://ml:s3cret@db.internal:5432/mlflow")
+    assert mlflow_tracking_uri() == "postgresql+psycopg2://ml:***@db.internal:5432/mlflow"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////tmp/x/mlflow.db")
+    assert mlflow_tracking_uri() == "sqlite:////tmp/x/mlflow.db"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from schemas.config import AuditConfig, ConfigError, load_config
+from schemas.config import AuditConfig, ConfigError, canonical_hash, load_config
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -60,12 +60,15 @@ def test_missing_config_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml")
 
 
-def test_section_hash_is_canonical() -> None:
+def test_config_hash_is_canonical() -> None:
+    def h(cfg: AuditConfig) -> str:
+        return canonical_hash(cfg.trace.model_dump())
+
     a = AuditConfig.model_validate({"trace": {"hooks": ["mlp", "resid"]}})
     b = AuditConfig.model_validate({"trace": {"hooks": ["resid", "mlp"]}})
     c = AuditConfig.model_validate({"trace": {"hooks": ["resid"]}})
-    assert a.section_hash("trace") == b.section_hash("trace") != c.section_hash("trace")
-    assert a.section_hash("trace", "d1") != a.section_hash("trace", "d2")
+    assert h(a) == h(b) != h(c)
+    assert canonical_hash({"b": 1, "a": [1, 2]}) == canonical_hash({"a": [1, 2], "b": 1})
 
 
 def test_json_schema_exports() -> None:
