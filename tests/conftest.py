@@ -3,11 +3,13 @@ local services (a Prefect server, moto_server as S3)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -170,35 +172,42 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # ---- real local services -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> str:
-    """A real `prefect server` on 127.0.0.1 (SQLite), shared by the CLI tests."""
+@contextlib.contextmanager
+def prefect_server(home: Path, **settings: str) -> Iterator[str]:
+    """A real `prefect server start` on 127.0.0.1 with `settings` as PREFECT_* variables; yields its API URL."""
     port = free_port()
-    phome = tmp_path_factory.mktemp("prefect-home")
     env = {
         **os.environ,
-        "PREFECT_HOME": str(phome),
+        "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
+        **settings,
     }
     env.pop("PREFECT_API_URL", None)
-    log = open(phome / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_http(f"{url}/health", 90, proc)
-        yield url
-    finally:
-        proc.terminate()
+    with open(home / "server.log", "w") as log:
+        proc = subprocess.Popen(
+            [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        url = f"http://127.0.0.1:{port}/api"
         try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            wait_http(f"{url}/health", 120, proc)
+            yield url
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real `prefect server` on 127.0.0.1 (SQLite), shared by the CLI tests."""
+    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -8,12 +8,12 @@ import json
 import os
 import secrets
 import socket
-import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import VENV_BIN, free_port, make_bucket, run_cli, wait_http
+from tests.conftest import make_bucket, prefect_server, run_cli
 
 PG = "127.0.0.1:5432"
 REDIS = "redis://127.0.0.1:6379/7"
@@ -48,37 +48,15 @@ def databases():
 
 
 @pytest.fixture(scope="module")
-def prefect_on_postgres(databases, tmp_path_factory: pytest.TempPathFactory) -> str:
-    port = free_port()
-    home = tmp_path_factory.mktemp("prefect-pg")
-    env = {
-        **os.environ,
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://postgres@{PG}/{databases[0]}",
-        "PREFECT_MESSAGING_BROKER": "prefect_redis.messaging",
-        "PREFECT_MESSAGING_CACHE": "prefect_redis.messaging",
-        "PREFECT_REDIS_MESSAGING_URL": REDIS,
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-    }
-    env.pop("PREFECT_API_URL", None)
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen(
-        [str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}/api"
-    try:
-        wait_http(f"{url}/health", 120, proc)
+def prefect_on_postgres(databases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with prefect_server(
+        tmp_path_factory.mktemp("prefect-pg"),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"postgresql+asyncpg://postgres@{PG}/{databases[0]}",
+        PREFECT_MESSAGING_BROKER="prefect_redis.messaging",
+        PREFECT_MESSAGING_CACHE="prefect_redis.messaging",
+        PREFECT_REDIS_MESSAGING_URL=REDIS,
+    ) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 def test_audit_on_postgres_redis_and_s3(
