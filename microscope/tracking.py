@@ -105,7 +105,8 @@ def log_stage(parent_run_id: str, record: StageRecord, config: dict[str, Any], t
         metrics.append(Metric("seconds", record.seconds, now, 0))
     for i in range(0, max(len(params), len(metrics)), 100):
         client.log_batch(rid, metrics=metrics[i : i + 100], params=params[i : i + 100])
-    client.log_dict(rid, record.model_dump(mode="json"), "stage_record.json")
+    # The same content as the stage's manifest.json in the artifact store.
+    client.log_dict(rid, {"record": record.model_dump(mode="json")}, "manifest.json")
     status = "FAILED" if record.status.value == "failed" else "FINISHED"
     client.set_terminated(rid, status=status)
     return rid

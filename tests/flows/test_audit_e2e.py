@@ -111,6 +111,7 @@ def test_mlflow_parent_with_child_per_stage_and_lineage(two_runs, audit_env) -> 
     trace_child = next(c for c in children if c.data.tags["microscope.stage"] == "trace")
     assert trace_child.data.metrics["tokens"] == 1024
     assert trace_child.data.params["batch_size"] == "8"
+    assert [a.path for a in client.list_artifacts(trace_child.info.run_id)] == ["manifest.json"]
     assert "audit_record.json" in [a.path for a in client.list_artifacts(parent.info.run_id)]
     assert any(a.path.endswith(".html") for a in client.list_artifacts(parent.info.run_id))
 

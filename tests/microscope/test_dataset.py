@@ -102,3 +102,9 @@ def test_great_expectations_checks() -> None:
     long = validate_documents(["a " * 20], np.array([20]), cfg)
     with pytest.raises(InputError, match=r"outside \[2, 10\] tokens"):
         raise_on_failure(long, "d.jsonl", cfg)
+
+
+def test_unreachable_hub_dataset_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(InputError, match="is not a local file and the hub could not provide it"):
+        ds.read_documents(DatasetConfig(path="someorg/somedata"))
