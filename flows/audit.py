@@ -1,4 +1,5 @@
-"""The audit flow: ingest → trace → report, one task per stage, tracked in MLflow.
+"""The audit flow: ingest → quantize → trace → report, one task per stage (and per variant), tracked
+in MLflow.
 
 A failed stage is recorded with its one-line error; stages that needed it are skipped; everything
 already computed stays in the store and the audit record is saved either way.
@@ -22,6 +23,7 @@ from microscope.store import open_store
 from schemas.config import STAGES, AuditConfig
 from schemas.records import AuditRecord, ModelRef, StageRecord, StageStatus
 from tasks.ingest import ingest_task
+from tasks.quantize import quantize_task
 from tasks.report import report_task
 from tasks.trace import trace_task
 from tasks.tracking import finish_run, log_lineage, log_stage, start_run
@@ -85,6 +87,15 @@ def audit(
         log.info("%s: %s%s", r.stage, r.status.value, f" ({r.error})" if r.error else "")
         return r
 
+    def track_variant(fmt: str, r: StageRecord, section: dict[str, Any]) -> StageRecord:
+        """A stage record of one quantized variant: its own MLflow child run, kept under rec.variants."""
+        r.variant = fmt
+        stage_tags = {**tags, "microscope.model_digest": rec.model_digest or "", "microscope.variant": fmt}
+        r.mlflow_run_id = log_stage(rec.mlflow_run_id, r, section, stage_tags)
+        rec.variants.setdefault(fmt, {})[r.stage] = r
+        log.info("%s[%s]: %s%s", r.stage, fmt, r.status.value, f" ({r.error})" if r.error else "")
+        return r
+
     ingest = None
     if "ingest" in selected:
         ingest = track(
@@ -110,15 +121,50 @@ def audit(
             str(config.dataset.path),
             rec.dataset_digest,
         )
+        produced: dict[str, str] = {}  # requested format -> the format made (after any fallback)
+        if "quantize" in selected and config.quantize.formats:
+            for fmt in config.quantize.formats:  # one task per format: a format added later is the only one computed
+                q = track_variant(
+                    fmt,
+                    _run(
+                        quantize_task,
+                        "quantize",
+                        store,
+                        ref=model,
+                        ingest=ingest,
+                        fmt=fmt,
+                        cfg=config,
+                        store_uri=store.uri,
+                    ),
+                    config.quantize.model_dump(mode="json"),
+                )
+                if q.status != StageStatus.failed:
+                    produced[fmt] = q.details["produced"]
+            rec.stages["quantize"] = _aggregate("quantize", [v["quantize"] for v in rec.variants.values()])
         if "trace" in selected:
             track(
                 _run(trace_task, "trace", store, ref=model, ingest=ingest, cfg=config, store_uri=store.uri),
                 config.trace.model_dump(mode="json"),
             )
+            for fmt, made in produced.items() if config.quantize.trace_variants else ():
+                track_variant(
+                    fmt,
+                    _run(
+                        trace_task,
+                        "trace",
+                        store,
+                        ref=model,
+                        ingest=ingest,
+                        cfg=config,
+                        store_uri=store.uri,
+                        variant=made,
+                    ),
+                    config.trace.model_dump(mode="json"),
+                )
         if "report" in selected:
             done = {k: v for k, v in rec.stages.items() if v.status != StageStatus.skipped}
             report = track(
-                _run(report_task, "report", store, stages=done, cfg=config, store_uri=store.uri),
+                _run(report_task, "report", store, stages=done, variants=rec.variants, cfg=config, store_uri=store.uri),
                 config.report.model_dump(mode="json"),
             )
             if report.status != StageStatus.failed:
@@ -126,6 +172,8 @@ def audit(
     for s in STAGES:
         if s not in rec.stages:
             why = "not requested" if s not in selected else "an earlier stage failed"
+            if s == "quantize" and s in selected and not config.quantize.formats:
+                why = "no quantize.formats configured"
             rec.stages[s] = StageRecord(stage=s, status=StageStatus.skipped, error=None, details={"reason": why})
 
     failed = [r for r in rec.stages.values() if r.status == StageStatus.failed]
@@ -143,6 +191,28 @@ def audit(
     if failed:  # a Failed final state without a traceback: the error is already one clean line
         return Failed(message=rec.error)  # type: ignore[return-value]
     return rec
+
+
+def _aggregate(stage: str, records: list[StageRecord]) -> StageRecord:
+    """One record for a stage that ran per variant: failed if any failed, cached if all were."""
+    statuses = {r.status for r in records}
+    status = (
+        StageStatus.failed
+        if StageStatus.failed in statuses
+        else StageStatus.cached
+        if statuses == {StageStatus.cached}
+        else StageStatus.completed
+    )
+    failed = [r for r in records if r.status == StageStatus.failed]
+    return StageRecord(
+        stage=stage,
+        status=status,
+        config_hash=None,
+        metrics={"variants": float(len(records) - len(failed))},
+        details={"variants": {r.variant: r.details.get("produced") for r in records if r.variant}},
+        error=f"{failed[0].variant}: {failed[0].error}" if failed else None,
+        seconds=sum(r.seconds or 0.0 for r in records),
+    )
 
 
 def _as_link(uri: str) -> str:

@@ -103,6 +103,14 @@ def _print_record(record: Any, as_json: bool) -> None:
         secs = "" if r.seconds is None else f" {r.seconds:.2f}s"
         err = f"  {r.error}" if r.error else ""
         print(f"  {r.stage:<8} {r.status.value:<9}{secs}{err}")
+    for name, recs in record.variants.items():
+        for r in recs.values():
+            secs = "" if r.seconds is None else f" {r.seconds:.2f}s"
+            made = r.details.get("produced")
+            extra = f"  made as {made}" if made and made != name else ""
+            print(
+                f"  {r.stage + '[' + name + ']':<16} {r.status.value:<9}{secs}{extra}{'  ' + r.error if r.error else ''}"
+            )
     if record.model_digest:
         print(f"model digest   {record.model_digest[:16]}")
     if record.report_uri:

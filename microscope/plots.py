@@ -31,6 +31,7 @@ def line_chart(
     ylabel: str,
     width: int = 420,
     height: int = 240,
+    from_zero: bool = True,
 ) -> str:
     pts = [p for s in series.values() for p in s if math.isfinite(p[1])]
     if not pts:
@@ -38,9 +39,10 @@ def line_chart(
     left, right, top, bottom = 56, 12, 40, 40
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    y0, y1 = min(0.0, min(ys)), max(ys) if max(ys) > min(0.0, min(ys)) else 1.0
+    lo = min(0.0, min(ys)) if from_zero else min(ys)
+    y0, y1 = lo, max(ys) if max(ys) > lo else lo + 1.0
     yt = _ticks(y0, y1)
-    y1 = max(y1, yt[-1])
+    y0, y1 = min(y0, yt[0]), max(y1, yt[-1])
 
     def sx(x: float) -> float:
         return left + (x - x0) / (x1 - x0) * (width - left - right)

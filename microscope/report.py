@@ -82,6 +82,22 @@ TEMPLATE = """<!doctype html>
 </table>
 {% endif %}
 
+{% if variant_rows %}
+<h2>Quantized variants</h2>
+<p>Fidelity on {{ eval_tokens }} held-out tokens against the full-precision model{% if worst %}; the layer that
+drifts most is <b>{{ worst.hook }}</b> in <b>{{ worst.variant }}</b> (relative error {{ fmt(worst.rel_error) }}){% endif %}.</p>
+<table><tr><th class="l">variant</th><th class="l">made as</th><th>on disk</th><th>memory (est.)</th><th>memory</th>
+<th>vs fp</th><th>KL mean</th><th>KL p99</th><th>top-1 agree</th><th>mean |Δp|</th><th>Δ ppl</th><th>min cosine</th></tr>
+{% for v in variant_rows %}<tr><td class="l">{{ v.name }}</td>
+<td class="l {{ 'bad' if v.status == 'failed' else '' }}">{{ v.produced or 'failed: ' ~ v.error }}{{ ' (fallback)' if v.fell_back else '' }}</td>
+<td>{{ mb(v.m.get('on_disk_bytes')) }}</td><td>{{ mb(v.m.get('estimated_bytes')) }}</td><td>{{ mb(v.m.get('measured_bytes')) }}</td>
+<td>{{ pct(v.m.get('measured_bytes'), v.m.get('fp_bytes')) }}</td><td>{{ fmt(v.m.get('kl_mean')) }}</td><td>{{ fmt(v.m.get('kl_p99')) }}</td>
+<td>{{ pct(v.m.get('top1_agreement'), 1) }}</td><td>{{ fmt(v.m.get('ref_token_abs_dp_mean')) }}</td><td>{{ fmt(v.m.get('delta_ppl')) }}</td>
+<td>{{ fmt(v.m.get('min_cosine')) }}</td></tr>{% endfor %}
+</table>
+<div class="charts">{% for c in variant_charts %}{{ c }}{% endfor %}</div>
+{% endif %}
+
 {% if trace_rows %}
 <h2>Activations per layer</h2>
 <div class="charts">{% for c in trace_charts %}{{ c }}{% endfor %}</div>
@@ -98,9 +114,43 @@ TEMPLATE = """<!doctype html>
 
 
 def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
     if isinstance(v, float):
         return f"{v:,.0f}" if v.is_integer() and abs(v) < 1e15 else f"{v:.4g}"
     return str(v)
+
+
+def _variant_view(variants: dict[str, dict[str, StageRecord]]) -> tuple[list[dict[str, Any]], list[str], Any, int]:
+    """Rows of the variants table, drift charts by layer, the worst (variant, hook), eval tokens."""
+    rows, cos, err = [], {}, {}
+    worst, eval_tokens = None, 0
+    for name, recs in variants.items():
+        q = recs.get("quantize")
+        if q is None:
+            continue
+        rows.append(
+            {
+                "name": name,
+                "status": q.status.value,
+                "error": q.error,
+                "produced": q.details.get("produced"),
+                "fell_back": q.details.get("fell_back"),
+                "m": q.metrics,
+            }
+        )
+        eval_tokens = max(eval_tokens, int(q.details.get("eval_tokens", 0)))
+        for hook_name, d in (q.details.get("drift") or {}).items():
+            layer, hook = int(hook_name.split(".")[1]), hook_name.rsplit("_", 1)[0].split("hook_")[-1]
+            cos.setdefault(hook, {}).setdefault(name, []).append((layer, d["cosine"]))
+            err.setdefault(hook, {}).setdefault(name, []).append((layer, d["rel_error"]))
+            if worst is None or d["rel_error"] > worst["rel_error"]:
+                worst = {"variant": name, "hook": hook_name, "rel_error": d["rel_error"]}
+    charts = []
+    for hook in sorted(cos):
+        charts.append(line_chart(cos[hook], f"cosine to fp ({hook})", "layer", "cosine", from_zero=False))
+        charts.append(line_chart(err[hook], f"relative error ({hook})", "layer", "‖q − fp‖ / ‖fp‖"))
+    return rows, charts, worst, eval_tokens
 
 
 def render(
@@ -109,6 +159,7 @@ def render(
     data: DatasetSummary | None,
     title: str | None = None,
     max_modules: int = 60,
+    variants: dict[str, dict[str, StageRecord]] | None = None,
 ) -> str:
     from jinja2 import Environment
 
@@ -129,6 +180,9 @@ def render(
             charts.append(line_chart(series, f"{label} by layer", "layer", label))
     env = Environment(autoescape=True)
     env.globals["fmt"] = _fmt
+    env.globals["mb"] = lambda b: "–" if b is None else f"{b / 2**20:,.2f} MiB"
+    env.globals["pct"] = lambda a, b: "–" if a is None or not b else f"{100 * a / b:.1f}%"
+    variant_rows, variant_charts, worst, eval_tokens = _variant_view(variants or {})
     modules = arch.modules[:max_modules] if arch else []
     block_paths = {p.resid for p in arch.hook_points} if arch else set()
     # Embeddings, blocks and heads; the blocks' own children go in a collapsed table.
@@ -152,4 +206,8 @@ def render(
         trace_rows=trace_rows,
         trace_charts=[Markup(c) for c in charts],
         trace_prefix=trace.details.get("prefix", "") if trace else "",
+        variant_rows=variant_rows,
+        variant_charts=[Markup(c) for c in variant_charts if c],
+        worst=worst,
+        eval_tokens=eval_tokens,
     )

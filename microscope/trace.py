@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -342,6 +343,26 @@ def _read_part_meta(store: ArtifactStore, key: str) -> tuple[_Stats, int]:
     if raw is None:
         raise RuntimeError(f"part {key} has no statistics metadata; delete it and re-run the trace")
     return _Stats(**json.loads(raw)), meta.schema.to_arrow_schema().field("activation").type.list_size
+
+
+@contextmanager
+def capture(model: nn.Module, points: dict[tuple[int, str], str]) -> Iterator[dict[tuple[int, str], torch.Tensor]]:
+    """Hooks that keep each point's output of the next forward in a dict; removed on exit."""
+    out: dict[tuple[int, str], Any] = {}
+    modules = dict(model.named_modules())
+
+    def make(lh: tuple[int, str]) -> Callable[..., None]:
+        def hook(_m: nn.Module, _i: Any, o: Any) -> None:
+            out[lh] = (o[0] if isinstance(o, tuple) else o).detach()
+
+        return hook
+
+    handles = [modules[points[lh]].register_forward_hook(make(lh)) for lh in sorted(points)]
+    try:
+        yield out
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def read_activations(store: ArtifactStore, parts: list[str], columns: list[str] | None = None) -> Any:

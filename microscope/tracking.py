@@ -94,7 +94,10 @@ def log_stage(parent_run_id: str, record: StageRecord, config: dict[str, Any], t
         "microscope.config_hash": record.config_hash or "",
         **tags,
     }
-    run = client.create_run(exp, run_name=record.stage, tags=all_tags)
+    if record.variant:
+        all_tags["microscope.variant"] = record.variant
+    name = f"{record.stage}[{record.variant}]" if record.variant else record.stage
+    run = client.create_run(exp, run_name=name, tags=all_tags)
     rid = run.info.run_id
     import time
 

@@ -14,13 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 HookName = Literal["resid", "mlp", "attn"]
 HOOK_NAMES: tuple[str, ...] = ("resid", "mlp", "attn")
-STAGES: tuple[str, ...] = ("ingest", "trace", "report")
+STAGES: tuple[str, ...] = ("ingest", "quantize", "trace", "report")
 # What each stage needs to have run first; `--stages` pulls these in.
 STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "ingest": (),
+    "quantize": ("ingest",),
     "trace": ("ingest",),
     "report": ("ingest",),
 }
+# Quantization formats a config may name; whether one runs on this machine is decided at run time.
+QUANT_FORMATS: tuple[str, ...] = ("int8", "nf4", "fp4", "fp16", "bf16", "torch-int8", "int2")
 
 
 class Section(BaseModel):
@@ -122,6 +125,45 @@ class TraceConfig(Section):
         return v
 
 
+class QuantizeConfig(Section):
+    formats: list[str] = Field(
+        default_factory=list,
+        description="Variants to make: int8 (bitsandbytes LLM.int8), nf4, fp4 (bitsandbytes 4-bit), fp16, bf16, "
+        "torch-int8 (weight-only, where bitsandbytes cannot run). Empty: no quantize stage.",
+    )
+    compute_dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Compute dtype of the 4-bit formats."
+    )
+    double_quant: bool = Field(True, description="4-bit formats: quantize the block scales too.")
+    fallback: dict[str, list[str]] = Field(
+        default_factory=lambda: {"int8": ["torch-int8"], "nf4": ["fp4"], "fp16": ["bf16"], "bf16": ["fp16"]},
+        description="On out-of-memory, the formats to try instead, in order.",
+    )
+    memory_fraction: float = Field(
+        0.9, gt=0, le=1, description="Refuse a variant whose estimated weights exceed this share of free memory."
+    )
+    eval_windows: int = Field(8, ge=1, description="Held-out windows (the dataset's last) for fidelity.")
+    trace_variants: bool = Field(True, description="Also trace each variant into the activation cache.")
+
+    @field_validator("formats")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [f for f in v if f not in QUANT_FORMATS]
+        if unknown:
+            raise ValueError(f"unknown format(s) {unknown}; choose from {', '.join(QUANT_FORMATS)}")
+        if len(set(v)) != len(v):
+            raise ValueError("a format is listed twice; list each once")
+        return v
+
+    @field_validator("fallback")
+    @classmethod
+    def _known_fallback(cls, v: dict[str, list[str]]) -> dict[str, list[str]]:
+        bad = sorted({f for k, chain in v.items() for f in [k, *chain] if f not in QUANT_FORMATS})
+        if bad:
+            raise ValueError(f"unknown format(s) {bad} in the fallback chain; choose from {', '.join(QUANT_FORMATS)}")
+        return v
+
+
 class ReportConfig(Section):
     title: str | None = Field(None, description="Report title; defaults to the model's name.")
     max_modules: int = Field(60, ge=1, description="Rows of the parameters-per-module table.")
@@ -130,6 +172,7 @@ class ReportConfig(Section):
 class AuditConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     trace: TraceConfig = Field(default_factory=TraceConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     seed: int = Field(0, description="Seed for anything random in the audit.")

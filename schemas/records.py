@@ -76,6 +76,7 @@ class DatasetSummary(Record):
 class StageRecord(Record):
     stage: str
     status: StageStatus
+    variant: str | None = Field(None, description="Quantized variant this record is about (None: full precision).")
     config_hash: str | None = None
     input_digests: dict[str, str] = Field(default_factory=dict)
     artifacts: dict[str, str] = Field(default_factory=dict, description="Name -> URI in the artifact store.")
@@ -114,6 +115,9 @@ class AuditRecord(Record):
     dataset: DatasetSummary | None = None
     config: dict[str, Any]
     stages: dict[str, StageRecord] = Field(default_factory=dict)
+    variants: dict[str, dict[str, StageRecord]] = Field(
+        default_factory=dict, description="Per quantized variant: its quantize and trace records."
+    )
     report_uri: str | None = None
     mlflow_run_id: str | None = None
     mlflow_tracking_uri: str | None = None

@@ -17,18 +17,21 @@ def _key(_ctx: Any, p: dict[str, Any]) -> str:
     return cache_key(
         "trace",
         model=ing.details["model_digest"],
-        config=trace.config_hash(p["cfg"], ing.details["dataset_digest"]),
+        config=trace.config_hash(p["cfg"], ing.details["dataset_digest"], p.get("variant") or "fp"),
+        quantize=p["cfg"].quantize.model_dump(exclude={"formats", "trace_variants"}) if p.get("variant") else None,
         store=p["store_uri"],
     )
 
 
 @task(cache_key_fn=_key, **stage_options("trace"))
-def trace_task(ref: ModelRef, ingest: StageRecord, cfg: AuditConfig, store_uri: str) -> StageRecord:
-    """Activations at the configured hook points, streamed to the Parquet cache."""
+def trace_task(
+    ref: ModelRef, ingest: StageRecord, cfg: AuditConfig, store_uri: str, variant: str | None = None
+) -> StageRecord:
+    """Activations at the configured hook points (of the full model or a quantized variant), to Parquet."""
     store = open_store(store_uri)
     arch, _ = ingest_stage.load_outputs(ingest, store)
-    progress = Progress("trace: windows through the model", key="trace-progress")
+    progress = Progress(f"trace {variant or 'fp'}: windows through the model", key="trace-progress")
     try:
-        return trace.run(ref, ingest, arch, cfg, store, progress)
+        return trace.run(ref, ingest, arch, cfg, store, progress, variant)
     finally:
         progress.close()

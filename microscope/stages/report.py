@@ -15,15 +15,26 @@ from microscope.store import ArtifactStore
 VERSION = "1"
 
 
-def config_hash(cfg: AuditConfig, stages: dict[str, StageRecord]) -> str:
+def config_hash(
+    cfg: AuditConfig, stages: dict[str, StageRecord], variants: dict[str, dict[str, StageRecord]] | None = None
+) -> str:
     # A cached stage holds the same results as the run that computed it: hash it as completed.
-    inputs = {name: [r.status == StageStatus.failed, r.config_hash, r.error] for name, r in sorted(stages.items())}
-    return canonical_hash({"v": VERSION, "report": cfg.report.model_dump(), "inputs": inputs})
+    def key(r: StageRecord) -> list[Any]:
+        return [r.status == StageStatus.failed, r.config_hash, r.error]
+
+    inputs = {name: key(r) for name, r in sorted(stages.items())}
+    per_variant = {v: {s: key(r) for s, r in sorted(recs.items())} for v, recs in sorted((variants or {}).items())}
+    return canonical_hash({"v": VERSION, "report": cfg.report.model_dump(), "inputs": inputs, "variants": per_variant})
 
 
-def run(stages: dict[str, StageRecord], cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
+def run(
+    stages: dict[str, StageRecord],
+    cfg: AuditConfig,
+    store: ArtifactStore,
+    variants: dict[str, dict[str, StageRecord]] | None = None,
+) -> StageRecord:
     ingest = stages["ingest"]
-    chash = config_hash(cfg, stages)
+    chash = config_hash(cfg, stages, variants)
     prefix = stage_prefix(ingest.details["model_digest"], "report", chash)
     manifest = store.read_manifest(prefix)
     if manifest is not None:
@@ -31,7 +42,7 @@ def run(stages: dict[str, StageRecord], cfg: AuditConfig, store: ArtifactStore) 
     times: dict[str, Any] = {}
     with timed(times):
         arch, data = load_outputs(ingest, store)
-        html = report.render(stages, arch, data, cfg.report.title, cfg.report.max_modules)
+        html = report.render(stages, arch, data, cfg.report.title, cfg.report.max_modules, variants)
         uri = store.put_bytes(f"{prefix}/report.html", html.encode())
     record = StageRecord(
         stage="report",

@@ -29,10 +29,12 @@ def run(
     cfg: AuditConfig,
     store: ArtifactStore,
     progress: Progress | None = None,
+    variant: str | None = None,
 ) -> StageRecord:
+    """Trace the full-precision model, or the quantized `variant` (a format name) of it."""
     model_digest = ingest.details["model_digest"]
     dataset_digest = ingest.details["dataset_digest"]
-    chash = config_hash(cfg, dataset_digest)
+    chash = config_hash(cfg, dataset_digest, variant or "fp")
     prefix = stage_prefix(model_digest, "trace", chash)
     manifest = store.read_manifest(prefix)
     if manifest is not None:
@@ -43,8 +45,13 @@ def run(
     blocks = {p.layer: p.resid for p in arch.hook_points}
     times: dict[str, Any] = {}
     with timed(times):
-        model = loading.load_model(ref)
-        if loading.model_digest(model) != model_digest:
+        if variant is not None:
+            from microscope.quantization import load_variant
+
+            model = load_variant(ref, variant, cfg.quantize)
+        else:
+            model = loading.load_model(ref)
+        if variant is None and loading.model_digest(model) != model_digest:
             raise InputError(f"the checkpoint at {ref.source} changed since ingest (digest differs); re-run the audit")
         ids, dids = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
         result = trace_to_parquet(model, ids, dids, points, blocks, cfg.trace, store, prefix, progress)
@@ -60,6 +67,7 @@ def run(
         metrics["tokens_per_s"] = traced / times["seconds"]
     record = StageRecord(
         stage="trace",
+        variant=variant,
         status=StageStatus.completed,
         config_hash=chash,
         input_digests={"model": model_digest, "dataset": dataset_digest},

@@ -1,0 +1,246 @@
+"""Quantized variants: a registry of formats, memory estimates, loading with an OOM fallback chain,
+and saving as safetensors.
+
+bitsandbytes formats (int8 = LLM.int8, nf4, fp4) go through transformers' `BitsAndBytesConfig`, as
+users load them; `torch-int8` is our weight-only int8 for where bitsandbytes cannot run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from schemas.config import QuantizeConfig
+from schemas.records import ModelRef
+
+from microscope.errors import InputError
+from microscope.models import loading
+from microscope.native_int8 import linear_weight, quantize_linears
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class QFormat:
+    name: str
+    backend: str  # bitsandbytes | torch
+    quantized_bytes: Callable[[int], float]  # bytes per quantized weight, given in_features
+    other_bytes: float  # bytes per parameter that stays unquantized (relative to fp32 = 4)
+    description: str
+
+
+def _4bit(double_quant: bool) -> Callable[[int], float]:
+    # 4 bits per weight + an absmax per 64-weight block: fp32, or 8-bit plus an fp32 per 256 blocks.
+    return (lambda _in: 0.5 + 1 / 64 + 4 / (64 * 256)) if double_quant else (lambda _in: 0.5 + 4 / 64)
+
+
+FORMATS: dict[str, QFormat] = {}
+
+
+def _register(f: QFormat) -> None:
+    if f.name in FORMATS:
+        raise ValueError(f"format {f.name!r} registered twice")
+    FORMATS[f.name] = f
+
+
+_register(
+    QFormat(
+        "int8", "bitsandbytes", lambda n_in: 1 + 4 / n_in, 4, "bitsandbytes LLM.int8 (row-wise int8, fp32 row scales)"
+    )
+)
+_register(QFormat("nf4", "bitsandbytes", _4bit(True), 4, "bitsandbytes 4-bit NormalFloat"))
+_register(QFormat("fp4", "bitsandbytes", _4bit(True), 4, "bitsandbytes 4-bit float"))
+_register(QFormat("fp16", "torch", lambda _n: 2, 2, "half precision"))
+_register(QFormat("bf16", "torch", lambda _n: 2, 2, "bfloat16"))
+_register(QFormat("torch-int8", "torch", lambda n_in: 1 + 4 / n_in, 4, "torch-native weight-only int8, per-row scales"))
+UNSUPPORTED = {
+    "int2": "no maintained 2-bit library (HQQ, AQLM, QuIP#) is installed for this machine's torch; "
+    "choose int8, nf4 or fp4",
+}
+
+
+class VariantOOM(RuntimeError):
+    """The variant does not fit (estimated before loading, or out-of-memory while loading)."""
+
+
+def quantizable(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """Linear/Conv1D modules a quantizer converts: name -> (out, in). The output embedding stays
+    in full precision, as transformers' bitsandbytes integration leaves it."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = {}
+    for name, mod in model.named_modules():
+        wb = linear_weight(mod)
+        if wb is not None and mod is not out_emb:
+            found[name] = (int(wb[0].shape[0]), int(wb[0].shape[1]))
+    return found
+
+
+def estimate_bytes(model: nn.Module, fmt: str, cfg: QuantizeConfig) -> int:
+    """Weight memory of the variant: quantized weights × their bytes + everything else at its dtype."""
+    f = FORMATS[fmt]
+    per_q = _4bit(cfg.double_quant) if fmt in ("nf4", "fp4") else f.quantized_bytes
+    q = quantizable(model)
+    q_bytes = sum(o * i * per_q(i) for o, i in q.values())
+    q_numel = sum(o * i for o, i in q.values())
+    other = sum(t.numel() for _, t in loading.unique_state(model) if t.is_floating_point()) - q_numel
+    return int(q_bytes + other * f.other_bytes)
+
+
+def measured_bytes(model: nn.Module) -> int:
+    """Bytes of every tensor the variant holds (quantized weights, scales, quantization state)."""
+    seen, total = set(), 0
+    for t in list(model.state_dict().values()) + [p for p in model.parameters()]:
+        if not hasattr(t, "untyped_storage"):
+            continue
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def free_bytes(device: str) -> int:
+    import psutil
+    import torch
+
+    if device.startswith("cuda"):
+        return int(torch.cuda.mem_get_info()[0])
+    return int(psutil.virtual_memory().available)
+
+
+def check_format(fmt: str) -> None:
+    if fmt in UNSUPPORTED:
+        raise InputError(f"quantize.formats: '{fmt}' is unsupported here: {UNSUPPORTED[fmt]}")
+    if fmt not in FORMATS:
+        raise InputError(f"quantize.formats: unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
+
+
+def _is_oom(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc))
+    )
+
+
+def load_variant(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str = "cpu") -> nn.Module:
+    """The model quantized to `fmt`, in eval mode. Raises VariantOOM when it cannot fit."""
+    import torch
+
+    check_format(fmt)
+    f = FORMATS[fmt]
+    try:
+        if f.backend == "bitsandbytes":
+            model = _load_bnb(ref, fmt, cfg, device)
+        elif fmt in ("fp16", "bf16"):
+            model = loading.load_model(ref).to({"fp16": torch.float16, "bf16": torch.bfloat16}[fmt])
+        else:
+            model = loading.load_model(ref)
+            n = quantize_linears(model, skip=set(loading_skip(model)))
+            if n == 0:
+                raise _no_linear(model, fmt)
+    except Exception as exc:
+        if _is_oom(exc):
+            raise VariantOOM(f"{fmt}: out of memory while loading ({str(exc).splitlines()[0][:120]})") from exc
+        raise
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def loading_skip(model: nn.Module) -> list[str]:
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [n for n, m in model.named_modules() if m is out_emb and out_emb is not None]
+
+
+def _no_linear(model: nn.Module, fmt: str) -> InputError:
+    kinds = sorted({type(m).__name__ for m in model.modules() if any(True for _ in m.parameters(recurse=False))})
+    return InputError(
+        f"{type(model).__name__} has no Linear layers to quantize to {fmt} (it holds {', '.join(kinds[:5])}); "
+        "use fp16 or bf16 for it"
+    )
+
+
+def _load_bnb(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str) -> nn.Module:
+    import torch
+    import transformers
+
+    path = Path(ref.resolved_path or ref.source)
+    if not path.is_dir():
+        raise InputError(
+            f"quantize.formats: {fmt} (bitsandbytes) needs an HF checkpoint folder; for a bare state dict "
+            "use torch-int8, fp16 or bf16"
+        )
+    compute = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[cfg.compute_dtype]
+    if fmt == "int8":
+        qcfg = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        qcfg = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=fmt,
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=compute,
+        )
+    config = transformers.AutoConfig.from_pretrained(path)
+    auto = transformers.AutoModelForCausalLM if loading._is_causal_hf(config) else transformers.AutoModel
+    probe = loading.load_model(ref)  # to know whether anything is quantizable before bitsandbytes is asked
+    if not quantizable(probe):
+        raise _no_linear(probe, fmt)
+    del probe
+    model = auto.from_pretrained(path, quantization_config=qcfg, device_map=device, dtype=torch.float32)
+    # bitsandbytes' CPU kernels settle the weight layout on the first call: run one so that every
+    # later forward (fidelity, trace, a reload) computes the same numbers.
+    with torch.inference_mode():
+        model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device))
+    return model
+
+
+def save_variant(model: nn.Module, fmt: str, out: Path) -> list[Path]:
+    """Write the variant as safetensors (save_pretrained for HF models) and return its files."""
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_pretrained") and fmt != "torch-int8":
+        model.save_pretrained(out)
+    else:
+        from safetensors.torch import save_file
+
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        save_file(_dedupe(state), out / "model.safetensors", metadata={"microscope.format": fmt})
+        (out / "microscope_variant.json").write_text(json.dumps({"format": fmt, "class": type(model).__name__}))
+    return sorted(p for p in out.rglob("*") if p.is_file())
+
+
+def _dedupe(state: dict[str, Any]) -> dict[str, Any]:
+    seen, out = set(), {}
+    for k in sorted(state):
+        t = state[k]
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key not in seen:
+            seen.add(key)
+            out[k] = t
+    return out
+
+
+def produce(
+    ref: ModelRef, fmt: str, cfg: QuantizeConfig, fp_model: nn.Module, device: str = "cpu"
+) -> tuple[nn.Module, str, list[dict[str, str]]]:
+    """Load `fmt`, falling back along `cfg.fallback[fmt]` when it does not fit.
+    Returns (model, the format produced, the attempts that failed)."""
+    attempts: list[dict[str, str]] = []
+    for candidate in [fmt, *cfg.fallback.get(fmt, [])]:
+        check_format(candidate)
+        need = estimate_bytes(fp_model, candidate, cfg)
+        free = free_bytes(device)
+        if need > cfg.memory_fraction * free:
+            attempts.append({"format": candidate, "error": f"needs ~{need:,} bytes, {free:,} free"})
+            continue
+        try:
+            return load_variant(ref, candidate, cfg, device), candidate, attempts
+        except VariantOOM as exc:
+            attempts.append({"format": candidate, "error": str(exc)})
+    tried = ", ".join(a["format"] for a in attempts)
+    raise VariantOOM(f"no variant of {fmt} fits in memory (tried {tried}); free memory or drop the format")

@@ -1,0 +1,124 @@
+"""quantize: one variant of the model, its cost (memory, disk) and its fidelity to full precision."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from schemas.config import AuditConfig, canonical_hash
+from schemas.records import Architecture, ModelRef, StageRecord, StageStatus
+
+from microscope import dataset as ds
+from microscope import quantization as qz
+from microscope.fidelity import ActivationDrift, LogitFidelity
+from microscope.models import loading
+from microscope.stages import from_manifest, stage_prefix, timed
+from microscope.store import ArtifactStore
+from microscope.trace import capture, hook_name, resolve_layers, resolve_points
+
+VERSION = "1"
+
+
+def config_hash(cfg: AuditConfig, fmt: str, dataset_digest: str) -> str:
+    q = cfg.quantize.model_dump(exclude={"formats", "trace_variants"})
+    points = {"layers": cfg.trace.layers, "hooks": cfg.trace.hooks}
+    return canonical_hash({"v": VERSION, "format": fmt, "quantize": q, "points": points, "dataset": dataset_digest})
+
+
+def _logits(out: Any) -> Any:
+    return getattr(out, "logits", None)
+
+
+def fidelity(
+    fp_model: Any, q_model: Any, ids: np.ndarray, points: dict[tuple[int, str], str], batch: int, causal: bool
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """Logit statistics (where the model has logits) and per-hook activation drift on `ids`."""
+    import torch
+
+    logit_fid, drift = LogitFidelity(), ActivationDrift()
+    names = {lh: hook_name(*lh) for lh in points}
+    for lo in range(0, len(ids), batch):
+        x = torch.from_numpy(ids[lo : lo + batch].astype(np.int64))
+        with torch.inference_mode(), capture(fp_model, points) as acts_fp:
+            out_fp = fp_model(input_ids=x)
+        with torch.inference_mode(), capture(q_model, points) as acts_q:
+            out_q = q_model(input_ids=x)
+        for lh in points:
+            drift.update(names[lh], acts_fp[lh].float(), acts_q[lh].float())
+        lf, lq = _logits(out_fp), _logits(out_q)
+        if lf is not None and lq is not None:
+            if causal:  # position t predicts token t+1
+                logit_fid.update(lf[:, :-1].float(), lq[:, :-1].float(), x[:, 1:])
+            else:
+                logit_fid.update(lf.float(), lq.float(), None)
+    return logit_fid.summary(), drift.summary()
+
+
+def run(
+    ref: ModelRef, ingest: StageRecord, arch: Architecture, fmt: str, cfg: AuditConfig, store: ArtifactStore
+) -> StageRecord:
+    qz.check_format(fmt)
+    model_digest, dataset_digest = ingest.details["model_digest"], ingest.details["dataset_digest"]
+    chash = config_hash(cfg, fmt, dataset_digest)
+    prefix = stage_prefix(model_digest, "quantize", chash)
+    manifest = store.read_manifest(prefix)
+    if manifest is not None:
+        return from_manifest(manifest)
+
+    times: dict[str, Any] = {}
+    with timed(times):
+        fp_model = loading.load_model(ref)
+        estimate = qz.estimate_bytes(fp_model, fmt, cfg.quantize)
+        q_model, produced, attempts = qz.produce(ref, fmt, cfg.quantize, fp_model)
+        measured = qz.measured_bytes(q_model)
+        ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
+        held_out = ids[-cfg.quantize.eval_windows :]
+        layers = resolve_layers(cfg.trace.layers, arch.n_layers)
+        points = resolve_points(arch.hook_points, layers, cfg.trace.hooks, arch.family)
+        logit_stats, drift = fidelity(fp_model, q_model, held_out, points, cfg.trace.batch_size, arch.is_causal)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = qz.save_variant(q_model, produced, Path(tmp) / "variant")
+            on_disk = sum(f.stat().st_size for f in files)
+            artifacts = {
+                f"variant/{f.relative_to(Path(tmp) / 'variant').as_posix()}": store.put_file(
+                    f"{prefix}/variant/{f.relative_to(Path(tmp) / 'variant').as_posix()}", f
+                )
+                for f in files
+            }
+    worst = max(drift.items(), key=lambda kv: kv[1]["rel_error"])[0] if drift else None
+    metrics = {
+        "estimated_bytes": float(qz.estimate_bytes(fp_model, produced, cfg.quantize)),
+        "measured_bytes": float(measured),
+        "fp_bytes": float(qz.measured_bytes(fp_model)),
+        "on_disk_bytes": float(on_disk),
+        **logit_stats,
+    }
+    if drift:
+        metrics["min_cosine"] = min(v["cosine"] for v in drift.values())
+        metrics["max_rel_error"] = max(v["rel_error"] for v in drift.values())
+    record = StageRecord(
+        stage="quantize",
+        variant=fmt,
+        status=StageStatus.completed,
+        config_hash=chash,
+        input_digests={"model": model_digest, "dataset": dataset_digest},
+        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
+        metrics=metrics,
+        details={
+            "prefix": prefix,
+            "requested": fmt,
+            "produced": produced,
+            "fell_back": produced != fmt,
+            "attempts": attempts,
+            "estimated_bytes_requested": estimate,
+            "description": qz.FORMATS[produced].description,
+            "drift": drift,
+            "most_drifting_hook": worst,
+            "eval_tokens": int(held_out.size),
+        },
+        **times,
+    )
+    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
+    return record
