@@ -63,6 +63,9 @@ UNSUPPORTED = {
 }
 
 
+BNB_BLOCK = 64
+
+
 class VariantOOM(RuntimeError):
     """The variant does not fit (estimated before loading, or out-of-memory while loading)."""
 
@@ -189,15 +192,22 @@ def _load_bnb(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str) -> nn.M
     config = transformers.AutoConfig.from_pretrained(path)
     auto = transformers.AutoModelForCausalLM if loading._is_causal_hf(config) else transformers.AutoModel
     probe = loading.load_model(ref)  # to know whether anything is quantizable before bitsandbytes is asked
-    if not quantizable(probe):
+    layers = quantizable(probe)
+    if not layers:
         raise _no_linear(probe, fmt)
     del probe
-    model = auto.from_pretrained(path, quantization_config=qcfg, device_map=device, dtype=torch.float32)
-    # bitsandbytes' CPU kernels settle the weight layout on the first call: run one so that every
-    # later forward (fidelity, trace, a reload) computes the same numbers.
-    with torch.inference_mode():
-        model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=device))
-    return model
+    if fmt != "int8" and device == "cpu":
+        # bitsandbytes' CPU 4-bit kernel lays the weights out in 64-wide blocks along the input dimension.
+        odd = [(n, i) for n, (_o, i) in layers.items() if i % BNB_BLOCK]
+        if odd:
+            name, width = odd[0]
+            raise InputError(
+                f"{fmt} on CPU needs every layer's input width divisible by {BNB_BLOCK} (bitsandbytes' CPU kernel); "
+                f"{name} has {width}; use int8 or torch-int8 here, or run on a GPU"
+            )
+    # Save a bitsandbytes variant before its first forward: on CPU the first call repacks the 4-bit
+    # weights in place, and saving after that writes a layout that reloads to different numbers.
+    return auto.from_pretrained(path, quantization_config=qcfg, device_map=device, dtype=torch.float32)
 
 
 def save_variant(model: nn.Module, fmt: str, out: Path) -> list[Path]:

@@ -88,18 +88,17 @@ def wordpiece_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def build_model(family: str, **overrides: object):
-    """A tiny randomly initialised model of `family` (seeded), built from its config."""
-    import torch
-    import transformers as tf
-
-    torch.manual_seed(0)
-    common = dict(vocab_size=512)
-    if family == "gpt2":
-        cfg = tf.GPT2Config(n_layer=3, n_embd=32, n_head=2, n_positions=128, bos_token_id=0, eos_token_id=0, **common)
-        cls = tf.GPT2LMHeadModel
-    elif family == "llama":
-        cfg = tf.LlamaConfig(
+TINY_CONFIGS: dict[str, tuple[str, str, dict[str, object]]] = {
+    # family: (config class, model class, config fields)
+    "gpt2": (
+        "GPT2Config",
+        "GPT2LMHeadModel",
+        dict(n_layer=3, n_embd=32, n_head=2, n_positions=128, bos_token_id=0, eos_token_id=0),
+    ),
+    "llama": (
+        "LlamaConfig",
+        "LlamaForCausalLM",
+        dict(
             num_hidden_layers=3,
             hidden_size=32,
             num_attention_heads=4,
@@ -108,21 +107,23 @@ def build_model(family: str, **overrides: object):
             max_position_embeddings=128,
             bos_token_id=0,
             eos_token_id=0,
-            **common,
-        )
-        cls = tf.LlamaForCausalLM
-    elif family == "bert":
-        cfg = tf.BertConfig(
+        ),
+    ),
+    "bert": (
+        "BertConfig",
+        "BertModel",
+        dict(
             num_hidden_layers=3,
             hidden_size=32,
             num_attention_heads=2,
             intermediate_size=64,
             max_position_embeddings=128,
-            **common,
-        )
-        cls = tf.BertModel
-    elif family == "gpt_neox":
-        cfg = tf.GPTNeoXConfig(
+        ),
+    ),
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        dict(
             num_hidden_layers=3,
             hidden_size=32,
             num_attention_heads=2,
@@ -130,15 +131,20 @@ def build_model(family: str, **overrides: object):
             max_position_embeddings=128,
             bos_token_id=0,
             eos_token_id=0,
-            **common,
-        )
-        cls = tf.GPTNeoXForCausalLM
-    else:
-        raise ValueError(family)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
-    model = cls(cfg).eval()
-    return model
+        ),
+    ),
+}
+
+
+def build_model(family: str, **overrides: object):
+    """A tiny randomly initialised model of `family` (seeded, vocab 512), built from its config."""
+    import torch
+    import transformers as tf
+
+    config_cls, model_cls, fields = TINY_CONFIGS[family]
+    torch.manual_seed(0)
+    cfg = getattr(tf, config_cls)(vocab_size=512, **{**fields, **overrides})
+    return getattr(tf, model_cls)(cfg).eval()
 
 
 @pytest.fixture(scope="session")

@@ -31,3 +31,18 @@ class ToyLM(nn.Module):
         for b in self.blocks:
             x = b(x)
         return self.unembed(x)
+
+
+class ToyConvNet(nn.Module):
+    """Convolutions only: nothing a Linear quantizer can convert."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.embed = nn.Embedding(512, channels)
+        self.blocks = nn.ModuleList(nn.Conv1d(channels, channels, 3, padding=1) for _ in range(2))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed(ids).transpose(1, 2)
+        for b in self.blocks:
+            x = x + b(x)
+        return x.transpose(1, 2)

@@ -72,21 +72,19 @@ def run(
         fp_model = loading.load_model(ref)
         estimate = qz.estimate_bytes(fp_model, fmt, cfg.quantize)
         q_model, produced, attempts = qz.produce(ref, fmt, cfg.quantize, fp_model)
+        with tempfile.TemporaryDirectory() as tmp:  # saved first: see quantization._load_bnb
+            files = qz.save_variant(q_model, produced, Path(tmp) / "variant")
+            on_disk = sum(f.stat().st_size for f in files)
+            artifacts = {}
+            for f in files:
+                rel = f"variant/{f.relative_to(Path(tmp) / 'variant').as_posix()}"
+                artifacts[rel] = store.put_file(f"{prefix}/{rel}", f)
         measured = qz.measured_bytes(q_model)
         ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
         held_out = ids[-cfg.quantize.eval_windows :]
         layers = resolve_layers(cfg.trace.layers, arch.n_layers)
         points = resolve_points(arch.hook_points, layers, cfg.trace.hooks, arch.family)
         logit_stats, drift = fidelity(fp_model, q_model, held_out, points, cfg.trace.batch_size, arch.is_causal)
-        with tempfile.TemporaryDirectory() as tmp:
-            files = qz.save_variant(q_model, produced, Path(tmp) / "variant")
-            on_disk = sum(f.stat().st_size for f in files)
-            artifacts = {
-                f"variant/{f.relative_to(Path(tmp) / 'variant').as_posix()}": store.put_file(
-                    f"{prefix}/variant/{f.relative_to(Path(tmp) / 'variant').as_posix()}", f
-                )
-                for f in files
-            }
     worst = max(drift.items(), key=lambda kv: kv[1]["rel_error"])[0] if drift else None
     metrics = {
         "estimated_bytes": float(qz.estimate_bytes(fp_model, produced, cfg.quantize)),
