@@ -68,7 +68,9 @@ def test_audit_on_postgres_redis_and_s3(
 
     make_bucket(s3_endpoint, "prod")
     mlflow_uri = f"postgresql+psycopg2://postgres@{PG}/{databases[1]}"
-    (tmp_path / "audit.yaml").write_text("dataset:\n  seq_len: 32\n  max_tokens: 512\ntrace:\n  layers: [0, -1]\n")
+    (tmp_path / "audit.yaml").write_text(
+        "dataset:\n  seq_len: 32\n  max_tokens: 512\nquantize:\n  formats: [fp16]\ntrace:\n  layers: [0, -1]\n"
+    )
     env = {
         **os.environ,
         "MICROSCOPE_HOME": str(tmp_path / "home"),
@@ -101,9 +103,12 @@ def test_audit_on_postgres_redis_and_s3(
     second = json.loads(run_cli(args, env, tmp_path).stdout)
     assert {s: r["status"] for s, r in second["stages"].items()} == {
         "ingest": "cached",
+        "quantize": "cached",
         "trace": "cached",
         "report": "cached",
     }
+    variant_file = second["variants"]["fp16"]["quantize"]["artifacts"]["variant/model.safetensors"]
+    assert variant_file.startswith("s3://prod/audits/")
 
     # The flow runs live in the Postgres-backed Prefect server...
     flow_run = httpx.get(f"{prefect_on_postgres}/flow_runs/{rec['prefect_flow_run_id']}").json()
@@ -118,4 +123,4 @@ def test_audit_on_postgres_redis_and_s3(
     client = MlflowClient(tracking_uri=mlflow_uri)
     parent = client.get_run(rec["mlflow_run_id"])
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(c.data.tags["microscope.stage"] for c in children) == ["ingest", "report", "trace"]
+    assert sorted(c.info.run_name for c in children) == ["ingest", "quantize[fp16]", "report", "trace", "trace[fp16]"]
