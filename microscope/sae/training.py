@@ -1,0 +1,138 @@
+"""Training an SAE with PyTorch Lightning from any stream of activation batches.
+
+The module knows nothing of Parquet, MLflow or Prefect: it takes batches, keeps the decoder at unit
+norm, tracks dead latents (no activation within `dead_window` tokens, fed to the aux-k loss) and
+records its curves; checkpoints make a killed fit resume to the same weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from microscope.sae.architectures import SAE
+from microscope.sae.data import ShuffledBatches
+
+
+class SAEModule(L.LightningModule):
+    def __init__(self, sae: SAE, lr: float, dead_window: int, lr_warmup_steps: int = 0, log_every: int = 10):
+        super().__init__()
+        self.sae, self.lr = sae, lr
+        self.dead_window, self.lr_warmup_steps, self.log_every = dead_window, lr_warmup_steps, log_every
+        self.register_buffer("tokens_since_fired", torch.zeros(sae.d_sae, dtype=torch.long))
+        self.curves: list[dict[str, float]] = []
+
+    def dead_mask(self) -> torch.Tensor:
+        return self.tokens_since_fired >= self.dead_window
+
+    def training_step(self, batch: torch.Tensor, _idx: int) -> torch.Tensor:
+        x = batch.to(self.dtype if self.dtype.is_floating_point else torch.float32)
+        out = self.sae(x)
+        parts = self.sae.loss(x, out, self.global_step, self.dead_mask())
+        with torch.no_grad():
+            fired = (out.acts > 0).any(0)
+            self.tokens_since_fired += x.shape[0]
+            self.tokens_since_fired[fired] = 0
+            if self.global_step % self.log_every == 0:
+                var = (x - x.mean(0)).pow(2).sum()
+                row = {
+                    "step": float(self.global_step),
+                    "loss": float(parts["total"]),
+                    "mse": float(parts["mse"]),
+                    "fvu": float((out.recon - x).pow(2).sum() / var.clamp_min(1e-12)),
+                    "l0": float((out.acts > 0).float().sum(-1).mean()),
+                    "dead_frac": float(self.dead_mask().float().mean()),
+                }
+                self.curves.append(row)
+                self.log_dict({k: v for k, v in row.items() if k != "step"}, prog_bar=True, on_step=True)
+        return parts["total"]
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        self.sae.remove_parallel_grad()
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # Here, not in on_train_batch_end: callbacks (the checkpoint) run before the module's batch-end
+        # hook, so a checkpoint would hold un-normalised rows and a resumed fit would drift.
+        self.sae.normalize_decoder()
+
+    def configure_optimizers(self) -> Any:
+        opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999))
+        warm = max(self.lr_warmup_steps, 1)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["microscope_curves"] = self.curves
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.curves = list(checkpoint.get("microscope_curves", []))
+
+
+@dataclass
+class FitResult:
+    steps: int
+    curves: list[dict[str, float]] = field(default_factory=list)
+    lr: float = 0.0
+    resumed_from_step: int = 0
+
+
+def fit(
+    module: SAEModule,
+    data: ShuffledBatches,
+    steps: int,
+    checkpoint_dir: Path | None = None,
+    checkpoint_every: int = 200,
+    precision: str | None = None,
+    progress: bool = True,
+    callbacks: list[Any] | None = None,
+) -> FitResult:
+    """Train for `steps` optimiser steps; resumes from `checkpoint_dir/last.ckpt` when there is one."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    cbs = list(callbacks or [])
+    ckpt_path = None
+    if checkpoint_dir is not None:
+        cbs.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, every_n_train_steps=checkpoint_every,
+                                   save_top_k=0, enable_version_counter=False))
+        last = checkpoint_dir / "last.ckpt"
+        ckpt_path = str(last) if last.exists() else None
+    gpu = torch.cuda.is_available()
+    trainer = L.Trainer(
+        max_steps=steps,
+        accelerator="gpu" if gpu else "cpu",
+        devices=1,
+        precision=precision or ("bf16-mixed" if gpu and torch.cuda.is_bf16_supported() else "32-true"),
+        logger=False,
+        enable_checkpointing=checkpoint_dir is not None,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        callbacks=cbs,
+        num_sanity_val_steps=0,
+        deterministic=False,
+    )
+    data.start_batch = lambda: trainer.global_step  # a resumed fit skips the batches already trained on
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    resumed = 0
+    if ckpt_path:
+        resumed = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"])
+    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    return FitResult(steps=trainer.global_step, curves=module.curves, lr=module.lr, resumed_from_step=resumed)
+
+
+def find_lr(module: SAEModule, data: ShuffledBatches, max_lr: float = 1e-1, num_training: int = 60) -> float:
+    """Lightning's learning-rate finder (`sae.lr: auto`)."""
+    from lightning.pytorch.tuner import Tuner
+
+    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, max_steps=num_training)
+    loader = torch.utils.data.DataLoader(data, batch_size=None)
+    result = Tuner(trainer).lr_find(module, train_dataloaders=loader, min_lr=1e-6, max_lr=max_lr,
+                                    num_training=num_training, update_attr=False)
+    suggestion = result.suggestion() if result is not None else None
+    return float(suggestion) if suggestion and np.isfinite(suggestion) else module.lr
