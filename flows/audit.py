@@ -25,8 +25,9 @@ from schemas.records import AuditRecord, ModelRef, StageRecord, StageStatus
 from tasks.ingest import ingest_task
 from tasks.quantize import quantize_task
 from tasks.report import report_task
+from tasks.sae import sae_task
 from tasks.trace import trace_task
-from tasks.tracking import finish_run, log_lineage, log_stage, start_run
+from tasks.tracking import finish_run, log_curves, log_lineage, log_stage, start_run
 
 
 def _one_line(exc: BaseException) -> str:
@@ -140,7 +141,7 @@ def audit(
                 )
                 if q.status != StageStatus.failed:
                     produced[fmt] = q.details["produced"]
-            rec.stages["quantize"] = _aggregate("quantize", [v["quantize"] for v in rec.variants.values()])
+            rec.stages["quantize"] = _aggregate("quantize", {f: v["quantize"] for f, v in rec.variants.items()})
         if "trace" in selected:
             track(
                 _run(trace_task, "trace", store, ref=model, ingest=ingest, cfg=config, store_uri=store.uri),
@@ -161,10 +162,50 @@ def audit(
                     ),
                     config.trace.model_dump(mode="json"),
                 )
+        trace_rec = rec.stages.get("trace")
+        if "sae" in selected and config.sae.hooks and trace_rec is not None and trace_rec.status != StageStatus.failed:
+            variant_traces = {
+                f: v["trace"]
+                for f, v in rec.variants.items()
+                if "trace" in v and v["trace"].status != StageStatus.failed
+            }
+            for hook in config.sae.hooks:  # one task per SAE: they fan out across workers
+                r = _run(
+                    sae_task,
+                    "sae",
+                    store,
+                    ref=model,
+                    ingest=ingest,
+                    trace=trace_rec,
+                    hook=hook,
+                    cfg=config,
+                    store_uri=store.uri,
+                    variant_traces=variant_traces,
+                )
+                r.mlflow_run_id = log_stage(
+                    rec.mlflow_run_id,
+                    r,
+                    config.sae.model_dump(mode="json"),
+                    {**tags, "microscope.model_digest": rec.model_digest, "microscope.hook": hook},
+                )
+                if r.status != StageStatus.failed:
+                    log_curves(r.mlflow_run_id, f"{r.details['prefix']}/curves.json", store.uri)
+                rec.saes[hook] = r
+                log.info("sae[%s]: %s%s", hook, r.status.value, f" ({r.error})" if r.error else "")
+            rec.stages["sae"] = _aggregate("sae", rec.saes)
         if "report" in selected:
             done = {k: v for k, v in rec.stages.items() if v.status != StageStatus.skipped}
             report = track(
-                _run(report_task, "report", store, stages=done, variants=rec.variants, cfg=config, store_uri=store.uri),
+                _run(
+                    report_task,
+                    "report",
+                    store,
+                    stages=done,
+                    variants=rec.variants,
+                    saes=rec.saes,
+                    cfg=config,
+                    store_uri=store.uri,
+                ),
                 config.report.model_dump(mode="json"),
             )
             if report.status != StageStatus.failed:
@@ -174,6 +215,8 @@ def audit(
             why = "not requested" if s not in selected else "an earlier stage failed"
             if s == "quantize" and s in selected and not config.quantize.formats:
                 why = "no quantize.formats configured"
+            if s == "sae" and s in selected and not config.sae.hooks:
+                why = "no sae.hooks configured"
             rec.stages[s] = StageRecord(stage=s, status=StageStatus.skipped, error=None, details={"reason": why})
 
     failed = [r for r in rec.stages.values() if r.status == StageStatus.failed]
@@ -193,25 +236,23 @@ def audit(
     return rec
 
 
-def _aggregate(stage: str, records: list[StageRecord]) -> StageRecord:
-    """One record for a stage that ran per variant: failed if any failed, cached if all were."""
-    statuses = {r.status for r in records}
-    status = (
-        StageStatus.failed
-        if StageStatus.failed in statuses
-        else StageStatus.cached
-        if statuses == {StageStatus.cached}
-        else StageStatus.completed
-    )
-    failed = [r for r in records if r.status == StageStatus.failed]
+def _aggregate(stage: str, records: dict[str, StageRecord]) -> StageRecord:
+    """One record for a stage that ran per variant or per hook: failed if any failed, cached if all were."""
+    statuses = {r.status for r in records.values()}
+    if StageStatus.failed in statuses:
+        status = StageStatus.failed
+    elif statuses == {StageStatus.cached}:
+        status = StageStatus.cached
+    else:
+        status = StageStatus.completed
+    failed = [(name, r) for name, r in records.items() if r.status == StageStatus.failed]
     return StageRecord(
         stage=stage,
         status=status,
-        config_hash=None,
-        metrics={"variants": float(len(records) - len(failed))},
-        details={"variants": {r.variant: r.details.get("produced") for r in records if r.variant}},
-        error=f"{failed[0].variant}: {failed[0].error}" if failed else None,
-        seconds=sum(r.seconds or 0.0 for r in records),
+        metrics={"succeeded": float(len(records) - len(failed)), "failed": float(len(failed))},
+        details={"parts": {name: r.status.value for name, r in records.items()}},
+        error=f"{failed[0][0]}: {failed[0][1].error}" if failed else None,
+        seconds=sum(r.seconds or 0.0 for r in records.values()),
     )
 
 

@@ -61,7 +61,8 @@ def line_chart(
     for t in yt:
         out.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class="g"/>')
         out.append(f'<text x="{left - 4}" y="{sy(t) + 4:.1f}" text-anchor="end" class="k">{_fmt(t)}</text>')
-    for x in sorted(set(xs)):
+    xticks = sorted(set(xs))
+    for x in xticks[:: max(1, len(xticks) // 10)]:  # at most ~10 labels
         out.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle" class="k">{_fmt(x)}</text>')
     for i, (name, s) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]

@@ -98,6 +98,26 @@ drifts most is <b>{{ worst.hook }}</b> in <b>{{ worst.variant }}</b> (relative e
 <div class="charts">{% for c in variant_charts %}{{ c }}{% endfor %}</div>
 {% endif %}
 
+{% if sae_rows %}
+<h2>Sparse autoencoders</h2>
+<table><tr><th class="l">hook</th><th class="l">arch</th><th>d_sae</th><th>L0</th><th>FVU</th><th>MSE</th><th>dead</th>
+<th>dense</th><th>CE recovered</th><th>KL(clean‖spliced)</th><th>embedding cos</th><th class="l">on variants (ΔFVU, ΔL0)</th></tr>
+{% for r in sae_rows %}<tr><td class="l">{{ r.hook }}</td><td class="l">{{ r.arch }}</td><td>{{ r.d_sae }}</td>
+<td>{{ fmt(r.m.get('l0')) }}</td><td>{{ fmt(r.m.get('fvu')) }}</td><td>{{ fmt(r.m.get('mse')) }}</td>
+<td>{{ pct(r.m.get('dead_frac'), 1) }}</td><td>{{ pct(r.m.get('dense_frac'), 1) }}</td><td>{{ fmt(r.m.get('ce_recovered')) }}</td>
+<td>{{ fmt(r.m.get('kl_clean_spliced')) }}</td><td>{{ fmt(r.m.get('embedding_cosine')) }}</td>
+<td class="l">{% for v, vm in r.variants.items() %}{{ v }}: {{ '%+.3f' % vm.fvu_shift }}, {{ '%+.1f' % vm.l0_shift }}<br>{% endfor %}</td></tr>{% endfor %}
+</table>
+<div class="charts">{% for c in sae_charts %}{{ c }}{% endfor %}</div>
+{% for r in sae_rows %}{% if r.features %}
+<h3>Top features of {{ r.hook }}</h3>
+<table><tr><th>feature</th><th>density</th><th class="l">top contexts (activating token in bold)</th><th class="l">promotes</th></tr>
+{% for f in r.features %}<tr><td>{{ f.feature }}</td><td>{{ '%.2e' % f.density }}</td><td class="l">
+{% for c in f.top_contexts[:3] %}<div>…{{ c.left }}<b style="background:#ffe08a">{{ c.token }}</b>{{ c.right }}… <span class="muted">({{ '%.2f' % c.activation }})</span></div>{% endfor %}
+</td><td class="l">{{ (f.top_logits or [])[:5] | join(' ') }}</td></tr>{% endfor %}
+</table>{% endif %}{% endfor %}
+{% endif %}
+
 {% if trace_rows %}
 <h2>Activations per layer</h2>
 <div class="charts">{% for c in trace_charts %}{{ c }}{% endfor %}</div>
@@ -153,6 +173,36 @@ def _variant_view(variants: dict[str, dict[str, StageRecord]]) -> tuple[list[dic
     return rows, charts, worst, eval_tokens
 
 
+def _sae_view(saes: dict[str, StageRecord]) -> tuple[list[dict[str, Any]], list[str]]:
+    rows, hist_series = [], {}
+    for hook, r in saes.items():
+        if r.status.value == "failed":
+            rows.append({"hook": hook, "arch": "failed", "d_sae": "", "m": {}, "variants": {}, "features": []})
+            continue
+        d = r.details
+        rows.append(
+            {
+                "hook": hook,
+                "arch": d.get("architecture"),
+                "d_sae": d.get("d_sae"),
+                "m": r.metrics,
+                "variants": d.get("variants") or {},
+                "features": d.get("top_features") or [],
+            }
+        )
+        h = d.get("density_hist") or {}
+        bins, counts = h.get("bins_log10") or [], h.get("counts") or []
+        if counts:
+            centers = [(bins[i] + bins[i + 1]) / 2 for i in range(len(counts))]
+            hist_series[hook] = list(zip(centers, [float(c) for c in counts], strict=True))
+    charts = (
+        [line_chart(hist_series, "feature density (held-out tokens)", "log10 firing frequency", "features", width=520)]
+        if hist_series
+        else []
+    )
+    return rows, charts
+
+
 def render(
     stages: dict[str, StageRecord],
     arch: Architecture | None,
@@ -160,6 +210,7 @@ def render(
     title: str | None = None,
     max_modules: int = 60,
     variants: dict[str, dict[str, StageRecord]] | None = None,
+    saes: dict[str, StageRecord] | None = None,
 ) -> str:
     from jinja2 import Environment
 
@@ -183,6 +234,7 @@ def render(
     env.globals["mb"] = lambda b: "–" if b is None else f"{b / 2**20:,.2f} MiB"
     env.globals["pct"] = lambda a, b: "–" if a is None or not b else f"{100 * a / b:.1f}%"
     variant_rows, variant_charts, worst, eval_tokens = _variant_view(variants or {})
+    sae_rows, sae_charts = _sae_view(saes or {})
     modules = arch.modules[:max_modules] if arch else []
     block_paths = {p.resid for p in arch.hook_points} if arch else set()
     # Embeddings, blocks and heads; the blocks' own children go in a collapsed table.
@@ -207,6 +259,8 @@ def render(
         trace_charts=[Markup(c) for c in charts],
         trace_prefix=trace.details.get("prefix", "") if trace else "",
         variant_rows=variant_rows,
+        sae_rows=sae_rows,
+        sae_charts=[Markup(c) for c in sae_charts if c],
         variant_charts=[Markup(c) for c in variant_charts if c],
         worst=worst,
         eval_tokens=eval_tokens,

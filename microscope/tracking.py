@@ -150,3 +150,19 @@ def mlflow_tracking_uri() -> str:
         return uri  # untouched: urlunsplit would rewrite sqlite:////abs/path
     host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def log_curves(run_id: str, curves: list[dict[str, float]]) -> None:
+    """Training curves as metric histories, the step as MLflow's step."""
+    mlflow = _mlflow()
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [
+        Metric(f"train_{k}", float(v), now, int(row["step"])) for row in curves for k, v in row.items() if k != "step"
+    ]
+    client = mlflow.MlflowClient()
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])

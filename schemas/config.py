@@ -14,12 +14,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 HookName = Literal["resid", "mlp", "attn"]
 HOOK_NAMES: tuple[str, ...] = ("resid", "mlp", "attn")
-STAGES: tuple[str, ...] = ("ingest", "quantize", "trace", "report")
+STAGES: tuple[str, ...] = ("ingest", "quantize", "trace", "sae", "report")
 # What each stage needs to have run first; `--stages` pulls these in.
 STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "ingest": (),
     "quantize": ("ingest",),
     "trace": ("ingest",),
+    "sae": ("ingest", "trace"),
     "report": ("ingest",),
 }
 # Quantization formats a config may name; whether one runs on this machine is decided at run time.
@@ -164,6 +165,50 @@ class QuantizeConfig(Section):
         return v
 
 
+class SAEConfig(Section):
+    hooks: list[str] = Field(
+        default_factory=list,
+        description="Traced datasets to train an SAE on, by hook name (e.g. blocks.3.hook_resid_post). "
+        "Empty: no SAE stage.",
+    )
+    architecture: Literal["topk", "batchtopk", "relu", "jumprelu"] = Field("topk", description="SAE architecture.")
+    expansion: int = Field(8, ge=1, description="d_sae = expansion × d_in (unless d_sae is set).")
+    d_sae: int | None = Field(None, ge=1, description="Number of latents; overrides expansion.")
+    k: int = Field(32, ge=1, description="Active latents per token (topk) or on average (batchtopk).")
+    lr: float | Literal["auto"] = Field(3e-4, description="Adam learning rate, or 'auto' for Lightning's lr finder.")
+    lr_warmup_steps: int = Field(50, ge=0, description="Linear learning-rate warm-up.")
+    batch_size: int = Field(4096, ge=1, description="Tokens per optimiser step.")
+    epochs: int = Field(5, ge=1, description="Passes over the training tokens.")
+    buffer_tokens: int = Field(262144, ge=1, description="Shuffle buffer (bounded memory).")
+    dead_window: int = Field(1_000_000, ge=1, description="A latent silent for this many tokens is dead.")
+    aux_k: int | None = Field(None, ge=1, description="Dead latents used by the aux-k loss (default d_in / 2).")
+    aux_coef: float = Field(1 / 32, ge=0, description="Weight of the aux-k loss.")
+    l1_coef: float = Field(5.0, ge=0, description="relu: L1 weight β.")
+    l1_warmup_steps: int = Field(200, ge=0, description="relu: linear warm-up of β.")
+    l0_coef: float = Field(1e-3, ge=0, description="jumprelu: L0 weight.")
+    jumprelu_bandwidth: float = Field(1e-3, gt=0, description="jumprelu: straight-through kernel width.")
+    b_dec_init: Literal["geometric_median", "mean", "zeros"] = Field(
+        "geometric_median", description="Decoder-bias initialisation from the data."
+    )
+    eval_fraction: float = Field(0.1, gt=0, lt=1, description="Share of windows (the last) held out for evaluation.")
+    checkpoint_every: int = Field(200, ge=1, description="Steps between checkpoints (a killed fit resumes).")
+    top_contexts: int = Field(8, ge=1, description="Top-activating contexts kept per feature.")
+    context_tokens: int = Field(6, ge=0, description="Tokens shown on each side of an activating token.")
+    top_logits: int = Field(
+        8, ge=1, description="Top positive/negative logits per feature (models with an unembedding)."
+    )
+
+    @field_validator("hooks")
+    @classmethod
+    def _hook_names(cls, v: list[str]) -> list[str]:
+        import re
+
+        bad = [h for h in v if not re.fullmatch(r"blocks\.\d+\.hook_(resid_post|mlp_out|attn_out)", h)]
+        if bad:
+            raise ValueError(f"{bad} are not hook names; write them as blocks.<layer>.hook_resid_post|mlp_out|attn_out")
+        return v
+
+
 class ReportConfig(Section):
     title: str | None = Field(None, description="Report title; defaults to the model's name.")
     max_modules: int = Field(60, ge=1, description="Rows of the parameters-per-module table.")
@@ -174,6 +219,7 @@ class AuditConfig(Section):
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     trace: TraceConfig = Field(default_factory=TraceConfig)
+    sae: SAEConfig = Field(default_factory=SAEConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     seed: int = Field(0, description="Seed for anything random in the audit.")
 

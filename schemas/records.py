@@ -118,6 +118,7 @@ class AuditRecord(Record):
     variants: dict[str, dict[str, StageRecord]] = Field(
         default_factory=dict, description="Per quantized variant: its quantize and trace records."
     )
+    saes: dict[str, StageRecord] = Field(default_factory=dict, description="Per hook name: its SAE's record.")
     report_uri: str | None = None
     mlflow_run_id: str | None = None
     mlflow_tracking_uri: str | None = None

@@ -13,7 +13,9 @@ from tasks.common import cache_key, stage_options
 
 def _key(_ctx: Any, p: dict[str, Any]) -> str:
     return cache_key(
-        "report", config=report.config_hash(p["cfg"], p["stages"], p.get("variants")), store=p["store_uri"]
+        "report",
+        config=report.config_hash(p["cfg"], p["stages"], p.get("variants"), p.get("saes")),
+        store=p["store_uri"],
     )
 
 
@@ -23,6 +25,7 @@ def report_task(
     cfg: AuditConfig,
     store_uri: str,
     variants: dict[str, dict[str, StageRecord]] | None = None,
+    saes: dict[str, StageRecord] | None = None,
 ) -> StageRecord:
     """Render the HTML report from whatever stage records exist."""
-    return report.run(stages, cfg, open_store(store_uri), variants)
+    return report.run(stages, cfg, open_store(store_uri), variants, saes)

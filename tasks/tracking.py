@@ -39,3 +39,10 @@ def finish_run(run_id: str, record: AuditRecord, report_path: str | None) -> Non
     if report_path:
         tracking.log_file(run_id, report_path)
     tracking.finish_audit_run(run_id, record)
+
+
+@task(name="mlflow-curves", **_opts)
+def log_curves(run_id: str, curves_key: str, store_uri: str) -> None:
+    from microscope.store import open_store
+
+    tracking.log_curves(run_id, open_store(store_uri).get_json(curves_key))

@@ -109,7 +109,9 @@ def aux_k_loss(x: torch.Tensor, out: SAEOutput, W_dec: torch.Tensor, dead: torch
 
 @register("topk")
 class TopKSAE(SAE):
-    def __init__(self, d_in: int, d_sae: int, k: int = 32, aux_k: int | None = None, aux_coef: float = 1 / 32, **hp: Any):
+    def __init__(
+        self, d_in: int, d_sae: int, k: int = 32, aux_k: int | None = None, aux_coef: float = 1 / 32, **hp: Any
+    ):
         super().__init__(d_in, d_sae, **hp)
         self.k, self.aux_k, self.aux_coef = k, aux_k or max(1, d_in // 2), aux_coef
 
@@ -145,7 +147,9 @@ class BatchTopKSAE(TopKSAE):
                 kept = vals[vals > 0]
                 if kept.numel():
                     low = kept.min()
-                    self.threshold.copy_(low if self.threshold < 0 else self.momentum * self.threshold + (1 - self.momentum) * low)
+                    self.threshold.copy_(
+                        low if self.threshold < 0 else self.momentum * self.threshold + (1 - self.momentum) * low
+                    )
         return acts
 
     def inference_threshold(self) -> torch.Tensor | None:
@@ -212,8 +216,15 @@ class _Step(torch.autograd.Function):
 
 @register("jumprelu")
 class JumpReLUSAE(SAE):
-    def __init__(self, d_in: int, d_sae: int, l0_coef: float = 1e-3, init_threshold: float = 1e-3,
-                 bandwidth: float = 1e-3, **hp: Any):
+    def __init__(
+        self,
+        d_in: int,
+        d_sae: int,
+        l0_coef: float = 1e-3,
+        init_threshold: float = 1e-3,
+        bandwidth: float = 1e-3,
+        **hp: Any,
+    ):
         super().__init__(d_in, d_sae, **hp)
         self.l0_coef, self.bandwidth = l0_coef, bandwidth
         self.log_threshold = nn.Parameter(torch.full((d_sae,), float(torch.tensor(init_threshold).log())))

@@ -51,8 +51,16 @@ class ShuffledBatches(IterableDataset):
     """Batches of `batch_size` rows: chunks fill a buffer of `buffer_rows`, rows are shuffled within it
     (seeded by epoch and buffer index), `epochs` passes. `start_batch()` tells where a resumed fit is."""
 
-    def __init__(self, chunks: Chunks, batch_size: int, buffer_rows: int, epochs: int, seed: int,
-                 scale: float = 1.0, start_batch: Callable[[], int] = lambda: 0):
+    def __init__(
+        self,
+        chunks: Chunks,
+        batch_size: int,
+        buffer_rows: int,
+        epochs: int,
+        seed: int,
+        scale: float = 1.0,
+        start_batch: Callable[[], int] = lambda: 0,
+    ):
         self.chunks, self.batch_size, self.buffer_rows = chunks, batch_size, buffer_rows
         self.epochs, self.seed, self.scale, self.start_batch = epochs, seed, scale, start_batch
 
@@ -101,3 +109,16 @@ def geometric_median(x: np.ndarray, iters: int = 100, tol: float = 1e-6) -> np.n
             return y_new
         y = y_new
     return y
+
+
+def parquet_rows(paths: list[Path]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(activations [n, d], window [n], position [n]) per row group: for feature contexts."""
+    import pyarrow.parquet as pq
+
+    for p in paths:
+        f = pq.ParquetFile(p)
+        for rg in range(f.num_row_groups):
+            t = f.read_row_group(rg, columns=["window", "position", "activation"])
+            col = t.column("activation").combine_chunks()
+            x = np.asarray(col.flatten()).reshape(len(col), col.type.list_size)
+            yield x, np.asarray(t.column("window")), np.asarray(t.column("position"))

@@ -49,7 +49,11 @@ def reconstruction(encode: Encoder, decode: Decoder, chunks: Iterable[np.ndarray
         "dead_frac": float((density == 0).mean()),
         "dense_frac": float((density > DENSE_THRESHOLD).mean()),
         "density": density,
-        "density_hist": {"bins_log10": DENSITY_BINS.tolist(), "counts": hist.tolist(), "never_fired": int((density == 0).sum())},
+        "density_hist": {
+            "bins_log10": DENSITY_BINS.tolist(),
+            "counts": hist.tolist(),
+            "never_fired": int((density == 0).sum()),
+        },
     }
 
 

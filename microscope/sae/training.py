@@ -98,8 +98,15 @@ def fit(
     cbs = list(callbacks or [])
     ckpt_path = None
     if checkpoint_dir is not None:
-        cbs.append(ModelCheckpoint(dirpath=checkpoint_dir, save_last=True, every_n_train_steps=checkpoint_every,
-                                   save_top_k=0, enable_version_counter=False))
+        cbs.append(
+            ModelCheckpoint(
+                dirpath=checkpoint_dir,
+                save_last=True,
+                every_n_train_steps=checkpoint_every,
+                save_top_k=0,
+                enable_version_counter=False,
+            )
+        )
         last = checkpoint_dir / "last.ckpt"
         ckpt_path = str(last) if last.exists() else None
     gpu = torch.cuda.is_available()
@@ -129,10 +136,18 @@ def find_lr(module: SAEModule, data: ShuffledBatches, max_lr: float = 1e-1, num_
     """Lightning's learning-rate finder (`sae.lr: auto`)."""
     from lightning.pytorch.tuner import Tuner
 
-    trainer = L.Trainer(accelerator="auto", devices=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, max_steps=num_training)
+    trainer = L.Trainer(
+        accelerator="auto",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        max_steps=num_training,
+    )
     loader = torch.utils.data.DataLoader(data, batch_size=None)
-    result = Tuner(trainer).lr_find(module, train_dataloaders=loader, min_lr=1e-6, max_lr=max_lr,
-                                    num_training=num_training, update_attr=False)
+    result = Tuner(trainer).lr_find(
+        module, train_dataloaders=loader, min_lr=1e-6, max_lr=max_lr, num_training=num_training, update_attr=False
+    )
     suggestion = result.suggestion() if result is not None else None
     return float(suggestion) if suggestion and np.isfinite(suggestion) else module.lr

@@ -16,7 +16,10 @@ VERSION = "1"
 
 
 def config_hash(
-    cfg: AuditConfig, stages: dict[str, StageRecord], variants: dict[str, dict[str, StageRecord]] | None = None
+    cfg: AuditConfig,
+    stages: dict[str, StageRecord],
+    variants: dict[str, dict[str, StageRecord]] | None = None,
+    saes: dict[str, StageRecord] | None = None,
 ) -> str:
     # A cached stage holds the same results as the run that computed it: hash it as completed.
     def key(r: StageRecord) -> list[Any]:
@@ -24,7 +27,10 @@ def config_hash(
 
     inputs = {name: key(r) for name, r in sorted(stages.items())}
     per_variant = {v: {s: key(r) for s, r in sorted(recs.items())} for v, recs in sorted((variants or {}).items())}
-    return canonical_hash({"v": VERSION, "report": cfg.report.model_dump(), "inputs": inputs, "variants": per_variant})
+    per_sae = {h: key(r) for h, r in sorted((saes or {}).items())}
+    return canonical_hash(
+        {"v": VERSION, "report": cfg.report.model_dump(), "inputs": inputs, "variants": per_variant, "saes": per_sae}
+    )
 
 
 def run(
@@ -32,9 +38,10 @@ def run(
     cfg: AuditConfig,
     store: ArtifactStore,
     variants: dict[str, dict[str, StageRecord]] | None = None,
+    saes: dict[str, StageRecord] | None = None,
 ) -> StageRecord:
     ingest = stages["ingest"]
-    chash = config_hash(cfg, stages, variants)
+    chash = config_hash(cfg, stages, variants, saes)
     prefix = stage_prefix(ingest.details["model_digest"], "report", chash)
     manifest = store.read_manifest(prefix)
     if manifest is not None:
@@ -42,7 +49,7 @@ def run(
     times: dict[str, Any] = {}
     with timed(times):
         arch, data = load_outputs(ingest, store)
-        html = report.render(stages, arch, data, cfg.report.title, cfg.report.max_modules, variants)
+        html = report.render(stages, arch, data, cfg.report.title, cfg.report.max_modules, variants, saes)
         uri = store.put_bytes(f"{prefix}/report.html", html.encode())
     record = StageRecord(
         stage="report",

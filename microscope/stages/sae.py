@@ -1,0 +1,240 @@
+"""sae: train an SAE on one traced (layer, hook) dataset, evaluate it, extract its features, save it."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from schemas.config import AuditConfig, SAEConfig, canonical_hash
+from schemas.records import Architecture, ModelRef, StageRecord, StageStatus
+
+from microscope import dataset as ds
+from microscope import workspace
+from microscope.errors import InputError
+from microscope.sae import features as feat
+from microscope.sae import io
+from microscope.sae.architectures import build
+from microscope.sae.data import ShuffledBatches, activation_scale, geometric_median, parquet_chunks, parquet_rows
+from microscope.sae.evaluate import downstream, reconstruction
+from microscope.stages import from_manifest, stage_prefix, timed
+from microscope.store import ArtifactStore
+
+VERSION = "1"
+SAMPLE_ROWS = 16384
+
+
+def config_hash(cfg: AuditConfig, hook: str, trace_hash: str) -> str:
+    return canonical_hash(
+        {
+            "v": VERSION,
+            "sae": cfg.sae.model_dump(exclude={"hooks"}),
+            "hook": hook,
+            "trace": trace_hash,
+            "seed": cfg.seed,
+        }
+    )
+
+
+def _hyper(c: SAEConfig) -> dict[str, Any]:
+    return {
+        "topk": {"k": c.k, "aux_k": c.aux_k, "aux_coef": c.aux_coef},
+        "batchtopk": {"k": c.k, "aux_k": c.aux_k, "aux_coef": c.aux_coef},
+        "relu": {"l1_coef": c.l1_coef, "l1_warmup_steps": c.l1_warmup_steps},
+        "jumprelu": {"l0_coef": c.l0_coef, "bandwidth": c.jumprelu_bandwidth},
+    }[c.architecture]
+
+
+def run(
+    ref: ModelRef,
+    ingest: StageRecord,
+    arch: Architecture,
+    trace: StageRecord,
+    hook: str,
+    cfg: AuditConfig,
+    store: ArtifactStore,
+    variant_traces: dict[str, StageRecord] | None = None,
+    progress: bool = True,
+) -> StageRecord:
+    import torch
+
+    from microscope.models import loading
+    from microscope.sae.training import SAEModule, find_lr, fit
+
+    datasets = trace.details.get("datasets", {})
+    if hook not in datasets:
+        raise InputError(f"sae.hooks: {hook} was not traced; add its layer and hook to trace.layers/trace.hooks")
+    c = cfg.sae
+    chash = config_hash(cfg, hook, trace.config_hash or "")
+    prefix = stage_prefix(ingest.details["model_digest"], "sae", chash)
+    manifest = store.read_manifest(prefix)
+    if manifest is not None:
+        return from_manifest(manifest)
+
+    times: dict[str, Any] = {}
+    with timed(times):
+        paths = [store.local_path(k) for k in datasets[hook]["parts"]]
+        ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
+        n_win = len(ids)
+        held = set(range(n_win - max(1, int(round(n_win * c.eval_fraction))), n_win))
+        train, test = parquet_chunks(paths, held, exclude=True), parquet_chunks(paths, held)
+        sample = _sample(train, SAMPLE_ROWS)
+        if len(sample) < c.batch_size:
+            raise InputError(
+                f"sae: {hook} has {len(sample)} training tokens, fewer than sae.batch_size={c.batch_size}; "
+                "raise dataset.max_tokens or lower the batch size"
+            )
+        d_in = sample.shape[1]
+        d_sae = c.d_sae or c.expansion * d_in
+        scale = activation_scale(sample)
+        torch.manual_seed(cfg.seed)
+        sae = build(c.architecture, d_in, d_sae, **_hyper(c))
+        with torch.no_grad():
+            init = {
+                "geometric_median": lambda: geometric_median(sample[:4096] * scale),
+                "mean": lambda: (sample * scale).mean(0),
+                "zeros": lambda: np.zeros(d_in),
+            }[c.b_dec_init]()
+            sae.b_dec.copy_(torch.from_numpy(np.asarray(init)).float())
+        data = ShuffledBatches(train, c.batch_size, c.buffer_tokens, c.epochs, cfg.seed, scale)
+        steps = data.count()
+        module = SAEModule(
+            sae,
+            lr=3e-4 if c.lr == "auto" else float(c.lr),
+            dead_window=c.dead_window,
+            lr_warmup_steps=c.lr_warmup_steps,
+        )
+        if c.lr == "auto":
+            module.lr = find_lr(module, data)
+            torch.manual_seed(cfg.seed)  # the finder's trial steps leave the SAE as it was; Lightning restores it
+        ckpt_dir = workspace.home() / "sae-checkpoints" / prefix
+        result = fit(
+            module, data, steps, checkpoint_dir=ckpt_dir, checkpoint_every=c.checkpoint_every, progress=progress
+        )
+        sae.eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            files = io.save(
+                sae,
+                Path(tmp) / "sae",
+                scale,
+                {
+                    "hook_name": hook,
+                    "hook_module": datasets[hook]["module"],
+                    "model_name": arch.class_name,
+                    "model_digest": ingest.details["model_digest"],
+                    "context_size": int(ids.shape[1]),
+                    "dataset_digest": ingest.details["dataset_digest"],
+                    "prepend_bos": False,
+                },
+            )
+            loaded = io.load(Path(tmp) / "sae")  # evaluate exactly what was saved: raw-activation weights
+            artifacts = {f"sae/{f.name}": store.put_file(f"{prefix}/sae/{f.name}", f) for f in files}
+        metrics_full = reconstruction(loaded.encode, loaded.decode, test(), d_sae)
+        density = metrics_full.pop("density")
+        hist = metrics_full.pop("density_hist")
+        metrics: dict[str, float] = {k: float(v) for k, v in metrics_full.items()}
+        model = loading.load_model(ref)
+        module_path = datasets[hook]["module"]
+        held_ids = ids[sorted(held)]
+        metrics |= downstream(
+            model,
+            module_path,
+            lambda t: loaded(t),
+            held_ids,
+            cfg.trace.batch_size,
+            arch.is_causal and arch.has_unembedding,
+        )
+        variant_metrics = {}
+        for name, vt in (variant_traces or {}).items():
+            vds = vt.details.get("datasets", {}).get(hook)
+            if vds is None:
+                continue
+            vpaths = [store.local_path(k) for k in vds["parts"]]
+            vm = reconstruction(loaded.encode, loaded.decode, parquet_chunks(vpaths, held)(), d_sae)
+            variant_metrics[name] = {
+                "fvu": vm["fvu"],
+                "l0": vm["l0"],
+                "fvu_shift": vm["fvu"] - metrics["fvu"],
+                "l0_shift": vm["l0"] - metrics["l0"],
+            }
+        tokenizer = loading.load_tokenizer(ref)
+        vals, wins, poss, fires, sums = feat.top_activations(loaded.encode, parquet_rows(paths), d_sae, c.top_contexts)
+        all_density = fires / max(1, _rows(paths))
+        mean_act = np.divide(sums, fires, out=np.zeros_like(sums), where=fires > 0)
+        ctx = feat.contexts(tokenizer, ids, vals, wins, poss, c.context_tokens)
+        pos_l = neg_l = None
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if out_emb is not None:
+            pos_l, neg_l = feat.logit_effects(
+                loaded.W_dec.numpy().astype(np.float64),
+                out_emb.weight.detach().double().numpy(),
+                tokenizer,
+                c.top_logits,
+            )
+        table = feat.table(all_density, mean_act, ctx, pos_l, neg_l)
+        import pyarrow.parquet as pq
+
+        tmp_f = store.staging_path(f"{prefix}/features.parquet")
+        pq.write_table(table, tmp_f)
+        artifacts["features"] = store.put_file(f"{prefix}/features.parquet", tmp_f, move=True)
+        artifacts["curves"] = store.put_json(f"{prefix}/curves.json", result.curves)
+        artifacts["density"] = store.put_bytes(f"{prefix}/density_eval.npy", _npy(density))
+    record = StageRecord(
+        stage="sae",
+        status=StageStatus.completed,
+        config_hash=chash,
+        input_digests={"model": ingest.details["model_digest"], "trace": trace.config_hash or ""},
+        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
+        metrics={**metrics, "steps": float(result.steps), "lr": float(result.lr), "d_sae": float(d_sae)},
+        details={
+            "prefix": prefix,
+            "hook": hook,
+            "architecture": c.architecture,
+            "d_in": d_in,
+            "d_sae": d_sae,
+            "activation_scale": scale,
+            "density_hist": hist,
+            "variants": variant_metrics,
+            "resumed_from_step": result.resumed_from_step,
+            "train_tokens_per_epoch": steps * c.batch_size // c.epochs,
+            "top_features": _top_features(table, 12),
+        },
+        **times,
+    )
+    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
+    return record
+
+
+def _sample(chunks: Any, n: int) -> np.ndarray:
+    out, got = [], 0
+    for chunk in chunks():
+        out.append(chunk)
+        got += len(chunk)
+        if got >= n:
+            break
+    return np.concatenate(out)[:n] if out else np.zeros((0, 0), np.float32)
+
+
+def _rows(paths: list[Path]) -> int:
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in paths)
+
+
+def _npy(a: np.ndarray) -> bytes:
+    import io as _io
+
+    buf = _io.BytesIO()
+    np.save(buf, a)
+    return buf.getvalue()
+
+
+def _top_features(table: Any, n: int) -> list[dict[str, Any]]:
+    """The densest non-dense features with their best contexts: the report's showcase."""
+    rows = table.to_pylist()
+    rows = [r for r in rows if 0 < r["density"] <= 0.1 and r["top_contexts"]]
+    rows.sort(key=lambda r: -r["top_contexts"][0]["activation"])
+    keep = ("feature", "density", "mean_activation", "top_contexts", "top_logits", "bottom_logits")
+    return [json.loads(json.dumps({k: r.get(k) for k in keep}, default=float)) for r in rows[:n]]

@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+from typing import Any
+
+from microscope.stages import ingest as ingest_stage
+from microscope.stages import sae
+from microscope.store import open_store
+from prefect import task
+from schemas.config import AuditConfig
+from schemas.records import ModelRef, StageRecord
+
+from tasks.common import cache_key, stage_options
+
+
+def _key(_ctx: Any, p: dict[str, Any]) -> str:
+    ing: StageRecord = p["ingest"]
+    variants = {k: v.config_hash for k, v in sorted((p.get("variant_traces") or {}).items())}
+    return cache_key(
+        "sae",
+        model=ing.details["model_digest"],
+        config=sae.config_hash(p["cfg"], p["hook"], p["trace"].config_hash or ""),
+        variants=variants,
+        store=p["store_uri"],
+    )
+
+
+@task(cache_key_fn=_key, task_run_name="sae-{hook}", **stage_options("sae"))
+def sae_task(
+    ref: ModelRef,
+    ingest: StageRecord,
+    trace: StageRecord,
+    hook: str,
+    cfg: AuditConfig,
+    store_uri: str,
+    variant_traces: dict[str, StageRecord] | None = None,
+) -> StageRecord:
+    """Train, evaluate and save one SAE; extract its features table."""
+    store = open_store(store_uri)
+    arch, _ = ingest_stage.load_outputs(ingest, store)
+    return sae.run(ref, ingest, arch, trace, hook, cfg, store, variant_traces)
