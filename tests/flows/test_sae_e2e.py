@@ -1,0 +1,94 @@
+"""An SAE through the whole pipeline on a tiny causal LM: trained from the cache, evaluated (CE
+recovered, KL), features with contexts and logits, files SAE tools load, curves in MLflow; cached next run."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from microscope.sae import io
+from tests.conftest import run_cli
+
+CONFIG = """
+dataset:
+  seq_len: 32
+  max_tokens: 4096
+quantize:
+  formats: [torch-int8]
+  eval_windows: 4
+trace:
+  layers: [1]
+  hooks: [resid]
+  batch_size: 16
+sae:
+  hooks: [blocks.1.hook_resid_post]
+  k: 4
+  expansion: 4
+  lr: 0.003
+  batch_size: 256
+  epochs: 3
+  buffer_tokens: 2048
+  checkpoint_every: 10
+"""
+
+
+def test_sae_stage_end_to_end(prefect_api: str, tiny_gpt2_dir: Path, corpus_file: Path, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    env = {
+        **os.environ,
+        "MICROSCOPE_HOME": str(tmp_path / "home"),
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_HOME": str(tmp_path / "ph"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    env.pop("MICROSCOPE_STORE", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    (tmp_path / "audit.yaml").write_text(CONFIG)
+    args = [
+        "run",
+        "--model",
+        str(tiny_gpt2_dir),
+        "--dataset",
+        str(corpus_file),
+        "--config",
+        str(tmp_path / "audit.yaml"),
+        "--json",
+    ]
+    p = run_cli(args, env, tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.loads(p.stdout)
+    sae = rec["saes"]["blocks.1.hook_resid_post"]
+    assert rec["stages"]["sae"]["status"] == "completed" and sae["status"] == "completed"
+    m = sae["metrics"]
+    assert 3.5 <= m["l0"] <= 4.0 + 1e-9  # TopK: k active latents per token (ties at zero aside)
+    assert 0 < m["fvu"] < 1
+    # A random tiny model predicts nearly uniformly, so its CE barely moves (the closed cases, identity = 1
+    # and zero = 0, are in tests/microscope/sae/test_evaluate.py); here: the figures exist and agree.
+    assert all(abs(m[k] - 6.238) < 0.05 for k in ("ce_clean", "ce_spliced", "ce_zero_ablated"))  # ≈ ln 512
+    expected = (m["ce_zero_ablated"] - m["ce_spliced"]) / (m["ce_zero_ablated"] - m["ce_clean"])
+    assert abs(m["ce_recovered"] - expected) < 1e-9
+    assert m["kl_clean_spliced"] > 0
+    assert "torch-int8" in sae["details"]["variants"]
+
+    folder = Path(sae["artifacts"]["sae/cfg.json"]).parent
+    loaded = io.load(folder)
+    assert loaded.cfg["architecture"] == "topk" and loaded.cfg["k"] == 4 and loaded.cfg["d_sae"] == 128
+    assert loaded.cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post"
+    features = pq.read_table(sae["artifacts"]["features"]).to_pylist()
+    assert len(features) == 128
+    lively = [f for f in features if f["top_contexts"]]
+    assert lively and all(len(f["top_logits"]) == 8 for f in features)
+    assert all(c["activation"] > 0 for c in lively[0]["top_contexts"])
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    child = client.get_run(sae["mlflow_run_id"])
+    assert child.info.run_name == "sae" and child.data.tags["microscope.hook"] == "blocks.1.hook_resid_post"
+    history = client.get_metric_history(child.info.run_id, "train_fvu")
+    assert len(history) >= 2 and history[-1].step > history[0].step
+
+    again = json.loads(run_cli(args, env, tmp_path).stdout)
+    assert again["saes"]["blocks.1.hook_resid_post"]["status"] == "cached"
