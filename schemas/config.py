@@ -185,6 +185,7 @@ class SAEConfig(Section):
     aux_coef: float = Field(1 / 32, ge=0, description="Weight of the aux-k loss.")
     l1_coef: float = Field(5.0, ge=0, description="relu: L1 weight β.")
     l1_warmup_steps: int = Field(200, ge=0, description="relu: linear warm-up of β.")
+    resample_every: int = Field(500, ge=0, description="relu: resample dead latents every this many steps (0: never).")
     l0_coef: float = Field(1e-3, ge=0, description="jumprelu: L0 weight.")
     jumprelu_bandwidth: float = Field(1e-3, gt=0, description="jumprelu: straight-through kernel width.")
     b_dec_init: Literal["geometric_median", "mean", "zeros"] = Field(

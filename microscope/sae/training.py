@@ -20,10 +20,22 @@ from microscope.sae.data import ShuffledBatches
 
 
 class SAEModule(L.LightningModule):
-    def __init__(self, sae: SAE, lr: float, dead_window: int, lr_warmup_steps: int = 0, log_every: int = 10):
+    def __init__(
+        self,
+        sae: SAE,
+        lr: float,
+        dead_window: int,
+        lr_warmup_steps: int = 0,
+        log_every: int = 10,
+        resample_every: int = 0,
+    ):
         super().__init__()
         self.sae, self.lr = sae, lr
         self.dead_window, self.lr_warmup_steps, self.log_every = dead_window, lr_warmup_steps, log_every
+        # The ReLU family has no aux-k loss: its dead latents are resampled instead (0 = never).
+        self.resample_every = resample_every if sae.architecture == "relu" else 0
+        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.resampled = 0
         self.register_buffer("tokens_since_fired", torch.zeros(sae.d_sae, dtype=torch.long))
         self.curves: list[dict[str, float]] = []
 
@@ -35,6 +47,8 @@ class SAEModule(L.LightningModule):
         out = self.sae(x)
         parts = self.sae.loss(x, out, self.global_step, self.dead_mask())
         with torch.no_grad():
+            if self.resample_every:
+                self._last = (x.detach(), (x - out.recon).detach())
             fired = (out.acts > 0).any(0)
             self.tokens_since_fired += x.shape[0]
             self.tokens_since_fired[fired] = 0
@@ -60,6 +74,41 @@ class SAEModule(L.LightningModule):
         # Here, not in on_train_batch_end: callbacks (the checkpoint) run before the module's batch-end
         # hook, so a checkpoint would hold un-normalised rows and a resumed fit would drift.
         self.sae.normalize_decoder()
+        if self.resample_every and (self.global_step + 1) % self.resample_every == 0:
+            self.resample_dead(
+                self.optimizers().optimizer if hasattr(self.optimizers(), "optimizer") else self.optimizers()
+            )
+
+    @torch.no_grad()
+    def resample_dead(self, optimizer: Any) -> int:
+        """Anthropic-style resampling: each dead latent gets the direction of a badly reconstructed input
+        (chosen with probability ∝ squared error), a small encoder row along it, zero bias, and fresh
+        Adam moments for what changed."""
+        dead = self.dead_mask().nonzero().flatten()
+        if dead.numel() == 0 or self._last is None:
+            return 0
+        x, err = self._last
+        loss = err.pow(2).sum(-1)
+        gen = torch.Generator().manual_seed(int(self.global_step))
+        pick = torch.multinomial(loss.cpu() + 1e-12, dead.numel(), replacement=True, generator=gen).to(x.device)
+        dirs = err[pick] / err[pick].norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [n_dead, d_in]
+        alive = ~self.dead_mask()
+        enc_norm = self.sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        self.sae.W_dec.data[dead] = dirs
+        self.sae.W_enc.data[:, dead] = dirs.T * enc_norm * 0.2
+        self.sae.b_enc.data[dead] = 0
+        for p, rows in (
+            (self.sae.W_dec, (dead, slice(None))),
+            (self.sae.W_enc, (slice(None), dead)),
+            (self.sae.b_enc, (dead,)),
+        ):
+            state = optimizer.state.get(p, {})
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key][rows] = 0
+        self.tokens_since_fired[dead] = 0
+        self.resampled += int(dead.numel())
+        return int(dead.numel())
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999))

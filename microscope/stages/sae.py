@@ -105,6 +105,7 @@ def run(
             lr=3e-4 if c.lr == "auto" else float(c.lr),
             dead_window=c.dead_window,
             lr_warmup_steps=c.lr_warmup_steps,
+            resample_every=c.resample_every,
         )
         if c.lr == "auto":
             module.lr = find_lr(module, data)

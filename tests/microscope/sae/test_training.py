@@ -96,3 +96,19 @@ def test_normalisation_and_geometric_median() -> None:
         options={"xatol": 1e-8, "fatol": 1e-10, "maxiter": 20000},
     ).x
     np.testing.assert_allclose(gm, ref, atol=1e-3)
+
+
+def test_relu_resampling_revives_dead_latents() -> None:
+    x, _ = sparse_dictionary_data(n=8000)
+    torch.manual_seed(0)
+    sae = build("relu", 32, 64, l1_coef=0.5)
+    with torch.no_grad():
+        sae.b_enc[:16] = -1e3  # sixteen latents that can never fire
+    module = SAEModule(sae, lr=1e-3, dead_window=1024, resample_every=10)
+    fit(module, ShuffledBatches(array_chunks(x), 256, 4096, epochs=1, seed=0), steps=12, progress=False)
+    assert module.resampled >= 16
+    assert (sae.b_enc[:16] > -1).all()  # reset to zero bias, then trained
+    torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(64), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        acts = sae.encode(torch.from_numpy(x[:2000]))
+    assert (acts[:, :16] > 0).any(0).sum() >= 8  # most of them fire again
