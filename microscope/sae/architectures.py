@@ -118,6 +118,16 @@ class TopKSAE(SAE):
     def activate(self, pre: torch.Tensor) -> torch.Tensor:
         return topk_acts(pre, self.k)
 
+    def forward(self, x: torch.Tensor) -> SAEOutput:
+        """Decode sparsely: embedding_bag sums the k chosen decoder rows (weights = activations), so the
+        decoder costs O(k · d_in) per token, forward and backward, instead of a dense [d_sae, d_in] matmul."""
+        pre = self.pre_acts(x)  # [batch, d_sae]
+        vals, idx = pre.topk(self.k, dim=-1)  # [batch, k]
+        vals = vals.relu()
+        recon = nn.functional.embedding_bag(idx, self.W_dec, per_sample_weights=vals, mode="sum") + self.b_dec
+        acts = torch.zeros_like(pre).scatter(-1, idx, vals)
+        return SAEOutput(recon, acts, pre)
+
     def loss(self, x, out, step, dead):
         parts = super().loss(x, out, step, dead)
         if dead is not None and self.training:
@@ -130,6 +140,8 @@ class TopKSAE(SAE):
 class BatchTopKSAE(TopKSAE):
     """Top k·batch activations across the whole batch (Bussmann et al. 2024); at inference a learned
     threshold (running mean of the smallest kept activation) makes it a JumpReLU."""
+
+    forward = SAE.forward  # a batch-wide selection: dense activations, not TopK's per-row sparse decode
 
     def __init__(self, d_in: int, d_sae: int, k: int = 32, threshold_momentum: float = 0.99, **hp: Any):
         super().__init__(d_in, d_sae, k=k, **hp)

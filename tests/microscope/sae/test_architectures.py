@@ -130,3 +130,19 @@ def test_decoder_projection_keeps_unit_norm() -> None:
         opt.step()
         sae.normalize_decoder()
     torch.testing.assert_close(sae.W_dec.norm(dim=1), torch.ones(D_SAE), atol=1e-6, rtol=0)
+
+
+def test_sparse_decode_matches_dense_forward_and_gradients() -> None:
+    """TopK decodes with embedding_bag; the eager dense path must give the same values and gradients."""
+    from microscope.sae.architectures import SAE
+
+    sae, x = make("topk", k=3), x_batch()
+    out = sae(x)
+    loss = out.recon.pow(2).sum()
+    grads = torch.autograd.grad(loss, [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec])
+    ref = SAE.forward(sae, x)  # dense: acts @ W_dec
+    ref_grads = torch.autograd.grad(ref.recon.pow(2).sum(), [sae.W_enc, sae.W_dec, sae.b_enc, sae.b_dec])
+    torch.testing.assert_close(out.recon, ref.recon, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.acts, ref.acts)
+    for g, r in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
