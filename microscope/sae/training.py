@@ -123,6 +123,17 @@ class SAEModule(L.LightningModule):
         self.curves = list(checkpoint.get("microscope_curves", []))
 
 
+class ActivationDataModule(L.LightningDataModule):
+    """Lightning's view of a ShuffledBatches stream: batches are already formed, so no collation."""
+
+    def __init__(self, data: ShuffledBatches):
+        super().__init__()
+        self.data = data
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return torch.utils.data.DataLoader(self.data, batch_size=None)
+
+
 @dataclass
 class FitResult:
     steps: int
@@ -173,11 +184,10 @@ def fit(
         deterministic=False,
     )
     data.start_batch = lambda: trainer.global_step  # a resumed fit skips the batches already trained on
-    loader = torch.utils.data.DataLoader(data, batch_size=None)
     resumed = 0
     if ckpt_path:
         resumed = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"])
-    trainer.fit(module, train_dataloaders=loader, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=ActivationDataModule(data), ckpt_path=ckpt_path)
     return FitResult(steps=trainer.global_step, curves=module.curves, lr=module.lr, resumed_from_step=resumed)
 
 
@@ -194,9 +204,13 @@ def find_lr(module: SAEModule, data: ShuffledBatches, max_lr: float = 1e-1, num_
         enable_model_summary=False,
         max_steps=num_training,
     )
-    loader = torch.utils.data.DataLoader(data, batch_size=None)
     result = Tuner(trainer).lr_find(
-        module, train_dataloaders=loader, min_lr=1e-6, max_lr=max_lr, num_training=num_training, update_attr=False
+        module,
+        datamodule=ActivationDataModule(data),
+        min_lr=1e-6,
+        max_lr=max_lr,
+        num_training=num_training,
+        update_attr=False,
     )
     suggestion = result.suggestion() if result is not None else None
     return float(suggestion) if suggestion and np.isfinite(suggestion) else module.lr
