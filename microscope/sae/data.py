@@ -49,48 +49,61 @@ def array_chunks(x: np.ndarray, rows: int = 4096) -> Chunks:
 
 class ShuffledBatches(IterableDataset):
     """Batches of `batch_size` rows: chunks fill a buffer of `buffer_rows`, rows are shuffled within it
-    (seeded by epoch and buffer index), `epochs` passes. `start_batch()` tells where a resumed fit is."""
+    (seeded by epoch and buffer index), `epochs` passes. `start_batch()` tells where a resumed fit is.
 
-    def __init__(
-        self,
-        chunks: Chunks,
-        batch_size: int,
-        buffer_rows: int,
-        epochs: int,
-        seed: int,
-        scale: float = 1.0,
-        start_batch: Callable[[], int] = lambda: 0,
-    ):
+    A chunk may be a tuple of row-aligned arrays (several hook points of the same tokens): every part
+    gets the same permutation and batches are tuples, so several SAEs train from one pass."""
+
+    def __init__(self, chunks: Chunks, batch_size: int, buffer_rows: int, epochs: int, seed: int,
+                 scale: float | tuple[float, ...] = 1.0, start_batch: Callable[[], int] = lambda: 0):
         self.chunks, self.batch_size, self.buffer_rows = chunks, batch_size, buffer_rows
         self.epochs, self.seed, self.scale, self.start_batch = epochs, seed, scale, start_batch
 
-    def batches(self) -> Iterator[np.ndarray]:
+    def batches(self) -> Iterator[tuple[np.ndarray, ...]]:
         for epoch in range(self.epochs):
-            buf: list[np.ndarray] = []
+            buf: list[tuple[np.ndarray, ...]] = []
             n, k = 0, 0
             for chunk in self.chunks():
-                buf.append(chunk)
-                n += len(chunk)
+                parts = chunk if isinstance(chunk, tuple) else (chunk,)
+                buf.append(parts)
+                n += len(parts[0])
                 if n >= self.buffer_rows:
-                    yield from self._emit(np.concatenate(buf), epoch, k)
+                    yield from self._emit(buf, epoch, k)
                     buf, n, k = [], 0, k + 1
             if buf:
-                yield from self._emit(np.concatenate(buf), epoch, k)
+                yield from self._emit(buf, epoch, k)
 
-    def _emit(self, rows: np.ndarray, epoch: int, k: int) -> Iterator[np.ndarray]:
-        perm = np.random.default_rng([self.seed, epoch, k]).permutation(len(rows))
+    def _emit(self, buf: list[tuple[np.ndarray, ...]], epoch: int, k: int) -> Iterator[tuple[np.ndarray, ...]]:
+        rows = [np.concatenate([b[j] for b in buf]) for j in range(len(buf[0]))]
+        perm = np.random.default_rng([self.seed, epoch, k]).permutation(len(rows[0]))
         # Full batches only: a ragged tail batch would change the optimiser's step sizes.
-        for lo in range(0, len(rows) - self.batch_size + 1, self.batch_size):
-            yield rows[perm[lo : lo + self.batch_size]]
+        for lo in range(0, len(perm) - self.batch_size + 1, self.batch_size):
+            sel = perm[lo : lo + self.batch_size]
+            yield tuple(r[sel] for r in rows)
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
+    def __iter__(self) -> Iterator[torch.Tensor | tuple[torch.Tensor, ...]]:
         skip = self.start_batch()
-        for i, b in enumerate(self.batches()):
-            if i >= skip:  # a resumed fit continues with the batch it would have seen next
-                yield torch.from_numpy(b * self.scale if self.scale != 1.0 else b.copy())
+        for i, parts in enumerate(self.batches()):
+            if i < skip:  # a resumed fit continues with the batch it would have seen next
+                continue
+            scales = self.scale if isinstance(self.scale, tuple) else (self.scale,) * len(parts)
+            out = tuple(torch.from_numpy(p * s if s != 1.0 else p.copy()) for p, s in zip(parts, scales, strict=True))
+            yield out if len(out) > 1 else out[0]
 
     def count(self) -> int:
         return sum(1 for _ in self.batches())
+
+
+def joint_chunks(sources: list[Chunks]) -> Chunks:
+    """Row-aligned chunks of several datasets of the same tokens (one per hook point), as tuples."""
+
+    def gen() -> Iterator[tuple[np.ndarray, ...]]:
+        for parts in zip(*(src() for src in sources), strict=True):
+            if len({len(p) for p in parts}) != 1:
+                raise ValueError(f"datasets are not row-aligned: chunk sizes {[len(p) for p in parts]}")
+            yield tuple(parts)
+
+    return gen
 
 
 def activation_scale(sample: np.ndarray) -> float:

@@ -14,15 +14,19 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from torch import nn
 
 from microscope.sae.architectures import SAE
 from microscope.sae.data import ShuffledBatches
 
 
 class SAEModule(L.LightningModule):
+    """One SAE, or several trained from one pass over the data (a batch is then a tuple with one tensor
+    per SAE, rows aligned). Their parameters are disjoint, so each trains exactly as it would alone."""
+
     def __init__(
         self,
-        sae: SAE,
+        sae: SAE | list[SAE],
         lr: float,
         dead_window: int,
         lr_warmup_steps: int = 0,
@@ -30,28 +34,43 @@ class SAEModule(L.LightningModule):
         resample_every: int = 0,
     ):
         super().__init__()
-        self.sae, self.lr = sae, lr
+        self.saes = nn.ModuleList(sae if isinstance(sae, list) else [sae])
+        self.lr = lr
         self.dead_window, self.lr_warmup_steps, self.log_every = dead_window, lr_warmup_steps, log_every
-        # The ReLU family has no aux-k loss: its dead latents are resampled instead (0 = never).
-        self.resample_every = resample_every if sae.architecture == "relu" else 0
-        self._last: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.resample_every = resample_every  # ReLU family only: no aux-k loss there (0 = never)
+        self._last: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.resampled = 0
-        self.register_buffer("tokens_since_fired", torch.zeros(sae.d_sae, dtype=torch.long))
-        self.curves: list[dict[str, float]] = []
+        for i, one in enumerate(self.saes):
+            self.register_buffer(f"tokens_since_fired_{i}", torch.zeros(one.d_sae, dtype=torch.long))
+        self.curves: list[list[dict[str, float]]] = [[] for _ in self.saes]
 
-    def dead_mask(self) -> torch.Tensor:
-        return self.tokens_since_fired >= self.dead_window
+    @property
+    def sae(self) -> SAE:
+        return self.saes[0]
 
-    def training_step(self, batch: torch.Tensor, _idx: int) -> torch.Tensor:
-        x = batch.to(self.dtype if self.dtype.is_floating_point else torch.float32)
-        out = self.sae(x)
-        parts = self.sae.loss(x, out, self.global_step, self.dead_mask())
+    @property
+    def tokens_since_fired(self) -> torch.Tensor:
+        return self.tokens_since_fired_0
+
+    def dead_mask(self, i: int = 0) -> torch.Tensor:
+        return getattr(self, f"tokens_since_fired_{i}") >= self.dead_window
+
+    def training_step(self, batch: torch.Tensor | tuple[torch.Tensor, ...], _idx: int) -> torch.Tensor:
+        xs = batch if isinstance(batch, tuple | list) else (batch,)
+        total = 0.0
+        for i, (sae, x) in enumerate(zip(self.saes, xs, strict=True)):
+            total = total + self._step_one(i, sae, x.float())
+        return total
+
+    def _step_one(self, i: int, sae: SAE, x: torch.Tensor) -> torch.Tensor:
+        out = sae(x)
+        parts = sae.loss(x, out, self.global_step, self.dead_mask(i))
         with torch.no_grad():
-            if self.resample_every:
-                self._last = (x.detach(), (x - out.recon).detach())
-            fired = (out.acts > 0).any(0)
-            self.tokens_since_fired += x.shape[0]
-            self.tokens_since_fired[fired] = 0
+            if self.resample_every and sae.architecture == "relu":
+                self._last[i] = (x.detach(), (x - out.recon).detach())
+            counter = getattr(self, f"tokens_since_fired_{i}")
+            counter += x.shape[0]
+            counter[(out.acts > 0).any(0)] = 0
             if self.global_step % self.log_every == 0:
                 var = (x - x.mean(0)).pow(2).sum()
                 row = {
@@ -60,58 +79,59 @@ class SAEModule(L.LightningModule):
                     "mse": float(parts["mse"]),
                     "fvu": float((out.recon - x).pow(2).sum() / var.clamp_min(1e-12)),
                     "l0": float((out.acts > 0).float().sum(-1).mean()),
-                    "dead_frac": float(self.dead_mask().float().mean()),
+                    "dead_frac": float(self.dead_mask(i).float().mean()),
                 }
-                self.curves.append(row)
-                self.log_dict({k: v for k, v in row.items() if k != "step"}, prog_bar=True, on_step=True)
+                self.curves[i].append(row)
+                prefix = f"sae{i}/" if len(self.saes) > 1 else ""
+                self.log_dict({prefix + k: v for k, v in row.items() if k != "step"}, prog_bar=i == 0, on_step=True)
         return parts["total"]
 
     def on_before_optimizer_step(self, optimizer: Any) -> None:
-        self.sae.remove_parallel_grad()
+        for sae in self.saes:
+            sae.remove_parallel_grad()
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         super().optimizer_step(*args, **kwargs)
         # Here, not in on_train_batch_end: callbacks (the checkpoint) run before the module's batch-end
         # hook, so a checkpoint would hold un-normalised rows and a resumed fit would drift.
-        self.sae.normalize_decoder()
+        for sae in self.saes:
+            sae.normalize_decoder()
         if self.resample_every and (self.global_step + 1) % self.resample_every == 0:
-            self.resample_dead(
-                self.optimizers().optimizer if hasattr(self.optimizers(), "optimizer") else self.optimizers()
-            )
+            opt = self.optimizers()
+            for i, sae in enumerate(self.saes):
+                if sae.architecture == "relu":
+                    self.resample_dead(opt.optimizer if hasattr(opt, "optimizer") else opt, i)
 
     @torch.no_grad()
-    def resample_dead(self, optimizer: Any) -> int:
+    def resample_dead(self, optimizer: Any, i: int = 0) -> int:
         """Anthropic-style resampling: each dead latent gets the direction of a badly reconstructed input
         (chosen with probability ∝ squared error), a small encoder row along it, zero bias, and fresh
         Adam moments for what changed."""
-        dead = self.dead_mask().nonzero().flatten()
-        if dead.numel() == 0 or self._last is None:
+        sae = self.saes[i]
+        dead = self.dead_mask(i).nonzero().flatten()
+        if dead.numel() == 0 or i not in self._last:
             return 0
-        x, err = self._last
+        x, err = self._last[i]
         loss = err.pow(2).sum(-1)
         gen = torch.Generator().manual_seed(int(self.global_step))
         pick = torch.multinomial(loss.cpu() + 1e-12, dead.numel(), replacement=True, generator=gen).to(x.device)
         dirs = err[pick] / err[pick].norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [n_dead, d_in]
-        alive = ~self.dead_mask()
-        enc_norm = self.sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
-        self.sae.W_dec.data[dead] = dirs
-        self.sae.W_enc.data[:, dead] = dirs.T * enc_norm * 0.2
-        self.sae.b_enc.data[dead] = 0
-        for p, rows in (
-            (self.sae.W_dec, (dead, slice(None))),
-            (self.sae.W_enc, (slice(None), dead)),
-            (self.sae.b_enc, (dead,)),
-        ):
+        alive = ~self.dead_mask(i)
+        enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else torch.tensor(1.0)
+        sae.W_dec.data[dead] = dirs
+        sae.W_enc.data[:, dead] = dirs.T * enc_norm * 0.2
+        sae.b_enc.data[dead] = 0
+        for p, rows in ((sae.W_dec, (dead, slice(None))), (sae.W_enc, (slice(None), dead)), (sae.b_enc, (dead,))):
             state = optimizer.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
                     state[key][rows] = 0
-        self.tokens_since_fired[dead] = 0
+        getattr(self, f"tokens_since_fired_{i}")[dead] = 0
         self.resampled += int(dead.numel())
         return int(dead.numel())
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.Adam(self.sae.parameters(), lr=self.lr, betas=(0.9, 0.999))
+        opt = torch.optim.Adam(self.saes.parameters(), lr=self.lr, betas=(0.9, 0.999))
         warm = max(self.lr_warmup_steps, 1)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -120,7 +140,9 @@ class SAEModule(L.LightningModule):
         checkpoint["microscope_curves"] = self.curves
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.curves = list(checkpoint.get("microscope_curves", []))
+        saved = checkpoint.get("microscope_curves")
+        if saved is not None:
+            self.curves = [list(c) for c in saved]
 
 
 class ActivationDataModule(L.LightningDataModule):
@@ -137,9 +159,10 @@ class ActivationDataModule(L.LightningDataModule):
 @dataclass
 class FitResult:
     steps: int
-    curves: list[dict[str, float]] = field(default_factory=list)
+    curves: list[dict[str, float]] = field(default_factory=list)  # the first (or only) SAE's
     lr: float = 0.0
     resumed_from_step: int = 0
+    all_curves: list[list[dict[str, float]]] = field(default_factory=list)  # one list per SAE
 
 
 def fit(
@@ -188,7 +211,8 @@ def fit(
     if ckpt_path:
         resumed = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"])
     trainer.fit(module, datamodule=ActivationDataModule(data), ckpt_path=ckpt_path)
-    return FitResult(steps=trainer.global_step, curves=module.curves, lr=module.lr, resumed_from_step=resumed)
+    return FitResult(steps=trainer.global_step, curves=module.curves[0], lr=module.lr, resumed_from_step=resumed,
+                     all_curves=module.curves)
 
 
 def find_lr(module: SAEModule, data: ShuffledBatches, max_lr: float = 1e-1, num_training: int = 60) -> float:

@@ -112,3 +112,29 @@ def test_relu_resampling_revives_dead_latents() -> None:
     with torch.no_grad():
         acts = sae.encode(torch.from_numpy(x[:2000]))
     assert (acts[:, :16] > 0).any(0).sum() >= 8  # most of them fire again
+
+
+def test_two_saes_from_one_pass_equal_separate_training() -> None:
+    """Two hook points of the same tokens, one pass: each SAE ends exactly where it would alone."""
+    from microscope.sae.data import joint_chunks
+
+    a, _ = sparse_dictionary_data(n=6000, seed=1)
+    b, _ = sparse_dictionary_data(n=6000, d=32, seed=2)
+
+    def make(arch: str):
+        torch.manual_seed(0)
+        return build(arch, 32, 64, k=4) if arch == "topk" else build(arch, 32, 64, l1_coef=0.5)
+
+    joint = [make("topk"), make("relu")]
+    data = ShuffledBatches(joint_chunks([array_chunks(a, 1000), array_chunks(b, 1000)]), 256, 2048, epochs=2, seed=5,
+                           scale=(1.0, 0.5))
+    module = SAEModule(joint, lr=2e-3, dead_window=1000, resample_every=7)
+    fit(module, data, steps=30, progress=False)
+    assert len(module.curves) == 2 and module.curves[1]
+
+    for sae_joint, x, arch, scale in ((joint[0], a, "topk", 1.0), (joint[1], b, "relu", 0.5)):
+        alone = make(arch)
+        single = ShuffledBatches(array_chunks(x, 1000), 256, 2048, epochs=2, seed=5, scale=scale)
+        fit(SAEModule(alone, lr=2e-3, dead_window=1000, resample_every=7), single, steps=30, progress=False)
+        for (name, p), q in zip(sae_joint.state_dict().items(), alone.state_dict().values(), strict=True):
+            torch.testing.assert_close(p, q, atol=0, rtol=0, msg=name)
