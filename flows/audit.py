@@ -54,6 +54,27 @@ def _run(task: Any, stage: str, store: Any, **kwargs: Any) -> StageRecord:
     )
 
 
+def _run_group(task: Any, stage: str, store: Any, names: list[str], **kwargs: Any) -> dict[str, StageRecord]:
+    """Like _run, for a task returning one record per name."""
+    state = task(**kwargs, return_state=True)
+    if state.is_completed():
+        recs: dict[str, StageRecord] = state.result()
+        if state.name == "Cached":
+            if not all(store.exists(r.details.get("prefix", "") + "/manifest.json") for r in recs.values()):
+                get_run_logger().warning("%s: cached artifacts are gone from the store; recomputing", stage)
+                return _run_group(task.with_options(refresh_cache=True), stage, store, names, **kwargs)
+            recs = {k: r.model_copy(update={"status": StageStatus.cached}) for k, r in recs.items()}
+        return recs
+    exc = state.result(raise_on_failure=False)
+    error = _one_line(exc) if isinstance(exc, BaseException) else str(exc)
+    return {
+        n: StageRecord(
+            stage=stage, status=StageStatus.failed, error=error, details={"input_error": isinstance(exc, InputError)}
+        )
+        for n in names
+    }
+
+
 @flow(name="audit", flow_run_name="{audit_id}", validate_parameters=False)
 def audit(
     audit_id: str,
@@ -169,29 +190,32 @@ def audit(
                 for f, v in rec.variants.items()
                 if "trace" in v and v["trace"].status != StageStatus.failed
             }
-            for hook in config.sae.hooks:  # one task per SAE: they fan out across workers
-                r = _run(
+            groups = [config.sae.hooks] if config.sae.joint else [[h] for h in config.sae.hooks]
+            for hooks in groups:  # one task per SAE fans out across workers; joint: one pass for all
+                results = _run_group(
                     sae_task,
                     "sae",
                     store,
+                    hooks,
                     ref=model,
                     ingest=ingest,
                     trace=trace_rec,
-                    hook=hook,
+                    hooks=hooks,
                     cfg=config,
                     store_uri=store.uri,
                     variant_traces=variant_traces,
                 )
-                r.mlflow_run_id = log_stage(
-                    rec.mlflow_run_id,
-                    r,
-                    config.sae.model_dump(mode="json"),
-                    {**tags, "microscope.model_digest": rec.model_digest, "microscope.hook": hook},
-                )
-                if r.status != StageStatus.failed:
-                    log_curves(r.mlflow_run_id, f"{r.details['prefix']}/curves.json", store.uri)
-                rec.saes[hook] = r
-                log.info("sae[%s]: %s%s", hook, r.status.value, f" ({r.error})" if r.error else "")
+                for hook, r in results.items():
+                    r.mlflow_run_id = log_stage(
+                        rec.mlflow_run_id,
+                        r,
+                        config.sae.model_dump(mode="json"),
+                        {**tags, "microscope.model_digest": rec.model_digest, "microscope.hook": hook},
+                    )
+                    if r.status != StageStatus.failed:
+                        log_curves(r.mlflow_run_id, f"{r.details['prefix']}/curves.json", store.uri)
+                    rec.saes[hook] = r
+                    log.info("sae[%s]: %s%s", hook, r.status.value, f" ({r.error})" if r.error else "")
             rec.stages["sae"] = _aggregate("sae", rec.saes)
         if "report" in selected:
             done = {k: v for k, v in rec.stages.items() if v.status != StageStatus.skipped}

@@ -171,6 +171,11 @@ class SAEConfig(Section):
         description="Traced datasets to train an SAE on, by hook name (e.g. blocks.3.hook_resid_post). "
         "Empty: no SAE stage.",
     )
+    joint: bool = Field(
+        False,
+        description="Train all sae.hooks in one task from one pass over the cache (rows are aligned); "
+        "false: one task per hook, which fans out across workers.",
+    )
     architecture: Literal["topk", "batchtopk", "relu", "jumprelu"] = Field("topk", description="SAE architecture.")
     expansion: int = Field(8, ge=1, description="d_sae = expansion × d_in (unless d_sae is set).")
     d_sae: int | None = Field(None, ge=1, description="Number of latents; overrides expansion.")

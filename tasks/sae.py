@@ -18,23 +18,23 @@ def _key(_ctx: Any, p: dict[str, Any]) -> str:
     return cache_key(
         "sae",
         model=ing.details["model_digest"],
-        config=sae.config_hash(p["cfg"], p["hook"], p["trace"].config_hash or ""),
+        config=[sae.config_hash(p["cfg"], h, p["trace"].config_hash or "") for h in p["hooks"]],
         variants=variants,
         store=p["store_uri"],
     )
 
 
-@task(cache_key_fn=_key, task_run_name="sae-{hook}", **stage_options("sae"))
+@task(cache_key_fn=_key, task_run_name="sae-{hooks}", **stage_options("sae"))
 def sae_task(
     ref: ModelRef,
     ingest: StageRecord,
     trace: StageRecord,
-    hook: str,
+    hooks: list[str],
     cfg: AuditConfig,
     store_uri: str,
     variant_traces: dict[str, StageRecord] | None = None,
-) -> StageRecord:
-    """Train, evaluate and save one SAE; extract its features table."""
+) -> dict[str, StageRecord]:
+    """Train, evaluate and save the SAEs of `hooks` (one pass over their data); extract their features."""
     store = open_store(store_uri)
     arch, _ = ingest_stage.load_outputs(ingest, store)
-    return sae.run(ref, ingest, arch, trace, hook, cfg, store, variant_traces)
+    return sae.run_many(ref, ingest, arch, trace, hooks, cfg, store, variant_traces)

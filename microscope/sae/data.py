@@ -54,8 +54,16 @@ class ShuffledBatches(IterableDataset):
     A chunk may be a tuple of row-aligned arrays (several hook points of the same tokens): every part
     gets the same permutation and batches are tuples, so several SAEs train from one pass."""
 
-    def __init__(self, chunks: Chunks, batch_size: int, buffer_rows: int, epochs: int, seed: int,
-                 scale: float | tuple[float, ...] = 1.0, start_batch: Callable[[], int] = lambda: 0):
+    def __init__(
+        self,
+        chunks: Chunks,
+        batch_size: int,
+        buffer_rows: int,
+        epochs: int,
+        seed: int,
+        scale: float | tuple[float, ...] = 1.0,
+        start_batch: Callable[[], int] = lambda: 0,
+    ):
         self.chunks, self.batch_size, self.buffer_rows = chunks, batch_size, buffer_rows
         self.epochs, self.seed, self.scale, self.start_batch = epochs, seed, scale, start_batch
 

@@ -211,8 +211,13 @@ def fit(
     if ckpt_path:
         resumed = int(torch.load(ckpt_path, map_location="cpu", weights_only=True)["global_step"])
     trainer.fit(module, datamodule=ActivationDataModule(data), ckpt_path=ckpt_path)
-    return FitResult(steps=trainer.global_step, curves=module.curves[0], lr=module.lr, resumed_from_step=resumed,
-                     all_curves=module.curves)
+    return FitResult(
+        steps=trainer.global_step,
+        curves=module.curves[0],
+        lr=module.lr,
+        resumed_from_step=resumed,
+        all_curves=module.curves,
+    )
 
 
 def find_lr(module: SAEModule, data: ShuffledBatches, max_lr: float = 1e-1, num_training: int = 60) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +48,22 @@ def _hyper(c: SAEConfig) -> dict[str, Any]:
     }[c.architecture]
 
 
+@dataclass
+class _Plan:
+    """One SAE to train: where its data is, how it is normalised, where its files go."""
+
+    hook: str
+    chash: str
+    prefix: str
+    paths: list[Path]
+    train: Any
+    test: Any
+    scale: float
+    d_in: int
+    d_sae: int
+    sae: Any
+
+
 def run(
     ref: ModelRef,
     ingest: StageRecord,
@@ -58,10 +75,83 @@ def run(
     variant_traces: dict[str, StageRecord] | None = None,
     progress: bool = True,
 ) -> StageRecord:
-    import torch
+    return run_many(ref, ingest, arch, trace, [hook], cfg, store, variant_traces, progress)[hook]
 
-    from microscope.models import loading
+
+def run_many(
+    ref: ModelRef,
+    ingest: StageRecord,
+    arch: Architecture,
+    trace: StageRecord,
+    hooks: list[str],
+    cfg: AuditConfig,
+    store: ArtifactStore,
+    variant_traces: dict[str, StageRecord] | None = None,
+    progress: bool = True,
+) -> dict[str, StageRecord]:
+    """Train the SAEs of `hooks` from one pass over their (row-aligned) datasets; hooks whose SAE is
+    already in the store are returned from it."""
+    from microscope.sae.data import joint_chunks
     from microscope.sae.training import SAEModule, find_lr, fit
+
+    c = cfg.sae
+    ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
+    n_win = len(ids)
+    held = set(range(n_win - max(1, int(round(n_win * c.eval_fraction))), n_win))
+    done: dict[str, StageRecord] = {}
+    plans: list[_Plan] = []
+    for hook in hooks:
+        planned = _plan(hook, ingest, trace, cfg, store, held)
+        if isinstance(planned, StageRecord):
+            done[hook] = planned
+        else:
+            plans.append(planned)
+    if not plans:
+        return done
+
+    times: dict[str, Any] = {}
+    with timed(times):
+        chunks = plans[0].train if len(plans) == 1 else joint_chunks([p.train for p in plans])
+        data = ShuffledBatches(chunks, c.batch_size, c.buffer_tokens, c.epochs, cfg.seed, tuple(p.scale for p in plans))
+        steps = data.count()
+        module = SAEModule(
+            [p.sae for p in plans],
+            lr=3e-4 if c.lr == "auto" else float(c.lr),
+            dead_window=c.dead_window,
+            lr_warmup_steps=c.lr_warmup_steps,
+            resample_every=c.resample_every,
+        )
+        if c.lr == "auto":
+            module.lr = find_lr(module, data)
+        ckpt_dir = workspace.home() / "sae-checkpoints" / canonical_hash([p.prefix for p in plans])
+        result = fit(
+            module, data, steps, checkpoint_dir=ckpt_dir, checkpoint_every=c.checkpoint_every, progress=progress
+        )
+    for i, plan in enumerate(plans):
+        done[plan.hook] = _finalize(
+            plan,
+            result.all_curves[i],
+            result,
+            steps,
+            ref,
+            ingest,
+            arch,
+            trace,
+            cfg,
+            store,
+            ids,
+            held,
+            variant_traces,
+            dict(times),
+            [p.hook for p in plans],
+        )
+    return done
+
+
+def _plan(
+    hook: str, ingest: StageRecord, trace: StageRecord, cfg: AuditConfig, store: ArtifactStore, held: set[int]
+) -> _Plan | StageRecord:
+    import torch
 
     datasets = trace.details.get("datasets", {})
     if hook not in datasets:
@@ -72,134 +162,136 @@ def run(
     manifest = store.read_manifest(prefix)
     if manifest is not None:
         return from_manifest(manifest)
+    paths = [store.local_path(k) for k in datasets[hook]["parts"]]
+    train, test = parquet_chunks(paths, held, exclude=True), parquet_chunks(paths, held)
+    sample = _sample(train, SAMPLE_ROWS)
+    if len(sample) < c.batch_size:
+        raise InputError(
+            f"sae: {hook} has {len(sample)} training tokens, fewer than sae.batch_size={c.batch_size}; "
+            "raise dataset.max_tokens or lower the batch size"
+        )
+    d_in = sample.shape[1]
+    d_sae = c.d_sae or c.expansion * d_in
+    scale = activation_scale(sample)
+    torch.manual_seed(cfg.seed)  # the same seed per SAE: joint or alone, each starts from the same weights
+    sae = build(c.architecture, d_in, d_sae, **_hyper(c))
+    with torch.no_grad():
+        init = {
+            "geometric_median": lambda: geometric_median(sample[:4096] * scale),
+            "mean": lambda: (sample * scale).mean(0),
+            "zeros": lambda: np.zeros(d_in),
+        }[c.b_dec_init]()
+        sae.b_dec.copy_(torch.from_numpy(np.asarray(init)).float())
+    return _Plan(hook, chash, prefix, paths, train, test, scale, d_in, d_sae, sae)
 
-    times: dict[str, Any] = {}
-    with timed(times):
-        paths = [store.local_path(k) for k in datasets[hook]["parts"]]
-        ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
-        n_win = len(ids)
-        held = set(range(n_win - max(1, int(round(n_win * c.eval_fraction))), n_win))
-        train, test = parquet_chunks(paths, held, exclude=True), parquet_chunks(paths, held)
-        sample = _sample(train, SAMPLE_ROWS)
-        if len(sample) < c.batch_size:
-            raise InputError(
-                f"sae: {hook} has {len(sample)} training tokens, fewer than sae.batch_size={c.batch_size}; "
-                "raise dataset.max_tokens or lower the batch size"
-            )
-        d_in = sample.shape[1]
-        d_sae = c.d_sae or c.expansion * d_in
-        scale = activation_scale(sample)
-        torch.manual_seed(cfg.seed)
-        sae = build(c.architecture, d_in, d_sae, **_hyper(c))
-        with torch.no_grad():
-            init = {
-                "geometric_median": lambda: geometric_median(sample[:4096] * scale),
-                "mean": lambda: (sample * scale).mean(0),
-                "zeros": lambda: np.zeros(d_in),
-            }[c.b_dec_init]()
-            sae.b_dec.copy_(torch.from_numpy(np.asarray(init)).float())
-        data = ShuffledBatches(train, c.batch_size, c.buffer_tokens, c.epochs, cfg.seed, scale)
-        steps = data.count()
-        module = SAEModule(
+
+def _finalize(
+    plan: _Plan,
+    curves: list[dict[str, float]],
+    result: Any,
+    steps: int,
+    ref: ModelRef,
+    ingest: StageRecord,
+    arch: Architecture,
+    trace: StageRecord,
+    cfg: AuditConfig,
+    store: ArtifactStore,
+    ids: np.ndarray,
+    held: set[int],
+    variant_traces: dict[str, StageRecord] | None,
+    times: dict[str, Any],
+    trained_with: list[str],
+) -> StageRecord:
+    """Save, evaluate and describe one trained SAE; write its manifest last."""
+    from microscope.models import loading
+
+    c, hook, prefix, sae = cfg.sae, plan.hook, plan.prefix, plan.sae
+    datasets = trace.details["datasets"]
+    sae.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        files = io.save(
             sae,
-            lr=3e-4 if c.lr == "auto" else float(c.lr),
-            dead_window=c.dead_window,
-            lr_warmup_steps=c.lr_warmup_steps,
-            resample_every=c.resample_every,
+            Path(tmp) / "sae",
+            plan.scale,
+            {
+                "hook_name": hook,
+                "hook_module": datasets[hook]["module"],
+                "model_name": arch.class_name,
+                "model_digest": ingest.details["model_digest"],
+                "context_size": int(ids.shape[1]),
+                "dataset_digest": ingest.details["dataset_digest"],
+                "prepend_bos": False,
+            },
         )
-        if c.lr == "auto":
-            module.lr = find_lr(module, data)
-            torch.manual_seed(cfg.seed)  # the finder's trial steps leave the SAE as it was; Lightning restores it
-        ckpt_dir = workspace.home() / "sae-checkpoints" / prefix
-        result = fit(
-            module, data, steps, checkpoint_dir=ckpt_dir, checkpoint_every=c.checkpoint_every, progress=progress
+        loaded = io.load(Path(tmp) / "sae")  # evaluate exactly what was saved: raw-activation weights
+        artifacts = {f"sae/{f.name}": store.put_file(f"{prefix}/sae/{f.name}", f) for f in files}
+    metrics_full = reconstruction(loaded.encode, loaded.decode, plan.test(), plan.d_sae)
+    density = metrics_full.pop("density")
+    hist = metrics_full.pop("density_hist")
+    metrics: dict[str, float] = {k: float(v) for k, v in metrics_full.items()}
+    model = loading.load_model(ref)
+    held_ids = ids[sorted(held)]
+    metrics |= downstream(
+        model,
+        datasets[hook]["module"],
+        lambda t: loaded(t),
+        held_ids,
+        cfg.trace.batch_size,
+        arch.is_causal and arch.has_unembedding,
+    )
+    variant_metrics = {}
+    for name, vt in (variant_traces or {}).items():
+        vds = vt.details.get("datasets", {}).get(hook)
+        if vds is None:
+            continue
+        vpaths = [store.local_path(k) for k in vds["parts"]]
+        vm = reconstruction(loaded.encode, loaded.decode, parquet_chunks(vpaths, held)(), plan.d_sae)
+        variant_metrics[name] = {
+            "fvu": vm["fvu"],
+            "l0": vm["l0"],
+            "fvu_shift": vm["fvu"] - metrics["fvu"],
+            "l0_shift": vm["l0"] - metrics["l0"],
+        }
+    tokenizer = loading.load_tokenizer(ref)
+    vals, wins, poss, fires, sums = feat.top_activations(
+        loaded.encode, parquet_rows(plan.paths), plan.d_sae, c.top_contexts
+    )
+    all_density = fires / max(1, _rows(plan.paths))
+    mean_act = np.divide(sums, fires, out=np.zeros_like(sums), where=fires > 0)
+    ctx = feat.contexts(tokenizer, ids, vals, wins, poss, c.context_tokens)
+    pos_l = neg_l = None
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out_emb is not None:
+        pos_l, neg_l = feat.logit_effects(
+            loaded.W_dec.numpy().astype(np.float64), out_emb.weight.detach().double().numpy(), tokenizer, c.top_logits
         )
-        sae.eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            files = io.save(
-                sae,
-                Path(tmp) / "sae",
-                scale,
-                {
-                    "hook_name": hook,
-                    "hook_module": datasets[hook]["module"],
-                    "model_name": arch.class_name,
-                    "model_digest": ingest.details["model_digest"],
-                    "context_size": int(ids.shape[1]),
-                    "dataset_digest": ingest.details["dataset_digest"],
-                    "prepend_bos": False,
-                },
-            )
-            loaded = io.load(Path(tmp) / "sae")  # evaluate exactly what was saved: raw-activation weights
-            artifacts = {f"sae/{f.name}": store.put_file(f"{prefix}/sae/{f.name}", f) for f in files}
-        metrics_full = reconstruction(loaded.encode, loaded.decode, test(), d_sae)
-        density = metrics_full.pop("density")
-        hist = metrics_full.pop("density_hist")
-        metrics: dict[str, float] = {k: float(v) for k, v in metrics_full.items()}
-        model = loading.load_model(ref)
-        module_path = datasets[hook]["module"]
-        held_ids = ids[sorted(held)]
-        metrics |= downstream(
-            model,
-            module_path,
-            lambda t: loaded(t),
-            held_ids,
-            cfg.trace.batch_size,
-            arch.is_causal and arch.has_unembedding,
-        )
-        variant_metrics = {}
-        for name, vt in (variant_traces or {}).items():
-            vds = vt.details.get("datasets", {}).get(hook)
-            if vds is None:
-                continue
-            vpaths = [store.local_path(k) for k in vds["parts"]]
-            vm = reconstruction(loaded.encode, loaded.decode, parquet_chunks(vpaths, held)(), d_sae)
-            variant_metrics[name] = {
-                "fvu": vm["fvu"],
-                "l0": vm["l0"],
-                "fvu_shift": vm["fvu"] - metrics["fvu"],
-                "l0_shift": vm["l0"] - metrics["l0"],
-            }
-        tokenizer = loading.load_tokenizer(ref)
-        vals, wins, poss, fires, sums = feat.top_activations(loaded.encode, parquet_rows(paths), d_sae, c.top_contexts)
-        all_density = fires / max(1, _rows(paths))
-        mean_act = np.divide(sums, fires, out=np.zeros_like(sums), where=fires > 0)
-        ctx = feat.contexts(tokenizer, ids, vals, wins, poss, c.context_tokens)
-        pos_l = neg_l = None
-        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        if out_emb is not None:
-            pos_l, neg_l = feat.logit_effects(
-                loaded.W_dec.numpy().astype(np.float64),
-                out_emb.weight.detach().double().numpy(),
-                tokenizer,
-                c.top_logits,
-            )
-        table = feat.table(all_density, mean_act, ctx, pos_l, neg_l)
-        import pyarrow.parquet as pq
+    table = feat.table(all_density, mean_act, ctx, pos_l, neg_l)
+    import pyarrow.parquet as pq
 
-        tmp_f = store.staging_path(f"{prefix}/features.parquet")
-        pq.write_table(table, tmp_f)
-        artifacts["features"] = store.put_file(f"{prefix}/features.parquet", tmp_f, move=True)
-        artifacts["curves"] = store.put_json(f"{prefix}/curves.json", result.curves)
-        artifacts["density"] = store.put_bytes(f"{prefix}/density_eval.npy", _npy(density))
+    tmp_f = store.staging_path(f"{prefix}/features.parquet")
+    pq.write_table(table, tmp_f)
+    artifacts["features"] = store.put_file(f"{prefix}/features.parquet", tmp_f, move=True)
+    artifacts["curves"] = store.put_json(f"{prefix}/curves.json", curves)
+    artifacts["density"] = store.put_bytes(f"{prefix}/density_eval.npy", _npy(density))
     record = StageRecord(
         stage="sae",
         status=StageStatus.completed,
-        config_hash=chash,
+        config_hash=plan.chash,
         input_digests={"model": ingest.details["model_digest"], "trace": trace.config_hash or ""},
         artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
-        metrics={**metrics, "steps": float(result.steps), "lr": float(result.lr), "d_sae": float(d_sae)},
+        metrics={**metrics, "steps": float(result.steps), "lr": float(result.lr), "d_sae": float(plan.d_sae)},
         details={
             "prefix": prefix,
             "hook": hook,
             "architecture": c.architecture,
-            "d_in": d_in,
-            "d_sae": d_sae,
-            "activation_scale": scale,
+            "d_in": plan.d_in,
+            "d_sae": plan.d_sae,
+            "activation_scale": plan.scale,
             "density_hist": hist,
             "variants": variant_metrics,
             "resumed_from_step": result.resumed_from_step,
             "train_tokens_per_epoch": steps * c.batch_size // c.epochs,
+            "trained_with": trained_with,
             "top_features": _top_features(table, 12),
         },
         **times,

@@ -92,3 +92,49 @@ def test_sae_stage_end_to_end(prefect_api: str, tiny_gpt2_dir: Path, corpus_file
 
     again = json.loads(run_cli(args, env, tmp_path).stdout)
     assert again["saes"]["blocks.1.hook_resid_post"]["status"] == "cached"
+
+
+def test_joint_saes_train_from_one_pass(
+    prefect_api: str, tiny_gpt2_dir: Path, corpus_file: Path, tmp_path: Path
+) -> None:
+    env = {
+        **os.environ,
+        "MICROSCOPE_HOME": str(tmp_path / "home"),
+        "PREFECT_API_URL": prefect_api,
+        "PREFECT_HOME": str(tmp_path / "ph"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    env.pop("MICROSCOPE_STORE", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    config = (
+        CONFIG.replace("formats: [torch-int8]", "formats: []")
+        .replace("hooks: [resid]", "hooks: [resid, mlp]")
+        .replace(
+            "hooks: [blocks.1.hook_resid_post]",
+            "hooks: [blocks.1.hook_resid_post, blocks.1.hook_mlp_out]\n  joint: true",
+        )
+    )
+    (tmp_path / "audit.yaml").write_text(config)
+    p = run_cli(
+        [
+            "run",
+            "--model",
+            str(tiny_gpt2_dir),
+            "--dataset",
+            str(corpus_file),
+            "--config",
+            str(tmp_path / "audit.yaml"),
+            "--json",
+        ],
+        env,
+        tmp_path,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    rec = json.loads(p.stdout)
+    both = ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"]
+    assert sorted(rec["saes"]) == sorted(both)
+    for hook in both:
+        r = rec["saes"][hook]
+        assert r["status"] == "completed" and r["details"]["trained_with"] == both
+        assert r["details"]["hook"] == hook and 0 < r["metrics"]["fvu"] < 1
+    assert rec["saes"][both[0]]["artifacts"]["sae/cfg.json"] != rec["saes"][both[1]]["artifacts"]["sae/cfg.json"]

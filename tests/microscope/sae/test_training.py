@@ -126,8 +126,9 @@ def test_two_saes_from_one_pass_equal_separate_training() -> None:
         return build(arch, 32, 64, k=4) if arch == "topk" else build(arch, 32, 64, l1_coef=0.5)
 
     joint = [make("topk"), make("relu")]
-    data = ShuffledBatches(joint_chunks([array_chunks(a, 1000), array_chunks(b, 1000)]), 256, 2048, epochs=2, seed=5,
-                           scale=(1.0, 0.5))
+    data = ShuffledBatches(
+        joint_chunks([array_chunks(a, 1000), array_chunks(b, 1000)]), 256, 2048, epochs=2, seed=5, scale=(1.0, 0.5)
+    )
     module = SAEModule(joint, lr=2e-3, dead_window=1000, resample_every=7)
     fit(module, data, steps=30, progress=False)
     assert len(module.curves) == 2 and module.curves[1]
