@@ -111,6 +111,10 @@ def _print_record(record: Any, as_json: bool) -> None:
             print(
                 f"  {r.stage + '[' + name + ']':<16} {r.status.value:<9}{secs}{extra}{'  ' + r.error if r.error else ''}"
             )
+    for hook, r in record.saes.items():
+        secs = "" if r.seconds is None else f" {r.seconds:.2f}s"
+        figs = f"  FVU {r.metrics['fvu']:.3f}, L0 {r.metrics['l0']:.1f}" if "fvu" in r.metrics else ""
+        print(f"  sae[{hook}] {r.status.value}{secs}{figs}{'  ' + r.error if r.error else ''}")
     if record.model_digest:
         print(f"model digest   {record.model_digest[:16]}")
     if record.report_uri:
