@@ -255,3 +255,29 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60
     return subprocess.run(
         [str(VENV_BIN / "microscope"), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+def cli_env(tmp_path: Path, prefect_api: str | None, **extra: str) -> dict[str, str]:
+    """Environment of a `microscope` subprocess: its own workspace, the given Prefect server (or none)."""
+    env = {
+        **os.environ,
+        "MICROSCOPE_HOME": str(tmp_path / "home"),
+        "PREFECT_HOME": str(tmp_path / "ph"),
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    for k in ("MICROSCOPE_STORE", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+        env.pop(k, None)
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
+    return {**env, **extra}
+
+
+def audit_json(model: Path, dataset: Path, config_text: str, env: dict[str, str], cwd: Path) -> dict:
+    """`microscope run --json` with `config_text` as the config; asserts success, returns the record."""
+    import json
+
+    config = cwd / "audit.yaml"
+    config.write_text(config_text)
+    p = run_cli(["run", "--model", str(model), "--dataset", str(dataset), "--config", str(config), "--json"], env, cwd)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return json.loads(p.stdout)

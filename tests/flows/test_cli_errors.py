@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import cli_env, run_cli
 from tests.microscope.test_checkpoint import Evil
 
 
 @pytest.fixture
 def env(tmp_path: Path, prefect_api: str) -> dict[str, str]:
-    e = {
-        **os.environ,
-        "MICROSCOPE_HOME": str(tmp_path / "home"),
-        "PREFECT_API_URL": prefect_api,
-        "PREFECT_HOME": str(tmp_path / "prefect-client"),
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }
-    e.pop("MICROSCOPE_STORE", None)
-    e.pop("MLFLOW_TRACKING_URI", None)
-    return e
+    return cli_env(tmp_path, prefect_api)
 
 
 def error_line(proc) -> str:

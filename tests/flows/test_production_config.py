@@ -4,8 +4,6 @@ or Redis answers on 127.0.0.1."""
 
 from __future__ import annotations
 
-import json
-import os
 import secrets
 import socket
 from collections.abc import Iterator
@@ -13,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import make_bucket, prefect_server, run_cli
+from tests.conftest import audit_json, cli_env, make_bucket, prefect_server
 
 PG = "127.0.0.1:5432"
 REDIS = "redis://127.0.0.1:6379/7"
@@ -68,39 +66,22 @@ def test_audit_on_postgres_redis_and_s3(
 
     make_bucket(s3_endpoint, "prod")
     mlflow_uri = f"postgresql+psycopg2://postgres@{PG}/{databases[1]}"
-    (tmp_path / "audit.yaml").write_text(
-        "dataset:\n  seq_len: 32\n  max_tokens: 512\nquantize:\n  formats: [fp16]\ntrace:\n  layers: [0, -1]\n"
+    config = "dataset:\n  seq_len: 32\n  max_tokens: 512\nquantize:\n  formats: [fp16]\ntrace:\n  layers: [0, -1]\n"
+    env = cli_env(
+        tmp_path,
+        prefect_on_postgres,
+        MICROSCOPE_STORE="s3://prod/audits",
+        MICROSCOPE_S3_ENDPOINT_URL=s3_endpoint,
+        AWS_ACCESS_KEY_ID="t",
+        AWS_SECRET_ACCESS_KEY="t",
+        AWS_DEFAULT_REGION="us-east-1",
+        MLFLOW_TRACKING_URI=mlflow_uri,
     )
-    env = {
-        **os.environ,
-        "MICROSCOPE_HOME": str(tmp_path / "home"),
-        "MICROSCOPE_STORE": "s3://prod/audits",
-        "MICROSCOPE_S3_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "t",
-        "AWS_SECRET_ACCESS_KEY": "t",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "PREFECT_API_URL": prefect_on_postgres,
-        "PREFECT_HOME": str(tmp_path / "prefect-client"),
-        "MLFLOW_TRACKING_URI": mlflow_uri,
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }
-    args = [
-        "run",
-        "--model",
-        str(tiny_gpt2_dir),
-        "--dataset",
-        str(corpus_file),
-        "--config",
-        str(tmp_path / "audit.yaml"),
-        "--json",
-    ]
-    first = run_cli(args, env, tmp_path)
-    assert first.returncode == 0, first.stderr[-3000:]
-    rec = json.loads(first.stdout)
+    rec = audit_json(tiny_gpt2_dir, corpus_file, config, env, tmp_path)
     assert rec["status"] == "completed" and rec["store_uri"] == "s3://prod/audits"
     assert rec["mlflow_tracking_uri"] == mlflow_uri
 
-    second = json.loads(run_cli(args, env, tmp_path).stdout)
+    second = audit_json(tiny_gpt2_dir, corpus_file, config, env, tmp_path)
     ran = {s: r["status"] for s, r in second["stages"].items() if r["status"] != "skipped"}
     assert ran == {
         "ingest": "cached",

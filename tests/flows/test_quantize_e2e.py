@@ -3,11 +3,9 @@ later run that adds a format computes only that format."""
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
-from tests.conftest import run_cli
+from tests.conftest import audit_json, cli_env
 
 BASE = """
 dataset:
@@ -28,34 +26,10 @@ def test_adding_a_format_quantizes_only_the_new_one(
 ) -> None:
     from mlflow import MlflowClient
 
-    env = {
-        **os.environ,
-        "MICROSCOPE_HOME": str(tmp_path / "home"),
-        "PREFECT_API_URL": prefect_api,
-        "PREFECT_HOME": str(tmp_path / "ph"),
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }
-    env.pop("MICROSCOPE_STORE", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = cli_env(tmp_path, prefect_api)
 
     def audit(formats: str) -> dict:
-        (tmp_path / "audit.yaml").write_text(BASE.format(formats=formats))
-        p = run_cli(
-            [
-                "run",
-                "--model",
-                str(tiny_gpt2_dir),
-                "--dataset",
-                str(corpus_file),
-                "--config",
-                str(tmp_path / "audit.yaml"),
-                "--json",
-            ],
-            env,
-            tmp_path,
-        )
-        assert p.returncode == 0, p.stderr[-3000:]
-        return json.loads(p.stdout)
+        return audit_json(tiny_gpt2_dir, corpus_file, BASE.format(formats=formats), env, tmp_path)
 
     first = audit("[fp16]")
     assert first["stages"]["quantize"]["status"] == "completed"

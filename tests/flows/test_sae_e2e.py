@@ -3,14 +3,12 @@ recovered, KL), features with contexts and logits, files SAE tools load, curves 
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
 
 from microscope.sae import io
-from tests.conftest import run_cli
+from tests.conftest import audit_json, cli_env
 
 CONFIG = """
 dataset:
@@ -38,29 +36,8 @@ sae:
 def test_sae_stage_end_to_end(prefect_api: str, tiny_gpt2_dir: Path, corpus_file: Path, tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    env = {
-        **os.environ,
-        "MICROSCOPE_HOME": str(tmp_path / "home"),
-        "PREFECT_API_URL": prefect_api,
-        "PREFECT_HOME": str(tmp_path / "ph"),
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }
-    env.pop("MICROSCOPE_STORE", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
-    (tmp_path / "audit.yaml").write_text(CONFIG)
-    args = [
-        "run",
-        "--model",
-        str(tiny_gpt2_dir),
-        "--dataset",
-        str(corpus_file),
-        "--config",
-        str(tmp_path / "audit.yaml"),
-        "--json",
-    ]
-    p = run_cli(args, env, tmp_path)
-    assert p.returncode == 0, p.stderr[-3000:]
-    rec = json.loads(p.stdout)
+    env = cli_env(tmp_path, prefect_api)
+    rec = audit_json(tiny_gpt2_dir, corpus_file, CONFIG, env, tmp_path)
     sae = rec["saes"]["blocks.1.hook_resid_post"]
     assert rec["stages"]["sae"]["status"] == "completed" and sae["status"] == "completed"
     m = sae["metrics"]
@@ -90,22 +67,14 @@ def test_sae_stage_end_to_end(prefect_api: str, tiny_gpt2_dir: Path, corpus_file
     history = client.get_metric_history(child.info.run_id, "train_fvu")
     assert len(history) >= 2 and history[-1].step > history[0].step
 
-    again = json.loads(run_cli(args, env, tmp_path).stdout)
+    again = audit_json(tiny_gpt2_dir, corpus_file, CONFIG, env, tmp_path)
     assert again["saes"]["blocks.1.hook_resid_post"]["status"] == "cached"
 
 
 def test_joint_saes_train_from_one_pass(
     prefect_api: str, tiny_gpt2_dir: Path, corpus_file: Path, tmp_path: Path
 ) -> None:
-    env = {
-        **os.environ,
-        "MICROSCOPE_HOME": str(tmp_path / "home"),
-        "PREFECT_API_URL": prefect_api,
-        "PREFECT_HOME": str(tmp_path / "ph"),
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }
-    env.pop("MICROSCOPE_STORE", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
+    env = cli_env(tmp_path, prefect_api)
     config = (
         CONFIG.replace("formats: [torch-int8]", "formats: []")
         .replace("hooks: [resid]", "hooks: [resid, mlp]")
@@ -114,23 +83,7 @@ def test_joint_saes_train_from_one_pass(
             "hooks: [blocks.1.hook_resid_post, blocks.1.hook_mlp_out]\n  joint: true",
         )
     )
-    (tmp_path / "audit.yaml").write_text(config)
-    p = run_cli(
-        [
-            "run",
-            "--model",
-            str(tiny_gpt2_dir),
-            "--dataset",
-            str(corpus_file),
-            "--config",
-            str(tmp_path / "audit.yaml"),
-            "--json",
-        ],
-        env,
-        tmp_path,
-    )
-    assert p.returncode == 0, p.stderr[-3000:]
-    rec = json.loads(p.stdout)
+    rec = audit_json(tiny_gpt2_dir, corpus_file, config, env, tmp_path)
     both = ["blocks.1.hook_resid_post", "blocks.1.hook_mlp_out"]
     assert sorted(rec["saes"]) == sorted(both)
     for hook in both:
