@@ -42,3 +42,59 @@ def matrix_stats(w: np.ndarray, near_zero: float = 1e-6, cond_floor: float = 1e-
         "sparsity": float((np.abs(m) < near_zero).mean()),
         "singular_values": sv,
     }
+
+
+EVALS_THRESH = 1e-5  # eigenvalues below this are numerical zeros (WeightWatcher's threshold)
+MIN_FIT_EVALS = 20  # below this the continuous power-law MLE is too noisy to report
+
+
+def power_law_fit(singular_values: np.ndarray) -> dict[str, float]:
+    """Power-law fit of the empirical spectral density of WᵀW, as WeightWatcher defines it: eigenvalues
+    λ = σ², the continuous power-law MLE α = 1 + n / Σ log(λ_i / λ_min) for every candidate λ_min, and the
+    λ_min whose fit has the smallest Kolmogorov–Smirnov distance. Also α̂ = α · log10 λmax."""
+    evals = np.sort(np.asarray(singular_values, dtype=np.float64) ** 2)
+    evals = evals[evals > EVALS_THRESH]
+    n_all = len(evals)
+    if n_all < MIN_FIT_EVALS:
+        return {
+            "alpha": float("nan"),
+            "alpha_weighted": float("nan"),
+            "xmin": float("nan"),
+            "ks_distance": float("nan"),
+            "sigma": float("nan"),
+            "n_tail": 0.0,
+        }
+    log_e = np.log(evals)
+    # Suffix sums give every candidate's MLE in O(n); the KS distance needs the tail, O(n²) worst case.
+    suffix = np.cumsum(log_e[::-1])[::-1]
+    best = (np.inf, 0, 0.0)
+    for i in range(n_all - 1):
+        n = n_all - i
+        alpha = 1 + n / (suffix[i] - n * log_e[i])
+        if alpha <= 1:
+            continue
+        tail = evals[i:]
+        d = np.max(np.abs(1 - (tail / evals[i]) ** (1 - alpha) - np.arange(n) / n))
+        if d < best[0]:
+            best = (d, i, alpha)
+    d, i, alpha = best
+    lam_max = evals[-1]
+    return {
+        "alpha": float(alpha),
+        "alpha_weighted": float(alpha * np.log10(lam_max)),
+        "xmin": float(evals[i]),
+        "ks_distance": float(d),
+        "sigma": float((alpha - 1) / np.sqrt(n_all - i)),
+        "n_tail": float(n_all - i),
+    }
+
+
+def mp_spikes(singular_values: np.ndarray, shape: tuple[int, int]) -> int:
+    """Eigenvalues of WᵀW/N beyond the Marchenko–Pastur bulk edge σ²(1 + 1/√Q)², Q = N/M ≥ 1, with σ²
+    estimated from the matrix's own variance: the count of 'spikes' a random matrix would not have."""
+    n, m = max(shape), min(shape)
+    sv = np.asarray(singular_values, dtype=np.float64)
+    evals = sv**2 / n
+    var = float((sv**2).sum() / (n * m))  # mean squared entry
+    edge = var * (1 + np.sqrt(m / n)) ** 2
+    return int((evals > edge).sum())

@@ -52,3 +52,43 @@ def test_conv_kernels_are_reshaped_and_vectors_refused() -> None:
     assert close(matrix_stats(k)["spectral_norm"], np.linalg.norm(k.reshape(8, 27), 2))
     with pytest.raises(ValueError, match="not a matrix"):
         matrix_stats(np.ones(5))
+
+
+def test_power_law_alpha_agrees_with_weightwatcher() -> None:
+    """The same model through WeightWatcher's analyze() and through ours: alpha within 0.05 per layer."""
+    import torch
+
+    ww = pytest.importorskip("weightwatcher", reason="weightwatcher is a dev dependency")
+    from microscope.spectra import power_law_fit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(120, 200), torch.nn.ReLU(), torch.nn.Linear(200, 90), torch.nn.ReLU(), torch.nn.Linear(90, 60)
+    )
+    with torch.no_grad():  # heavy-tailed weights, so the fits are not all at the MP bulk
+        for layer in model[::2]:
+            layer.weight.copy_(torch.from_numpy(np.random.default_rng(1).standard_t(3, layer.weight.shape)))
+    details = ww.WeightWatcher(model=model).analyze(plot=False)
+    theirs = details["alpha"].to_numpy()
+    ours = [power_law_fit(svdvals(layer.weight.detach().double().numpy()))["alpha"] for layer in model[::2]]
+    assert len(theirs) == 3
+    np.testing.assert_allclose(ours, theirs, atol=0.05)
+    weighted = [
+        power_law_fit(svdvals(layer.weight.detach().double().numpy()))["alpha_weighted"] for layer in model[::2]
+    ]
+    np.testing.assert_allclose(weighted, details["alpha_weighted"].to_numpy(), atol=0.05 * 3)
+
+
+def test_power_law_recovers_a_known_exponent_and_mp_spikes() -> None:
+    from microscope.spectra import mp_spikes, power_law_fit
+
+    rng = np.random.default_rng(0)
+    # Eigenvalues drawn from a Pareto law with density ∝ λ^(−2.5): singular values are their square roots.
+    lam = (1 - rng.random(4000)) ** (-1 / 1.5)
+    fit = power_law_fit(np.sqrt(lam))
+    assert abs(fit["alpha"] - 2.5) < 0.1
+    assert np.isnan(power_law_fit(np.ones(5))["alpha"])
+    w = rng.standard_normal((400, 100))
+    assert mp_spikes(svdvals(w), w.shape) <= 2  # pure noise: (almost) nothing beyond the bulk edge
+    spiked = w + 30 * np.outer(rng.standard_normal(400), rng.standard_normal(100)) / 20
+    assert mp_spikes(svdvals(spiked), spiked.shape) >= 1
