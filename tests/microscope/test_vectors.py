@@ -1,0 +1,48 @@
+"""Qdrant in local mode: a layer finds itself first, and the same layer of a re-run audit on identical
+weights is its nearest neighbour from another audit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from microscope.spectra import matrix_stats, power_law_fit
+from microscope.vectors import FEATURES, LAYERS, VectorIndex, layer_embedding
+from tests.conftest import build_model
+
+
+def layer_rows(model) -> list[tuple[str, np.ndarray, dict]]:
+    rows = []
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            stats = matrix_stats(p.detach().numpy())
+            rows.append((name, layer_embedding(stats, power_law_fit(stats["singular_values"])), {}))
+    return rows
+
+
+def test_layers_find_themselves_and_their_twin_from_another_audit(tmp_path: Path) -> None:
+    gpt2, llama = build_model("gpt2"), build_model("llama")
+    with VectorIndex(path=str(tmp_path / "q")) as index:
+        index.add_layers("audit-a", "dg", "fp", layer_rows(gpt2))
+        index.add_layers("audit-b", "dg", "fp", layer_rows(gpt2))  # identical weights, re-run
+        index.add_layers("audit-c", "dl", "fp", layer_rows(llama))
+        layer = "transformer.h.1.mlp.c_fc.weight"
+        own = [h for h in index.similar(LAYERS, ("audit-a", "fp", layer), 5) if h["audit_id"] == "audit-a"]
+        assert own[0]["layer"] == layer and own[0]["score"] > 0.9999
+        other = [h for h in index.similar(LAYERS, ("audit-a", "fp", layer), 10) if h["audit_id"] != "audit-a"]
+        assert other[0]["audit_id"] == "audit-b" and other[0]["layer"] == layer
+        assert index.similar(LAYERS, ("audit-z", "fp", layer), 3) == []
+
+
+def test_features_search_by_decoder_direction(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((50, 16))
+    with VectorIndex(path=str(tmp_path / "q")) as index:
+        index.add_features("a", "blocks.1.hook_resid_post", w, np.full(50, 0.01), [["x"]] * 50)
+        index.add_features("b", "blocks.1.hook_resid_post", w[::-1] * 3, np.full(50, 0.02), [["y"]] * 50)
+        hits = index.similar(FEATURES, ("a", "blocks.1.hook_resid_post", 7), 3)
+        top2 = {(h["audit_id"], h["feature"]) for h in hits[:2]}  # itself and its twin tie at cosine 1
+        assert top2 == {("a", 7), ("b", 42)}
+        twin = next(h for h in hits if h["audit_id"] == "b")
+        assert twin["feature"] == 49 - 7 and twin["score"] > 0.9999  # same direction, other audit, other id
