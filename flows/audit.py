@@ -23,11 +23,12 @@ from microscope.store import open_store
 from schemas.config import STAGES, AuditConfig
 from schemas.records import AuditRecord, ModelRef, StageRecord, StageStatus
 from tasks.ingest import ingest_task
+from tasks.metrics import index_task, metrics_task
 from tasks.quantize import quantize_task
 from tasks.report import report_task
 from tasks.sae import sae_task
 from tasks.trace import trace_task
-from tasks.tracking import finish_run, log_curves, log_lineage, log_stage, start_run
+from tasks.tracking import finish_run, log_curves, log_layer_metrics, log_lineage, log_stage, start_run
 
 
 def _one_line(exc: BaseException) -> str:
@@ -217,6 +218,41 @@ def audit(
                     rec.saes[hook] = r
                     log.info("sae[%s]: %s%s", hook, r.status.value, f" ({r.error})" if r.error else "")
             rec.stages["sae"] = _aggregate("sae", rec.saes)
+        if "metrics" in selected:
+            ok_variants = {
+                f: v["trace"]
+                for f, v in rec.variants.items()
+                if v.get("trace") and v["trace"].status != StageStatus.failed
+            }
+            fp_trace = rec.stages.get("trace")
+            m = track(
+                _run(
+                    metrics_task,
+                    "metrics",
+                    store,
+                    ref=model,
+                    ingest=ingest,
+                    cfg=config,
+                    store_uri=store.uri,
+                    trace=fp_trace if fp_trace and fp_trace.status != StageStatus.failed else None,
+                    variant_traces=ok_variants,
+                ),
+                config.metrics.model_dump(mode="json"),
+            )
+            if m.status != StageStatus.failed:
+                log_layer_metrics(m.mlflow_run_id, m.details["weights"])
+        metrics_rec = rec.stages.get("metrics")
+        if (metrics_rec and metrics_rec.status != StageStatus.failed) or rec.saes:
+            counts = index_task(
+                audit_id,
+                rec.model_digest,
+                metrics_rec if metrics_rec and metrics_rec.status != StageStatus.failed else None,
+                {h: r for h, r in rec.saes.items() if r.status != StageStatus.failed},
+                store.uri,
+                return_state=True,
+            )
+            if not counts.is_completed():
+                log.warning("Qdrant indexing failed: %s", counts.result(raise_on_failure=False))
         if "report" in selected:
             done = {k: v for k, v in rec.stages.items() if v.status != StageStatus.skipped}
             report = track(

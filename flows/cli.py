@@ -149,6 +149,39 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from microscope import audits, workspace
+    from microscope.errors import InputError
+    from microscope.store import open_store
+    from microscope.vectors import FEATURES, LAYERS, VectorIndex
+
+    parts = args.like.split(":")
+    want = 2 if args.what == "layers" else 3
+    if len(parts) != want:
+        form = "AUDIT:LAYER" if args.what == "layers" else "AUDIT:HOOK:FEATURE"
+        raise InputError(f"--like {args.like!r} is not {form}, e.g. `microscope search {args.what} --like {form}`")
+    audit_id = audits.load(open_store(args.store or workspace.store_uri()), parts[0]).audit_id
+    if args.what == "layers":
+        key: tuple = (audit_id, "fp", parts[1])
+    else:
+        if not parts[2].isdigit():
+            raise InputError(f"feature {parts[2]!r} is not a number")
+        key = (audit_id, parts[1], int(parts[2]))
+    with VectorIndex() as index:
+        hits = index.similar(LAYERS if args.what == "layers" else FEATURES, key, args.k)
+    if not hits:
+        raise InputError(f"{args.like} is not in the index; run the audit's metrics/sae stages first")
+    if args.json:
+        print(json.dumps(hits, indent=2, default=str))
+        return 0
+    for h in hits:
+        what = (
+            h["layer"] if args.what == "layers" else f"{h['hook']}:{h['feature']} {' '.join(h.get('top_tokens', []))}"
+        )
+        print(f"{h['score']:.4f}  {h['audit_id']}  {what}")
+    return 0
+
+
 def cmd_schema(args: argparse.Namespace) -> int:
     from schemas.config import AuditConfig
     from schemas.records import AuditRecord
@@ -183,6 +216,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls = sub.add_parser("list", help="list audits")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_list)
+
+    se = sub.add_parser("search", help="nearest layers or SAE features across all audits (Qdrant)")
+    se.add_argument("what", choices=["layers", "features"])
+    se.add_argument("--like", required=True, help="AUDIT:LAYER (layers) or AUDIT:HOOK:FEATURE (features)")
+    se.add_argument("-k", type=int, default=10)
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(fn=cmd_search)
 
     sc = sub.add_parser("schema", help="print the JSON Schema of the config or the audit record")
     sc.add_argument("which", choices=["config", "audit"])

@@ -79,3 +79,32 @@ def line_chart(
         out.append(f'<text x="{lx}" y="{top - 8}" class="k" style="fill:{color}">&#9632; {html.escape(name)}</text>')
     out.append("</svg>")
     return "".join(out)
+
+
+def heatmap(matrix: list[list[float]], labels: list[str], title: str, cell: int = 36) -> str:
+    """A square matrix in [0, 1] as coloured cells with their values (CKA)."""
+    n = len(labels)
+    left, top = 170, 24
+    width, height = left + n * cell + 10, top + n * cell + 10
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="chart" role="img" '
+        f'aria-label="{html.escape(title)}"><text x="{left}" y="16" class="t">{html.escape(title)}</text>'
+    ]
+    for i, row in enumerate(matrix):
+        y = top + i * cell
+        out.append(
+            f'<text x="{left - 6}" y="{y + cell / 2 + 4}" text-anchor="end" class="k">{html.escape(labels[i])}</text>'
+        )
+        for j, v in enumerate(row):
+            shade = int(255 - 200 * max(0.0, min(1.0, v)))
+            out.append(
+                f'<rect x="{left + j * cell}" y="{y}" width="{cell - 1}" height="{cell - 1}" '
+                f'fill="rgb({shade},{shade},255)"><title>{html.escape(labels[i])} vs {html.escape(labels[j])}: '
+                f"{v:.4f}</title></rect>"
+            )
+            out.append(
+                f'<text x="{left + j * cell + cell / 2}" y="{y + cell / 2 + 4}" text-anchor="middle" class="k">'
+                f"{v:.2f}</text>"
+            )
+    out.append("</svg>")
+    return "".join(out)

@@ -118,6 +118,28 @@ drifts most is <b>{{ worst.hook }}</b> in <b>{{ worst.variant }}</b> (relative e
 </table>{% endif %}{% endfor %}
 {% endif %}
 
+{% if weights %}
+<h2>Weights, curvature and similarity</h2>
+{% if flagged %}<h3>Flagged matrices</h3>
+<table><tr><th class="l">matrix</th><th>block</th><th class="l">why</th></tr>
+{% for r in flagged %}<tr><td class="l"><code>{{ r.name }}</code></td><td>{{ r.layer }}</td><td class="l bad">{{ r.flags | join('; ') }}</td></tr>{% endfor %}
+</table>{% else %}<p class="ok">No matrix flagged (α in range, no effective-rank collapse, no conditioning outlier).</p>{% endif %}
+<div class="charts">{% for c in metric_charts %}{{ c }}{% endfor %}</div>
+<details><summary>All {{ weights | length }} matrices</summary>
+<table><tr><th class="l">matrix</th><th>block</th><th class="l">shape</th><th>‖W‖_F</th><th>σmax</th><th>cond</th><th>eff. rank</th>
+<th>stable rank</th><th>sparsity</th><th>α</th><th>α̂</th><th>MP spikes</th></tr>
+{% for r in weights %}<tr><td class="l"><code>{{ r.name }}</code></td><td>{{ r.layer }}</td><td class="l">{{ r.shape | join('×') }}</td>
+<td>{{ fmt(r.frobenius) }}</td><td>{{ fmt(r.spectral_norm) }}</td><td>{{ fmt(r.condition_number) }}</td><td>{{ fmt(r.effective_rank) }}</td>
+<td>{{ fmt(r.stable_rank) }}</td><td>{{ '%.2f%%' % (100 * r.sparsity) }}</td><td>{{ fmt(r.alpha) }}</td><td>{{ fmt(r.alpha_weighted) }}</td>
+<td>{{ r.mp_spikes }}</td></tr>{% endfor %}</table></details>
+{% if sens %}<h3>Sensitivity per block (loss: {{ sens_loss }})</h3>
+<table><tr><th>block</th><th>gradient norm</th><th>Fisher trace</th><th>Hessian trace (Hutchinson)</th></tr>
+{% for b in sens %}<tr><td>{{ b.layer }}</td><td>{{ fmt(b.grad_norm) }}</td><td>{{ fmt(b.fisher_trace) }}</td>
+<td>{{ fmt(b.hessian_trace) }} ± {{ fmt(b.hessian_trace_se) }}</td></tr>{% endfor %}</table>{% endif %}
+{% if cka_svg %}<h3>Linear CKA between traced layers</h3>{{ cka_svg }}
+{% for v, hooks in cka_variants.items() %}<p>{{ v }} vs full precision: {% for h, c in hooks.items() %}{{ h }} {{ '%.4f' % c }}{{ ', ' if not loop.last }}{% endfor %}</p>{% endfor %}{% endif %}
+{% endif %}
+
 {% if trace_rows %}
 <h2>Activations per layer</h2>
 <div class="charts">{% for c in trace_charts %}{{ c }}{% endfor %}</div>
@@ -203,6 +225,50 @@ def _sae_view(saes: dict[str, StageRecord]) -> tuple[list[dict[str, Any]], list[
     return rows, charts
 
 
+def _metrics_view(rec: StageRecord | None, causal: bool) -> dict[str, Any]:
+    from microscope.plots import heatmap
+
+    if rec is None or rec.status.value == "failed" or not rec.details.get("weights"):
+        return {
+            "weights": [],
+            "flagged": [],
+            "metric_charts": [],
+            "sens": [],
+            "cka_svg": "",
+            "cka_variants": {},
+            "sens_loss": "",
+        }
+    rows = rec.details["weights"]
+    series: dict[str, list[tuple[float, float]]] = {}
+    for r in rows:
+        if r["layer"] >= 0 and r["alpha"] == r["alpha"]:  # not NaN
+            kind = r["name"].rsplit(".", 2)[-2]
+            series.setdefault(kind, []).append((r["layer"], r["alpha"]))
+    top = dict(sorted(series.items(), key=lambda kv: -len(kv[1]))[:6])
+    blocks: dict[int, dict[str, float]] = {}
+    for b in rec.details.get("sensitivity") or []:
+        if b["layer"] < 0:
+            continue
+        agg = blocks.setdefault(
+            b["layer"],
+            {"layer": b["layer"], "grad_norm": 0.0, "fisher_trace": 0.0, "hessian_trace": 0.0, "hessian_trace_se": 0.0},
+        )
+        agg["grad_norm"] = (agg["grad_norm"] ** 2 + b["grad_norm"] ** 2) ** 0.5
+        agg["fisher_trace"] += b["fisher_trace"]
+        agg["hessian_trace"] += b["hessian_trace"]
+        agg["hessian_trace_se"] = (agg["hessian_trace_se"] ** 2 + b["hessian_trace_se"] ** 2) ** 0.5
+    cka = rec.details.get("cka") or {}
+    return {
+        "weights": rows,
+        "flagged": [r for r in rows if r["flags"]],
+        "metric_charts": [line_chart(top, "power-law α by block", "block", "α", width=520)] if top else [],
+        "sens": [blocks[k] for k in sorted(blocks)],
+        "sens_loss": "next-token cross-entropy" if causal else "proxy: mean squared final hidden state",
+        "cka_svg": heatmap(cka["matrix"], cka["layers"], "linear CKA") if cka.get("matrix") else "",
+        "cka_variants": cka.get("variants", {}),
+    }
+
+
 def render(
     stages: dict[str, StageRecord],
     arch: Architecture | None,
@@ -213,6 +279,7 @@ def render(
     saes: dict[str, StageRecord] | None = None,
 ) -> str:
     from jinja2 import Environment
+    from markupsafe import Markup
 
     ingest = stages.get("ingest")
     trace = stages.get("trace")
@@ -235,14 +302,15 @@ def render(
     env.globals["pct"] = lambda a, b: "–" if a is None or not b else f"{100 * a / b:.1f}%"
     variant_rows, variant_charts, worst, eval_tokens = _variant_view(variants or {})
     sae_rows, sae_charts = _sae_view(saes or {})
+    mview = _metrics_view(stages.get("metrics"), bool(arch and arch.is_causal and arch.has_unembedding))
+    mview["metric_charts"] = [Markup(c) for c in mview["metric_charts"] if c]
+    mview["cka_svg"] = Markup(mview["cka_svg"])
     modules = arch.modules[:max_modules] if arch else []
     block_paths = {p.resid for p in arch.hook_points} if arch else set()
     # Embeddings, blocks and heads; the blocks' own children go in a collapsed table.
     top_modules = [
         m for m in (arch.modules if arch else []) if not any(m.name.startswith(b + ".") for b in block_paths)
     ]
-    from markupsafe import Markup
-
     return env.from_string(TEMPLATE).render(
         title=title or (f"Microscope audit: {arch.class_name}" if arch else "Microscope audit"),
         css=Markup(CSS),
@@ -258,6 +326,7 @@ def render(
         trace_rows=trace_rows,
         trace_charts=[Markup(c) for c in charts],
         trace_prefix=trace.details.get("prefix", "") if trace else "",
+        **mview,
         variant_rows=variant_rows,
         sae_rows=sae_rows,
         sae_charts=[Markup(c) for c in sae_charts if c],

@@ -51,14 +51,24 @@ def hutchinson_trace(
     names = sorted(params)
     leaves = [params[n].detach().clone().requires_grad_(True) for n in names]
     loss = loss_fn(dict(zip(names, leaves, strict=True)), batch)
-    grads = torch.autograd.grad(loss, leaves, create_graph=True)
+    grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
+    # Blocks the loss does not reach (a pooler under a proxy loss) have zero curvature.
+    used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     gen = torch.Generator().manual_seed(seed)
     samples: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(probes):
         vs = [torch.randint(0, 2, p.shape, generator=gen).to(p.dtype) * 2 - 1 for p in leaves]
-        hvs = torch.autograd.grad(grads, leaves, grad_outputs=vs, retain_graph=True)
-        for n, v, hv in zip(names, vs, hvs, strict=True):
-            samples[n].append(float((v * hv).sum()))  # vᵀ H_bb v for this block (cross terms average out)
+        hvs = torch.autograd.grad(
+            [grads[i] for i in used],
+            [leaves[i] for i in used],
+            grad_outputs=[vs[i] for i in used],
+            retain_graph=True,
+            allow_unused=True,
+        )
+        by_index = dict(zip(used, hvs, strict=True))
+        for i, n in enumerate(names):
+            hv = by_index.get(i)
+            samples[n].append(0.0 if hv is None else float((vs[i] * hv).sum()))  # vᵀ H_bb v (cross terms average out)
     out = {}
     for n, vals in samples.items():
         t = torch.tensor(vals, dtype=torch.float64)

@@ -166,3 +166,27 @@ def log_curves(run_id: str, curves: list[dict[str, float]]) -> None:
     client = mlflow.MlflowClient()
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+
+def log_layer_metrics(run_id: str, rows: list[dict[str, Any]]) -> None:
+    """Per-layer weight statistics with the block index as MLflow's step (one series per matrix kind)."""
+    import math
+    import time
+
+    from mlflow.entities import Metric
+
+    mlflow = _mlflow()
+    now = int(time.time() * 1000)
+    keys = ("alpha", "alpha_weighted", "spectral_norm", "effective_rank", "stable_rank", "condition_number")
+    metrics = []
+    for r in rows:
+        if r["layer"] < 0:
+            continue
+        kind = r["name"].split(".", 3)[-1].replace(".", "_") if r["name"].count(".") >= 3 else r["name"]
+        for k in keys:
+            v = r.get(k)
+            if isinstance(v, float | int) and math.isfinite(v):
+                metrics.append(Metric(f"{kind}.{k}"[:250], float(v), now, int(r["layer"])))
+    client = mlflow.MlflowClient()
+    for i in range(0, len(metrics), 1000):
+        client.log_batch(run_id, metrics=metrics[i : i + 1000])

@@ -14,13 +14,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 HookName = Literal["resid", "mlp", "attn"]
 HOOK_NAMES: tuple[str, ...] = ("resid", "mlp", "attn")
-STAGES: tuple[str, ...] = ("ingest", "quantize", "trace", "sae", "report")
+STAGES: tuple[str, ...] = ("ingest", "quantize", "trace", "sae", "metrics", "report")
 # What each stage needs to have run first; `--stages` pulls these in.
 STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "ingest": (),
     "quantize": ("ingest",),
     "trace": ("ingest",),
     "sae": ("ingest", "trace"),
+    "metrics": ("ingest",),
     "report": ("ingest",),
 }
 # Quantization formats a config may name; whether one runs on this machine is decided at run time.
@@ -215,6 +216,18 @@ class SAEConfig(Section):
         return v
 
 
+class MetricsConfig(Section):
+    near_zero: float = Field(1e-6, gt=0, description="|w| below this counts toward sparsity.")
+    cond_floor: float = Field(1e-12, gt=0, description="σmin is floored at this × σmax for the condition number.")
+    alpha_range: tuple[float, float] = Field((2.0, 6.0), description="Power-law α outside this range is flagged.")
+    erank_floor: float = Field(0.1, gt=0, lt=1, description="Effective rank below this share of min(shape) is flagged.")
+    robust_z: float = Field(3.5, gt=0, description="Condition numbers with a robust z-score above this are flagged.")
+    sensitivity: bool = Field(True, description="Compute gradient norms, Fisher diagonal and Hutchinson traces.")
+    sensitivity_windows: int = Field(2, ge=1, description="Windows (from the dataset's end) for the sensitivity loss.")
+    hutchinson_probes: int = Field(16, ge=2, description="Rademacher probes per Hutchinson estimate.")
+    cka_tokens: int = Field(2048, ge=8, description="Tokens sampled for CKA between layers and variants.")
+
+
 class ReportConfig(Section):
     title: str | None = Field(None, description="Report title; defaults to the model's name.")
     max_modules: int = Field(60, ge=1, description="Rows of the parameters-per-module table.")
@@ -226,6 +239,7 @@ class AuditConfig(Section):
     quantize: QuantizeConfig = Field(default_factory=QuantizeConfig)
     trace: TraceConfig = Field(default_factory=TraceConfig)
     sae: SAEConfig = Field(default_factory=SAEConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     seed: int = Field(0, description="Seed for anything random in the audit.")
 

@@ -46,3 +46,8 @@ def log_curves(run_id: str, curves_key: str, store_uri: str) -> None:
     from microscope.store import open_store
 
     tracking.log_curves(run_id, open_store(store_uri).get_json(curves_key))
+
+
+@task(name="mlflow-layers", **_opts)
+def log_layer_metrics(run_id: str, rows: list[dict[str, Any]]) -> None:
+    tracking.log_layer_metrics(run_id, rows)

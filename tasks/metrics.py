@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+from typing import Any
+
+from microscope.stages import ingest as ingest_stage
+from microscope.stages import metrics
+from microscope.store import open_store
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from schemas.config import AuditConfig
+from schemas.records import ModelRef, StageRecord
+
+from tasks.common import RETRIES, RETRY_DELAYS, cache_key, retry_transient, stage_options
+
+
+def _key(_ctx: Any, p: dict[str, Any]) -> str:
+    ing: StageRecord = p["ingest"]
+    traces = {"fp": p["trace"].config_hash or ""} if p.get("trace") else {}
+    traces |= {k: v.config_hash or "" for k, v in (p.get("variant_traces") or {}).items()}
+    return cache_key(
+        "metrics",
+        model=ing.details["model_digest"],
+        config=metrics.config_hash(p["cfg"], ing.details["dataset_digest"], traces),
+        store=p["store_uri"],
+    )
+
+
+@task(cache_key_fn=_key, **stage_options("metrics"))
+def metrics_task(
+    ref: ModelRef,
+    ingest: StageRecord,
+    cfg: AuditConfig,
+    store_uri: str,
+    trace: StageRecord | None = None,
+    variant_traces: dict[str, StageRecord] | None = None,
+) -> StageRecord:
+    """Weight spectra and statistics, anomaly flags, loss sensitivity and CKA."""
+    store = open_store(store_uri)
+    arch, _ = ingest_stage.load_outputs(ingest, store)
+    return metrics.run(ref, ingest, arch, cfg, store, trace, variant_traces)
+
+
+@task(
+    name="qdrant-index",
+    cache_policy=NO_CACHE,
+    retries=RETRIES,
+    retry_delay_seconds=RETRY_DELAYS,
+    retry_condition_fn=retry_transient,
+)
+def index_task(
+    audit_id: str, model_digest: str, metrics_rec: StageRecord | None, saes: dict[str, StageRecord], store_uri: str
+) -> dict[str, int]:
+    """Every audit's layers and SAE features into Qdrant (per audit: cached stages are indexed too)."""
+    import io
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from microscope.sae import io as sae_io
+    from microscope.vectors import VectorIndex
+
+    store = open_store(store_uri)
+    counts = {"layers": 0, "features": 0}
+    with VectorIndex() as index:
+        if metrics_rec is not None:
+            vecs = np.load(io.BytesIO(store.get_bytes(metrics_rec.details["vectors_key"])))
+            layers = {r["name"].replace("/", "_"): r for r in metrics_rec.details["weights"]}
+            rows = [
+                (
+                    name,
+                    vecs[name],
+                    {"block": layers[name]["layer"], "alpha": layers[name]["alpha"], "flags": layers[name]["flags"]},
+                )
+                for name in vecs.files
+            ]
+            counts["layers"] = index.add_layers(audit_id, model_digest, "fp", rows)
+        for hook, rec in saes.items():
+            if rec.status.value == "failed":
+                continue
+            for name in ("cfg.json", "sae_weights.safetensors"):  # local files (downloads from S3)
+                folder = store.local_path(f"{rec.details['prefix']}/sae/{name}").parent
+            loaded = sae_io.load(folder)
+            feats = pq.read_table(
+                store.local_path(rec.details["prefix"] + "/features.parquet"), columns=["density", "top_contexts"]
+            ).to_pylist()
+            tokens = [[c["token"] for c in f["top_contexts"]] for f in feats]
+            counts["features"] += index.add_features(
+                audit_id, hook, loaded.W_dec.numpy(), np.array([f["density"] for f in feats]), tokens
+            )
+    return counts
