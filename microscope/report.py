@@ -5,6 +5,7 @@ It renders whatever stage records exist, so later stages only add a section.
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -242,7 +243,7 @@ def _metrics_view(rec: StageRecord | None, causal: bool) -> dict[str, Any]:
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if r["layer"] >= 0 and r["alpha"] == r["alpha"]:  # not NaN
-            kind = r["name"].rsplit(".", 2)[-2]
+            kind = re.sub(r"^.*?\.\d+\.", "", r["name"]).removesuffix(".weight")  # name inside the block
             series.setdefault(kind, []).append((r["layer"], r["alpha"]))
     top = dict(sorted(series.items(), key=lambda kv: -len(kv[1]))[:6])
     blocks: dict[int, dict[str, float]] = {}
