@@ -22,7 +22,7 @@ trace:
   batch_size: 8
   part_tokens: 256
 """
-STAGES = ("ingest", "trace", "report")
+STAGES = ("ingest", "trace", "metrics", "report")
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +135,7 @@ def test_stages_subset_pulls_dependencies(audit_env, tmp_path: Path) -> None:
     assert {s: rec["stages"][s]["status"] for s in STAGES} == {
         "ingest": "completed",
         "trace": "completed",
+        "metrics": "skipped",
         "report": "skipped",
     }
     assert rec["report_uri"] is None

@@ -87,6 +87,7 @@ def test_audit_on_postgres_redis_and_s3(
         "ingest": "cached",
         "quantize": "cached",
         "trace": "cached",
+        "metrics": "cached",
         "report": "cached",
     }
     variant_file = second["variants"]["fp16"]["quantize"]["artifacts"]["variant/model.safetensors"]
@@ -105,4 +106,11 @@ def test_audit_on_postgres_redis_and_s3(
     client = MlflowClient(tracking_uri=mlflow_uri)
     parent = client.get_run(rec["mlflow_run_id"])
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    assert sorted(c.info.run_name for c in children) == ["ingest", "quantize[fp16]", "report", "trace", "trace[fp16]"]
+    assert sorted(c.info.run_name for c in children) == [
+        "ingest",
+        "metrics",
+        "quantize[fp16]",
+        "report",
+        "trace",
+        "trace[fp16]",
+    ]

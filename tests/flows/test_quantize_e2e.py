@@ -55,7 +55,16 @@ def test_adding_a_format_quantizes_only_the_new_one(
     children = client.search_runs([parent.info.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     names = sorted(c.info.run_name for c in children)
     assert names == sorted(
-        ["ingest", "trace", "report", "quantize[fp16]", "quantize[torch-int8]", "trace[fp16]", "trace[torch-int8]"]
+        [
+            "ingest",
+            "trace",
+            "metrics",
+            "report",
+            "quantize[fp16]",
+            "quantize[torch-int8]",
+            "trace[fp16]",
+            "trace[torch-int8]",
+        ]
     )
     q_child = next(c for c in children if c.info.run_name == "quantize[torch-int8]")
     assert q_child.data.tags["microscope.variant"] == "torch-int8"
