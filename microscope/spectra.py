@@ -41,20 +41,22 @@ def matrix_stats(w: np.ndarray, near_zero: float = 1e-6, cond_floor: float = 1e-
         raise ValueError(f"a weight of shape {np.shape(w)} is not a matrix")
     m = m.astype(np.float64)
     sv = singular_values(m)
-    fro = float(np.sqrt((m * m).sum()))
+    flat = m.ravel()
+    fro = float(np.sqrt(flat @ flat))  # one BLAS dot instead of an elementwise square and a sum
+    absm = np.abs(flat)
     smax = float(sv[0]) if sv.size else 0.0
     smin = float(sv[-1]) if sv.size else 0.0
     p = sv / sv.sum() if sv.sum() > 0 else sv
     nz = p[p > 0]
     return {
         "shape": list(m.shape),
-        "l1": float(np.abs(m).sum()),
+        "l1": float(absm.sum()),
         "frobenius": fro,
         "spectral_norm": smax,
         "condition_number": smax / max(smin, cond_floor * smax) if smax > 0 else float("nan"),
         "effective_rank": float(np.exp(-(nz * np.log(nz)).sum())) if nz.size else 0.0,
         "stable_rank": fro**2 / smax**2 if smax > 0 else 0.0,
-        "sparsity": float((np.abs(m) < near_zero).mean()),
+        "sparsity": float(np.count_nonzero(absm < near_zero) / absm.size),
         "singular_values": sv,
     }
 
