@@ -5,6 +5,7 @@ It renders whatever stage records exist, so later stages only add a section.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -126,6 +127,8 @@ drifts most is <b>{{ worst.hook }}</b> in <b>{{ worst.variant }}</b> (relative e
 {% for r in flagged %}<tr><td class="l"><code>{{ r.name }}</code></td><td>{{ r.layer }}</td><td class="l bad">{{ r.flags | join('; ') }}</td></tr>{% endfor %}
 </table>{% else %}<p class="ok">No matrix flagged (α in range, no effective-rank collapse, no conditioning outlier).</p>{% endif %}
 <div class="charts">{% for c in metric_charts %}{{ c }}{% endfor %}</div>
+{% if esd_charts %}<h3>Spectral densities{{ ' of the flagged matrices' if flagged else '' }} (log-log, with the power-law fit)</h3>
+<div class="charts">{% for c in esd_charts %}{{ c }}{% endfor %}</div>{% endif %}
 <details><summary>All {{ weights | length }} matrices</summary>
 <table><tr><th class="l">matrix</th><th>block</th><th class="l">shape</th><th>‖W‖_F</th><th>σmax</th><th>cond</th><th>eff. rank</th>
 <th>stable rank</th><th>sparsity</th><th>α</th><th>α̂</th><th>MP spikes</th></tr>
@@ -238,6 +241,7 @@ def _metrics_view(rec: StageRecord | None, causal: bool) -> dict[str, Any]:
             "cka_svg": "",
             "cka_variants": {},
             "sens_loss": "",
+            "esd_charts": [],
         }
     rows = rec.details["weights"]
     series: dict[str, list[tuple[float, float]]] = {}
@@ -259,7 +263,23 @@ def _metrics_view(rec: StageRecord | None, causal: bool) -> dict[str, Any]:
         agg["hessian_trace"] += b["hessian_trace"]
         agg["hessian_trace_se"] = (agg["hessian_trace_se"] ** 2 + b["hessian_trace_se"] ** 2) ** 0.5
     cka = rec.details.get("cka") or {}
+    finite = [r for r in rows if r["alpha"] == r["alpha"]]  # drop NaN fits
+    shown = [r for r in rows if r["flags"]] or sorted(finite, key=lambda r: -r["alpha"])
+    esd_charts = []
+    for r in shown[:6]:
+        esd = r.get("esd") or {}
+        xs, ys = esd.get("log10_lambda") or [], esd.get("log10_density") or []
+        if len(xs) < 2:
+            continue
+        series = {"ESD": list(zip(xs, ys, strict=True))}
+        if r["alpha"] == r["alpha"] and r.get("xmin", 0) > 0:
+            # The fitted density p(λ) ∝ λ^−α from xmin, anchored at the ESD bin nearest xmin.
+            x0 = math.log10(r["xmin"])
+            y0 = ys[min(range(len(xs)), key=lambda i: abs(xs[i] - x0))]
+            series["α fit"] = [(x, y0 - r["alpha"] * (x - x0)) for x in xs if x >= x0]
+        esd_charts.append(line_chart(series, r["name"][-48:], "log10 λ", "log10 density", from_zero=False))
     return {
+        "esd_charts": esd_charts,
         "weights": rows,
         "flagged": [r for r in rows if r["flags"]],
         "metric_charts": [line_chart(top, "power-law α by block", "block", "α", width=520)] if top else [],
@@ -306,6 +326,7 @@ def render(
     mview = _metrics_view(stages.get("metrics"), bool(arch and arch.is_causal and arch.has_unembedding))
     mview["metric_charts"] = [Markup(c) for c in mview["metric_charts"] if c]
     mview["cka_svg"] = Markup(mview["cka_svg"])
+    mview["esd_charts"] = [Markup(c) for c in mview["esd_charts"] if c]
     modules = arch.modules[:max_modules] if arch else []
     block_paths = {p.resid for p in arch.hook_points} if arch else set()
     # Embeddings, blocks and heads; the blocks' own children go in a collapsed table.

@@ -115,3 +115,17 @@ def mp_spikes(singular_values: np.ndarray, shape: tuple[int, int]) -> int:
     var = float((sv**2).sum() / (n * m))  # mean squared entry
     edge = var * (1 + np.sqrt(m / n)) ** 2
     return int((evals > edge).sum())
+
+
+def esd_histogram(singular_values: np.ndarray, bins: int = 30) -> dict[str, list[float]]:
+    """The empirical spectral density of WᵀW on log-spaced bins: (log10 λ at bin centres, log10 density)."""
+    evals = np.asarray(singular_values, dtype=np.float64) ** 2
+    evals = evals[evals > EVALS_THRESH]
+    if evals.size < 2:
+        return {"log10_lambda": [], "log10_density": []}
+    edges = np.logspace(np.log10(evals.min()), np.log10(evals.max()), bins + 1)
+    counts, _ = np.histogram(evals, bins=edges)
+    dens = counts / (evals.size * np.diff(edges))
+    keep = dens > 0
+    centres = np.sqrt(edges[:-1] * edges[1:])
+    return {"log10_lambda": np.log10(centres[keep]).tolist(), "log10_density": np.log10(dens[keep]).tolist()}

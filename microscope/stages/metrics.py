@@ -19,7 +19,7 @@ from microscope.stages import from_manifest, stage_prefix, timed
 from microscope.store import ArtifactStore
 from microscope.vectors import layer_embedding
 
-VERSION = "1"
+VERSION = "2"  # 2: ESD histograms in the weight rows
 
 
 def config_hash(cfg: AuditConfig, dataset_digest: str, traces: dict[str, str]) -> str:

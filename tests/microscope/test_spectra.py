@@ -92,3 +92,16 @@ def test_power_law_recovers_a_known_exponent_and_mp_spikes() -> None:
     assert mp_spikes(svdvals(w), w.shape) <= 2  # pure noise: (almost) nothing beyond the bulk edge
     spiked = w + 30 * np.outer(rng.standard_normal(400), rng.standard_normal(100)) / 20
     assert mp_spikes(svdvals(spiked), spiked.shape) >= 1
+
+
+def test_esd_histogram_integrates_to_one() -> None:
+    from microscope.spectra import esd_histogram
+
+    sv = np.sqrt(np.random.default_rng(0).pareto(2.0, 2000) + 1)
+    h = esd_histogram(sv, bins=20)
+    lam = 10 ** np.asarray(h["log10_lambda"])
+    dens = 10 ** np.asarray(h["log10_density"])
+    # Riemann sum over log-spaced bins: Σ density · width ≈ 1 (empty bins were dropped, hence ≤ 1).
+    edges_ratio = (sv.max() ** 2 / sv.min() ** 2) ** (1 / 20)
+    widths = lam * (np.sqrt(edges_ratio) - 1 / np.sqrt(edges_ratio))
+    assert 0.99 < float((dens * widths).sum()) <= 1.0 + 1e-9
