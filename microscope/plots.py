@@ -37,6 +37,15 @@ def line_chart(
     if not pts:
         return ""
     left, right, top, bottom = 56, 12, 40, 40
+    slots, x, row = [], float(left), 0
+    for name in series:
+        w = 26 + 6.5 * len(name)
+        if x + w > width - right and x > left:
+            x, row = float(left), row + 1
+        slots.append((x, row))
+        x += w
+    top += 13 * row
+    height += 13 * row
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
     lo = min(0.0, min(ys)) if from_zero else min(ys)
@@ -62,8 +71,11 @@ def line_chart(
         out.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(t):.1f}" y2="{sy(t):.1f}" class="g"/>')
         out.append(f'<text x="{left - 4}" y="{sy(t) + 4:.1f}" text-anchor="end" class="k">{_fmt(t)}</text>')
     xticks = sorted(set(xs))
-    for x in xticks[:: max(1, len(xticks) // 10)]:  # at most ~10 labels
+    if len(xticks) > 12:  # a continuous axis: round ticks inside the data range
+        xticks = [t for t in _ticks(x0, x1, 6) if x0 - 1e-9 <= t <= x1 + 1e-9]
+    for x in xticks:
         out.append(f'<text x="{sx(x):.1f}" y="{height - bottom + 14}" text-anchor="middle" class="k">{_fmt(x)}</text>')
+    legend: list[tuple[str, str]] = []
     for i, (name, s) in enumerate(series.items()):
         color = PALETTE[i % len(PALETTE)]
         s = [p for p in s if math.isfinite(p[1])]
@@ -74,11 +86,20 @@ def line_chart(
                 f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}"><title>{html.escape(name)} '
                 f"layer {_fmt(x)}: {_fmt(y)}</title></circle>"
             )
-        # Legend along the top right; inline style, since the stylesheet's text fill would win over an attribute.
-        lx = width - right - 70 * (len(series) - i)
-        out.append(f'<text x="{lx}" y="{top - 8}" class="k" style="fill:{color}">&#9632; {html.escape(name)}</text>')
+        legend.append((name, color))
+    # Legend below the title, wrapping onto more rows when the names are long; inline style, since the
+    # stylesheet's text fill would win over an attribute.
+    x, row = left, 0
+    for name, color in legend:
+        w = 26 + 6.5 * len(name)
+        if x + w > width - right and x > left:
+            x, row = left, row + 1
+        out.append(
+            f'<text x="{x:.0f}" y="{30 + 13 * row}" class="k" style="fill:{color}">&#9632; {html.escape(name)}</text>'
+        )
+        x += w
     out.append("</svg>")
-    return "".join(out)
+    return "".join(out).replace(f'height="{height}"', f'height="{height + 13 * row}"', 1) if row else "".join(out)
 
 
 def heatmap(matrix: list[list[float]], labels: list[str], title: str, cell: int = 36) -> str:

@@ -14,12 +14,12 @@ from schemas.records import Architecture, ModelRef, StageRecord, StageStatus
 from microscope import dataset as ds
 from microscope.cka import cka_matrix, linear_cka
 from microscope.models import loading
-from microscope.spectra import matrix_stats, mp_spikes, power_law_fit
+from microscope.spectra import esd_histogram, matrix_stats, mp_spikes, power_law_fit
 from microscope.stages import from_manifest, stage_prefix, timed
 from microscope.store import ArtifactStore
 from microscope.vectors import layer_embedding
 
-VERSION = "2"  # 2: ESD histograms in the weight rows
+VERSION = "3"  # 3: ESD histograms in the weight rows
 
 
 def config_hash(cfg: AuditConfig, dataset_digest: str, traces: dict[str, str]) -> str:
@@ -59,6 +59,7 @@ def weight_table(
                 **stats,
                 **fit,
                 "mp_spikes": mp_spikes(sv, tuple(stats["shape"])),
+                "esd": esd_histogram(sv),
             }
         )
     return rows, spectra, vectors

@@ -12,7 +12,7 @@ from microscope.stages import from_manifest, stage_prefix, timed
 from microscope.stages.ingest import load_outputs
 from microscope.store import ArtifactStore
 
-VERSION = "1"
+VERSION = "2"  # 2: metrics, SAE and variant sections
 
 
 def config_hash(
