@@ -37,3 +37,12 @@ def is_retryable(exc: BaseException) -> bool:
     except ImportError:  # pragma: no cover
         pass
     return isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError | PermissionError | IsADirectoryError)
+
+
+def is_oom(exc: BaseException) -> bool:
+    """Out of memory, on a GPU (torch.OutOfMemoryError) or on the CPU (allocator or Python MemoryError)."""
+    import torch
+
+    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
+        isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc))
+    )

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from schemas.config import QuantizeConfig
 from schemas.records import ModelRef
 
-from microscope.errors import InputError
+from microscope.errors import InputError, is_oom
 from microscope.models import loading
 from microscope.native_int8 import linear_weight, quantize_linears
 
@@ -122,14 +122,6 @@ def check_format(fmt: str) -> None:
         raise InputError(f"quantize.formats: unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
 
 
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError | MemoryError) or (
-        isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc))
-    )
-
-
 def load_variant(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str = "cpu") -> nn.Module:
     """The model quantized to `fmt`, in eval mode. Raises VariantOOM when it cannot fit."""
     import torch
@@ -147,7 +139,7 @@ def load_variant(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str = "cp
             if n == 0:
                 raise _no_linear(model, fmt)
     except Exception as exc:
-        if _is_oom(exc):
+        if is_oom(exc):
             raise VariantOOM(f"{fmt}: out of memory while loading ({str(exc).splitlines()[0][:120]})") from exc
         raise
     model.eval()

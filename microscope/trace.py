@@ -22,7 +22,7 @@ from schemas.activations import STATS_METADATA_KEY, activation_schema
 from schemas.config import TraceConfig
 from schemas.records import HookPoints
 
-from microscope.errors import InputError
+from microscope.errors import InputError, is_oom
 from microscope.store import ArtifactStore
 
 if TYPE_CHECKING:
@@ -174,14 +174,6 @@ class _StopForward(Exception):
     """Raised from the last traced block's hook: nothing after it needs computing."""
 
 
-def _is_oom(exc: BaseException) -> bool:
-    import torch
-
-    return isinstance(exc, torch.OutOfMemoryError) or (
-        isinstance(exc, RuntimeError) and ("out of memory" in str(exc) or "can't allocate memory" in str(exc))
-    )
-
-
 def _forward(model: nn.Module, ids: torch.Tensor) -> None:
     config = getattr(model, "config", None)
     if config is not None:  # HF models take keyword arguments; no KV cache is wanted
@@ -274,7 +266,7 @@ def trace_to_parquet(
                 except _StopForward:
                     pass
                 except Exception as exc:
-                    if not _is_oom(exc):
+                    if not is_oom(exc):
                         raise
                     captured.clear()
                     if torch.cuda.is_available():

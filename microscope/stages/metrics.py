@@ -33,6 +33,11 @@ def config_hash(cfg: AuditConfig, dataset_digest: str, traces: dict[str, str]) -
     )
 
 
+def _blocks_path(arch: Architecture) -> str:
+    """'transformer.h' for GPT-2: the ModuleList the hook points live in."""
+    return arch.hook_points[0].resid.rsplit(".", 1)[0] if arch.hook_points else ""
+
+
 def layer_index(name: str, blocks: str) -> int:
     """Block index of a parameter name (-1 outside the blocks: embeddings, heads)."""
     m = re.match(re.escape(blocks) + r"\.(\d+)\.", name)
@@ -115,7 +120,7 @@ def sensitivity(model: Any, arch: Architecture, ids: np.ndarray, cfg: AuditConfi
                 fisher[k] += gi.pow(2) / len(x)
                 grads_total[k] += gi / len(x)
     hutch = hutchinson_trace(loss_fn, params, x, probes=cfg.metrics.hutchinson_probes, seed=cfg.seed)
-    blocks = arch.hook_points[0].resid.rsplit(".", 1)[0] if arch.hook_points else ""
+    blocks = _blocks_path(arch)
     return [
         {
             "name": k,
@@ -149,7 +154,7 @@ def run(
     times: dict[str, Any] = {}
     with timed(times):
         model = loading.load_model(ref)
-        blocks = arch.hook_points[0].resid.rsplit(".", 1)[0] if arch.hook_points else ""
+        blocks = _blocks_path(arch)
         rows, spectra, vectors = weight_table(model, blocks, cfg)
         flag(rows, cfg)
         ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
