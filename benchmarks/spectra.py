@@ -3,6 +3,7 @@ GPT-2-small-shaped stack of matrices (12 blocks: 768→2304, 768→768, 768→30
 
     python benchmarks/spectra.py [--blocks 12]
 
+Ours runs as the metrics stage does (shards side by side, each with its share of the BLAS threads).
 Prints both times, the speed ratio and the largest |α_ours − α_ww| over the layers.
 """
 
@@ -38,17 +39,22 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--blocks", type=int, default=12)
     args = ap.parse_args()
-    from microscope.spectra import matrix_stats, mp_spikes, power_law_fit
+    from concurrent.futures import ThreadPoolExecutor
 
+    from microscope.stages.metrics import blas_threads, shard_plan, weight_table
+    from schemas.config import AuditConfig
+
+    cfg = AuditConfig()
     model = gpt2_small_like(args.blocks)
+    # As the metrics stage runs: the matrices split into `weight_shards` shard tasks that the flow's task
+    # runner executes side by side, each with its share of the BLAS threads.
     t = time.perf_counter()
-    ours = []
-    for layer in model:
-        stats = matrix_stats(layer.weight.detach().numpy())
-        fit = power_law_fit(stats["singular_values"])
-        mp_spikes(stats["singular_values"], tuple(stats["shape"]))
-        ours.append(fit["alpha"])
+    plan = shard_plan(model, cfg.metrics.weight_shards)
+    with blas_threads(len(plan)), ThreadPoolExecutor(len(plan)) as pool:
+        parts = list(pool.map(lambda names: weight_table(model, "", cfg, names)[0], plan))
     t_ours = time.perf_counter() - t
+    by_name = {r["name"]: r["alpha"] for rows in parts for r in rows}
+    ours = [by_name[f"{i}.weight"] for i in range(len(model))]
 
     import weightwatcher as ww
 

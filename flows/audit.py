@@ -23,7 +23,7 @@ from microscope.store import open_store
 from schemas.config import STAGES, AuditConfig
 from schemas.records import AuditRecord, ModelRef, StageRecord, StageStatus
 from tasks.ingest import ingest_task
-from tasks.metrics import index_task, metrics_task
+from tasks.metrics import index_task, metrics_task, weights_task
 from tasks.quantize import quantize_task
 from tasks.report import report_task
 from tasks.sae import sae_task
@@ -38,7 +38,26 @@ def _one_line(exc: BaseException) -> str:
 
 def _run(task: Any, stage: str, store: Any, **kwargs: Any) -> StageRecord:
     """Run one stage task; a Prefect cache hit becomes status `cached` if its artifacts still exist."""
-    state = task(**kwargs, return_state=True)
+    return _settle(task(**kwargs, return_state=True), task, stage, store, kwargs)
+
+
+def _run_many(task: Any, stage: str, store: Any, calls: list[dict[str, Any]]) -> list[StageRecord]:
+    """Submit one task run per call (they run concurrently, on separate workers where the task runner
+    has them) and settle each like _run."""
+    futures = [task.submit(**kw) for kw in calls]
+    for f in futures:
+        f.wait()
+    return [_settle(f.state, task, stage, store, kw) for f, kw in zip(futures, calls, strict=True)]
+
+
+def _failed(stage: str, exc: Any) -> StageRecord:
+    error = _one_line(exc) if isinstance(exc, BaseException) else str(exc)
+    return StageRecord(
+        stage=stage, status=StageStatus.failed, error=error, details={"input_error": isinstance(exc, InputError)}
+    )
+
+
+def _settle(state: Any, task: Any, stage: str, store: Any, kwargs: dict[str, Any]) -> StageRecord:
     if state.is_completed():
         rec: StageRecord = state.result()
         if state.name == "Cached":
@@ -48,11 +67,7 @@ def _run(task: Any, stage: str, store: Any, **kwargs: Any) -> StageRecord:
                 return _run(task.with_options(refresh_cache=True), stage, store, **kwargs)
             rec = rec.model_copy(update={"status": StageStatus.cached})
         return rec
-    exc = state.result(raise_on_failure=False)
-    error = _one_line(exc) if isinstance(exc, BaseException) else str(exc)
-    return StageRecord(
-        stage=stage, status=StageStatus.failed, error=error, details={"input_error": isinstance(exc, InputError)}
-    )
+    return _failed(stage, state.result(raise_on_failure=False))
 
 
 def _run_group(task: Any, stage: str, store: Any, names: list[str], **kwargs: Any) -> dict[str, StageRecord]:
@@ -225,20 +240,35 @@ def audit(
                 if v.get("trace") and v["trace"].status != StageStatus.failed
             }
             fp_trace = rec.stages.get("trace")
-            m = track(
-                _run(
-                    metrics_task,
-                    "metrics",
-                    store,
-                    ref=model,
-                    ingest=ingest,
-                    cfg=config,
-                    store_uri=store.uri,
-                    trace=fp_trace if fp_trace and fp_trace.status != StageStatus.failed else None,
-                    variant_traces=ok_variants,
-                ),
-                config.metrics.model_dump(mode="json"),
-            )
+            shard_calls = [
+                {"ref": model, "ingest": ingest, "cfg": config, "store_uri": store.uri, "shard": i}
+                for i in range(config.metrics.weight_shards)
+            ]
+            shards = _run_many(weights_task, "metrics", store, shard_calls)
+            bad = next((s for s in shards if s.status == StageStatus.failed), None)
+            try:
+                compare = _compare_traces(store, config.metrics.compare_audits)
+            except InputError as exc:
+                compare, bad = {}, _failed("metrics", exc)
+            if bad is not None:
+                m = track(bad, config.metrics.model_dump(mode="json"))
+            else:
+                m = track(
+                    _run(
+                        metrics_task,
+                        "metrics",
+                        store,
+                        ref=model,
+                        ingest=ingest,
+                        cfg=config,
+                        store_uri=store.uri,
+                        shards=shards,
+                        trace=fp_trace if fp_trace and fp_trace.status != StageStatus.failed else None,
+                        variant_traces=ok_variants,
+                        compare=compare,
+                    ),
+                    config.metrics.model_dump(mode="json"),
+                )
             if m.status != StageStatus.failed:
                 log_layer_metrics(m.mlflow_run_id, m.details["weights"])
         metrics_rec = rec.stages.get("metrics")
@@ -294,6 +324,21 @@ def audit(
     if failed:  # a Failed final state without a traceback: the error is already one clean line
         return Failed(message=rec.error)  # type: ignore[return-value]
     return rec
+
+
+def _compare_traces(store: Any, audit_ids: list[str]) -> dict[str, StageRecord]:
+    """The full-precision trace of each audit named in metrics.compare_audits."""
+    out = {}
+    for aid in audit_ids:
+        other = audits.load(store, aid)
+        tr = other.stages.get("trace")
+        if tr is None or tr.status in (StageStatus.failed, StageStatus.skipped):
+            raise InputError(
+                f"metrics.compare_audits: audit '{other.audit_id}' has no finished trace; "
+                "compare only with audits that traced layers (trace stage completed)"
+            )
+        out[other.audit_id] = tr
+    return out
 
 
 def _aggregate(stage: str, records: dict[str, StageRecord]) -> StageRecord:

@@ -25,6 +25,9 @@ def _env_defaults() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # The temporary server's first start migrates a fresh database: ~20 s on 2 cores, Prefect's default
+    # patience; give it room instead of failing a laptop's first audit.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 @contextlib.contextmanager

@@ -129,3 +129,49 @@ def heatmap(matrix: list[list[float]], labels: list[str], title: str, cell: int 
             )
     out.append("</svg>")
     return "".join(out)
+
+
+def value_grid(
+    matrix: list[list[float]],
+    title: str,
+    row_labels: list[str] | None = None,
+    col_labels: list[str] | None = None,
+    cell: int = 8,
+    legend: str = "",
+) -> str:
+    """Any matrix of finite values (NaN: blank) shaded from its min (light) to its max (dark): Fisher
+    maps and block × tensor tables. Labels are optional; each cell's value is in its tooltip."""
+    vals = [v for row in matrix for v in row if v == v]
+    lo, hi = (min(vals), max(vals)) if vals else (0.0, 1.0)
+    span = (hi - lo) or 1.0
+    left = 170 if row_labels else 10
+    top = 24 + (90 if col_labels else 0)
+    n_rows, n_cols = len(matrix), max((len(r) for r in matrix), default=0)
+    width, height = max(left + n_cols * cell + 10, 260), top + n_rows * cell + 26
+    out = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" class="chart" role="img" '
+        f'aria-label="{html.escape(title)}"><text x="10" y="16" class="t">{html.escape(title)}</text>'
+    ]
+    for j, lab in enumerate(col_labels or []):
+        x = left + j * cell + cell / 2
+        out.append(
+            f'<text x="{x}" y="{top - 4}" transform="rotate(-60 {x} {top - 4})" class="k">{html.escape(lab)}</text>'
+        )
+    for i, row in enumerate(matrix):
+        y = top + i * cell
+        if row_labels:
+            out.append(
+                f'<text x="{left - 6}" y="{y + cell / 2 + 4}" text-anchor="end" class="k">{html.escape(row_labels[i])}</text>'
+            )
+        for j, v in enumerate(row):
+            if v != v:
+                continue
+            shade = int(250 - 210 * (v - lo) / span)
+            out.append(
+                f'<rect x="{left + j * cell}" y="{y}" width="{cell}" height="{cell}" fill="rgb({shade},{shade},255)">'
+                f"<title>{v:.4g}</title></rect>"
+            )
+    out.append(
+        f'<text x="{left}" y="{height - 8}" class="k">{html.escape(legend)} light {lo:.3g} → dark {hi:.3g}</text></svg>'
+    )
+    return "".join(out)

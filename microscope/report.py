@@ -141,7 +141,19 @@ drifts most is <b>{{ worst.hook }}</b> in <b>{{ worst.variant }}</b> (relative e
 {% for b in sens %}<tr><td>{{ b.layer }}</td><td>{{ fmt(b.grad_norm) }}</td><td>{{ fmt(b.fisher_trace) }}</td>
 <td>{{ fmt(b.hessian_trace) }} ± {{ fmt(b.hessian_trace_se) }}</td></tr>{% endfor %}</table>{% endif %}
 {% if cka_svg %}<h3>Linear CKA between traced layers</h3>{{ cka_svg }}
-{% for v, hooks in cka_variants.items() %}<p>{{ v }} vs full precision: {% for h, c in hooks.items() %}{{ h }} {{ '%.4f' % c }}{{ ', ' if not loop.last }}{% endfor %}</p>{% endfor %}{% endif %}
+{% for v, hooks in cka_variants.items() %}<p>{{ v }} vs full precision: {% for h, c in hooks.items() %}{{ h }} {{ '%.4f' % c }}{{ ', ' if not loop.last }}{% endfor %}</p>{% endfor %}
+{% if cka_audits %}<h3>Linear CKA against other checkpoints (metrics.compare_audits, same tokens)</h3>
+<table><tr><th class="l">audit</th>{% for h in cka_hooks %}<th>{{ h }}</th>{% endfor %}</tr>
+{% for a, hooks in cka_audits.items() %}<tr><td class="l"><code>{{ a }}</code></td>{% for h in cka_hooks %}<td>{{ '%.4f' % hooks[h] if h in hooks else '–' }}</td>{% endfor %}</tr>{% endfor %}
+</table>{% endif %}
+{% for a, why in cka_skipped.items() %}<p class="muted">{{ a }}: not compared ({{ why }}).</p>{% endfor %}{% endif %}
+{% if fisher_charts %}<h3>Fisher diagonal</h3>
+<p class="muted">log10 of the Fisher trace per block and tensor, then the Fisher diagonal of the most sensitive matrices
+mean-pooled to a grid (rows: output units, columns: inputs). Full diagonal: <code>{{ fisher_key }}</code>.</p>
+<div class="charts">{% for c in fisher_charts %}{{ c }}{% endfor %}</div>{% endif %}
+{% if randomized %}<p class="muted">{{ randomized }} matrices took the randomized spectrum path (top
+{{ randomized_rank }} singular values, relative-error bound on σmax up to {{ "%.2e" % randomized_error }}); their condition
+numbers are not computed and their effective ranks are estimates.</p>{% endif %}
 {% endif %}
 
 {% if trace_rows %}
@@ -242,6 +254,14 @@ def _metrics_view(rec: StageRecord | None, causal: bool) -> dict[str, Any]:
             "cka_variants": {},
             "sens_loss": "",
             "esd_charts": [],
+            "fisher_charts": [],
+            "cka_audits": {},
+            "cka_hooks": [],
+            "cka_skipped": {},
+            "fisher_key": "",
+            "randomized": 0,
+            "randomized_rank": 0,
+            "randomized_error": 0.0,
         }
     rows = rec.details["weights"]
     series: dict[str, list[tuple[float, float]]] = {}
@@ -265,6 +285,7 @@ def _metrics_view(rec: StageRecord | None, causal: bool) -> dict[str, Any]:
     cka = rec.details.get("cka") or {}
     finite = [r for r in rows if r["alpha"] == r["alpha"]]  # drop NaN fits
     shown = [r for r in rows if r["flags"]] or sorted(finite, key=lambda r: -r["alpha"])
+    rand = [r for r in rows if r.get("spectrum") == "randomized"]
     esd_charts = []
     for r in shown[:6]:
         esd = r.get("esd") or {}
@@ -287,7 +308,47 @@ def _metrics_view(rec: StageRecord | None, causal: bool) -> dict[str, Any]:
         "sens_loss": "next-token cross-entropy" if causal else "proxy: mean squared final hidden state",
         "cka_svg": heatmap(cka["matrix"], cka["layers"], "linear CKA") if cka.get("matrix") else "",
         "cka_variants": cka.get("variants", {}),
+        "cka_audits": cka.get("audits", {}),
+        "cka_hooks": sorted({h for v in cka.get("audits", {}).values() for h in v}),
+        "cka_skipped": cka.get("skipped", {}),
+        "fisher_charts": _fisher_charts(rec),
+        "fisher_key": rec.details.get("fisher_key") or "",
+        "randomized": len(rand),
+        "randomized_rank": max((r["n_singular_values"] for r in rand), default=0),
+        "randomized_error": max((r["spectrum_error"] for r in rand), default=0.0),
     }
+
+
+def _fisher_charts(rec: StageRecord) -> list[str]:
+    from microscope.plots import value_grid
+
+    sens = rec.details.get("sensitivity") or []
+    table: dict[int, dict[str, float]] = {}
+    for r in sens:
+        if r["layer"] >= 0 and r["fisher_trace"] > 0:
+            kind = re.sub(r"^.*?\.\d+\.", "", r["name"])
+            table.setdefault(r["layer"], {})[kind] = math.log10(r["fisher_trace"])
+    charts = []
+    if table:
+        kinds = sorted({k for row in table.values() for k in row})
+        layers = sorted(table)
+        charts.append(
+            value_grid(
+                [[table[b].get(k, float("nan")) for k in kinds] for b in layers],
+                "log10 Fisher trace, block × tensor",
+                row_labels=[f"block {b}" for b in layers],
+                col_labels=kinds,
+                cell=18,
+                legend="log10 trace:",
+            )
+        )
+    for m in rec.details.get("fisher_maps") or []:
+        charts.append(
+            value_grid(
+                m["log10_fisher"], m["name"][-40:] + " " + "×".join(map(str, m["shape"])), cell=7, legend="log10 F:"
+            )
+        )
+    return charts
 
 
 def render(
@@ -327,6 +388,7 @@ def render(
     mview["metric_charts"] = [Markup(c) for c in mview["metric_charts"] if c]
     mview["cka_svg"] = Markup(mview["cka_svg"])
     mview["esd_charts"] = [Markup(c) for c in mview["esd_charts"] if c]
+    mview["fisher_charts"] = [Markup(c) for c in mview["fisher_charts"] if c]
     modules = arch.modules[:max_modules] if arch else []
     block_paths = {p.resid for p in arch.hook_points} if arch else set()
     # Embeddings, blocks and heads; the blocks' own children go in a collapsed table.

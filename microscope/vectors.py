@@ -40,6 +40,28 @@ def layer_embedding(stats: dict[str, Any], fit: dict[str, float]) -> np.ndarray:
     return np.concatenate([head, hist / max(hist.sum(), 1)]).astype(np.float32)
 
 
+HEAD = 8  # the statistics part of a layer embedding; the rest is the log-spectrum histogram
+
+
+def standardise_layers(vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """z-scores the statistics part of every layer embedding across the model's matrices, so a layer is
+    described relative to its model (its norms and ranks in standard deviations from the model's mean),
+    and scales the spectrum histogram to the same unit norm; raw statistics of one model are so alike
+    that their cosine similarities all sit near 1."""
+    if not vectors:
+        return {}
+    names = sorted(vectors)
+    head = np.stack([vectors[n][:HEAD] for n in names]).astype(np.float64)
+    std = head.std(axis=0)
+    z = (head - head.mean(axis=0)) / np.where(std > 1e-12, std, 1.0)
+    out = {}
+    for n, zi in zip(names, z, strict=True):
+        hist = vectors[n][HEAD:].astype(np.float64)
+        hist = hist / max(float(np.linalg.norm(hist)), 1e-12) * np.sqrt(HEAD)
+        out[n] = np.concatenate([zi, hist]).astype(np.float32)
+    return out
+
+
 def _point_id(*parts: Any) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "microscope/" + "/".join(str(p) for p in parts)))
 

@@ -226,6 +226,18 @@ class MetricsConfig(Section):
     sensitivity_windows: int = Field(2, ge=1, description="Windows (from the dataset's end) for the sensitivity loss.")
     hutchinson_probes: int = Field(16, ge=2, description="Rademacher probes per Hutchinson estimate.")
     cka_tokens: int = Field(2048, ge=8, description="Tokens sampled for CKA between layers and variants.")
+    exact_max_dim: int = Field(
+        4096, ge=2, description="Matrices whose smaller side exceeds this take the randomized spectrum path."
+    )
+    randomized_rank: int = Field(512, ge=1, description="Singular values the randomized path computes (the top ones).")
+    weight_shards: int = Field(
+        4, ge=1, le=256, description="Tasks the weight statistics fan out to (each loads the model once)."
+    )
+    compare_audits: list[str] = Field(
+        default_factory=list,
+        description="Audit ids of other checkpoints of the same training run, traced on the same dataset: "
+        "CKA of each traced layer against theirs.",
+    )
 
 
 class ReportConfig(Section):

@@ -13,14 +13,34 @@ from schemas.records import ModelRef, StageRecord
 from tasks.common import RETRIES, RETRY_DELAYS, cache_key, retry_transient, stage_options
 
 
+def _shard_key(_ctx: Any, p: dict[str, Any]) -> str:
+    return cache_key(
+        "metrics-weights",
+        model=p["ingest"].details["model_digest"],
+        config=metrics.shard_hash(p["cfg"]),
+        shard=p["shard"],
+        store=p["store_uri"],
+    )
+
+
+@task(cache_key_fn=_shard_key, task_run_name="weights-{shard}", **stage_options("metrics"))
+def weights_task(ref: ModelRef, ingest: StageRecord, cfg: AuditConfig, store_uri: str, shard: int) -> StageRecord:
+    """Spectra and statistics of one shard of the model's matrices."""
+    store = open_store(store_uri)
+    arch, _ = ingest_stage.load_outputs(ingest, store)
+    return metrics.run_shard(ref, ingest, arch, cfg, store, shard)
+
+
 def _key(_ctx: Any, p: dict[str, Any]) -> str:
     ing: StageRecord = p["ingest"]
     traces = {"fp": p["trace"].config_hash or ""} if p.get("trace") else {}
     traces |= {k: v.config_hash or "" for k, v in (p.get("variant_traces") or {}).items()}
+    traces |= {f"audit:{k}": v.config_hash or "" for k, v in (p.get("compare") or {}).items()}
     return cache_key(
         "metrics",
         model=ing.details["model_digest"],
         config=metrics.config_hash(p["cfg"], ing.details["dataset_digest"], traces),
+        shards=[s.config_hash for s in p["shards"]],
         store=p["store_uri"],
     )
 
@@ -31,13 +51,15 @@ def metrics_task(
     ingest: StageRecord,
     cfg: AuditConfig,
     store_uri: str,
+    shards: list[StageRecord],
     trace: StageRecord | None = None,
     variant_traces: dict[str, StageRecord] | None = None,
+    compare: dict[str, StageRecord] | None = None,
 ) -> StageRecord:
-    """Weight spectra and statistics, anomaly flags, loss sensitivity and CKA."""
+    """The shards joined, anomaly flags, loss sensitivity and CKA."""
     store = open_store(store_uri)
     arch, _ = ingest_stage.load_outputs(ingest, store)
-    return metrics.run(ref, ingest, arch, cfg, store, trace, variant_traces)
+    return metrics.run(ref, ingest, arch, cfg, store, shards, trace, variant_traces, compare)
 
 
 @task(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -67,9 +68,18 @@ def _is_causal_hf(config: Any) -> bool:
     return any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs)
 
 
+# transformers builds models under process-global patches (meta-device init, default dtype): two threads
+# loading at once (concurrent task runs) corrupt each other's models, so loads take turns.
+_LOAD_LOCK = threading.Lock()
+
+
 def load_model(ref: ModelRef) -> nn.Module:
     """The model in eval mode, on CPU, in `ref.dtype`."""
+    with _LOAD_LOCK:
+        return _load_model(ref)
 
+
+def _load_model(ref: ModelRef) -> nn.Module:
     path = Path(ref.resolved_path or ref.source)
     dtype = _torch_dtype(ref.dtype)
     if path.is_dir():

@@ -17,9 +17,11 @@ from microscope.models import loading
 from microscope.spectra import esd_histogram, matrix_stats, mp_spikes, power_law_fit
 from microscope.stages import from_manifest, stage_prefix, timed
 from microscope.store import ArtifactStore
-from microscope.vectors import layer_embedding
+from microscope.vectors import layer_embedding, standardise_layers
 
-VERSION = "3"  # 3: ESD histograms in the weight rows
+VERSION = "4"  # 4: weight statistics fan out to shard tasks; Fisher stored in full; CKA across audits
+SHARD_VERSION = "1"
+WEIGHT_KEYS = ("near_zero", "cond_floor", "exact_max_dim", "randomized_rank", "weight_shards")
 
 
 def config_hash(cfg: AuditConfig, dataset_digest: str, traces: dict[str, str]) -> str:
@@ -29,8 +31,29 @@ def config_hash(cfg: AuditConfig, dataset_digest: str, traces: dict[str, str]) -
             "metrics": cfg.metrics.model_dump(),
             "dataset": dataset_digest,
             "traces": dict(sorted(traces.items())),
+            "seed": cfg.seed,
         }
     )
+
+
+def shard_hash(cfg: AuditConfig) -> str:
+    """What the weight statistics depend on (besides the weights): a change elsewhere in `metrics`
+    (flag thresholds, sensitivity, CKA) reuses the shards."""
+    return canonical_hash({"v": SHARD_VERSION, **{k: getattr(cfg.metrics, k) for k in WEIGHT_KEYS}, "seed": cfg.seed})
+
+
+def shard_plan(model: Any, shards: int) -> list[list[str]]:
+    """Matrices split into `shards` groups of about equal cost (longest-processing-time first: cost of a
+    spectrum ~ m·n·min(m, n)); every shard computes the same plan from the same model."""
+    mats = [(n, t.shape) for n, t in loading.unique_state(model) if t.is_floating_point() and t.dim() >= 2]
+    cost = {n: int(np.prod(sh)) * min(sh[0], int(np.prod(sh[1:]))) for n, sh in mats}
+    plan: list[list[str]] = [[] for _ in range(max(1, min(shards, len(mats))))]
+    load = [0] * len(plan)
+    for n in sorted(cost, key=lambda k: (-cost[k], k)):
+        i = int(np.argmin(load))
+        plan[i].append(n)
+        load[i] += cost[n]
+    return plan
 
 
 def _blocks_path(arch: Architecture) -> str:
@@ -45,14 +68,25 @@ def layer_index(name: str, blocks: str) -> int:
 
 
 def weight_table(
-    model: Any, blocks: str, cfg: AuditConfig
+    model: Any, blocks: str, cfg: AuditConfig, names: list[str] | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """One row per 2-D weight (conv kernels reshaped), its singular values and its layer embedding."""
+    """One row per 2-D weight (conv kernels reshaped; `names` restricts to a shard), its singular values
+    and its raw layer embedding."""
     rows, spectra, vectors = [], {}, {}
+    wanted = set(names) if names is not None else None
     for name, t in loading.unique_state(model):
         if not t.is_floating_point() or t.dim() < 2:  # biases and norms are not matrices
             continue
-        stats = matrix_stats(t.detach().float().numpy(), cfg.metrics.near_zero, cfg.metrics.cond_floor)
+        if wanted is not None and name not in wanted:
+            continue
+        stats = matrix_stats(
+            t.detach().float().numpy(),
+            cfg.metrics.near_zero,
+            cfg.metrics.cond_floor,
+            exact_max_dim=cfg.metrics.exact_max_dim,
+            rank=cfg.metrics.randomized_rank,
+            seed=cfg.seed,
+        )
         fit = power_law_fit(stats["singular_values"])
         sv = stats.pop("singular_values")
         spectra[name] = sv
@@ -63,19 +97,77 @@ def weight_table(
                 "layer": layer_index(name, blocks),
                 **stats,
                 **fit,
-                "mp_spikes": mp_spikes(sv, tuple(stats["shape"])),
+                "mp_spikes": mp_spikes(sv, tuple(stats["shape"]), frobenius=stats["frobenius"]),
                 "esd": esd_histogram(sv),
             }
         )
     return rows, spectra, vectors
 
 
+def blas_threads(concurrent: int) -> Any:
+    """BLAS threads for one of `concurrent` shards running side by side in this process: their share of
+    the cores. Spectra are LAPACK-bound; 2 shards × 2 BLAS threads on 2 cores run slower than 1 × 2,
+    2 shards × 1 thread about 1.7× faster (benchmarks/spectra.py)."""
+    import os
+
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(max(1, (os.cpu_count() or 1) // max(1, concurrent)))
+
+
+def run_shard(
+    ref: ModelRef, ingest: StageRecord, arch: Architecture, cfg: AuditConfig, store: ArtifactStore, shard: int
+) -> StageRecord:
+    """Weight statistics of one shard of the model's matrices (a task of its own, so shards can run on
+    separate workers); cached by the weights' digest and the statistics' settings."""
+    n = cfg.metrics.weight_shards
+    chash = shard_hash(cfg)
+    prefix = stage_prefix(ingest.details["model_digest"], "metrics-weights", chash) + f"/shard-{shard}-of-{n}"
+    manifest = store.read_manifest(prefix)
+    if manifest is not None:
+        return from_manifest(manifest)
+    times: dict[str, Any] = {}
+    with timed(times):
+        model = loading.load_model(ref)
+        plan = shard_plan(model, n)
+        names = plan[shard] if shard < len(plan) else []
+        with blas_threads(n):
+            rows, spectra, vectors = weight_table(model, _blocks_path(arch), cfg, names)
+        artifacts = {
+            "spectra": store.put_bytes(f"{prefix}/spectra.npz", _npz(spectra)),
+            "layer_vectors": store.put_bytes(f"{prefix}/layer_vectors.npz", _npz(vectors)),
+        }
+    record = StageRecord(
+        stage="metrics",
+        status=StageStatus.completed,
+        variant=f"shard-{shard}",
+        config_hash=chash,
+        input_digests={"model": ingest.details["model_digest"]},
+        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
+        metrics={"matrices": float(len(rows))},
+        details={
+            "prefix": prefix,
+            "weights": rows,
+            "spectra_key": f"{prefix}/spectra.npz",
+            "vectors_key": f"{prefix}/layer_vectors.npz",
+        },
+        **times,
+    )
+    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
+    return record
+
+
 def flag(rows: list[dict[str, Any]], cfg: AuditConfig) -> None:
     """Adds `flags` (list of reasons) to each row."""
     lo, hi = cfg.metrics.alpha_range
-    log_cond = np.log10([max(r["condition_number"], 1.0) for r in rows])
-    med = float(np.median(log_cond))
-    mad = float(np.median(np.abs(log_cond - med))) or 1e-12
+    # NaN for matrices on the randomized path (σmin unknown): left out of the median and never flagged
+    log_cond = np.log10(
+        [max(r["condition_number"], 1.0) if np.isfinite(r["condition_number"]) else np.nan for r in rows]
+    )
+    finite = log_cond[np.isfinite(log_cond)]
+    med = float(np.median(finite)) if finite.size else 0.0
+    mad = float(np.median(np.abs(finite - med))) if finite.size else 0.0
+    mad = mad or 1e-12
     for r, lc in zip(rows, log_cond, strict=True):
         reasons = []
         if np.isfinite(r["alpha"]) and not lo <= r["alpha"] <= hi:
@@ -83,15 +175,18 @@ def flag(rows: list[dict[str, Any]], cfg: AuditConfig) -> None:
         if r["effective_rank"] < cfg.metrics.erank_floor * min(r["shape"]):
             reasons.append(f"effective rank {r['effective_rank']:.1f} < {cfg.metrics.erank_floor:g}·{min(r['shape'])}")
         z = 0.6745 * (lc - med) / mad  # robust z-score of log10 condition number across the model
-        if z > cfg.metrics.robust_z:
+        if np.isfinite(z) and z > cfg.metrics.robust_z:
             reasons.append(f"condition number {r['condition_number']:.3g} (robust z {z:.1f})")
         r["flags"] = reasons
 
 
-def sensitivity(model: Any, arch: Architecture, ids: np.ndarray, cfg: AuditConfig) -> list[dict[str, Any]]:
+def sensitivity(
+    model: Any, arch: Architecture, ids: np.ndarray, cfg: AuditConfig
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per parameter tensor: gradient norm, Fisher diagonal trace and max, Hutchinson trace ± s.e.
     Loss: next-token CE for causal LMs; for encoders a documented proxy, the mean squared final hidden
-    state (its curvature measures how strongly each block moves the output representation)."""
+    state (its curvature measures how strongly each block moves the output representation).
+    Also returns the Fisher diagonal itself, tensor by tensor, for storage and the report's heatmaps."""
     import torch
     from torch.func import functional_call
 
@@ -121,7 +216,7 @@ def sensitivity(model: Any, arch: Architecture, ids: np.ndarray, cfg: AuditConfi
                 grads_total[k] += gi / len(x)
     hutch = hutchinson_trace(loss_fn, params, x, probes=cfg.metrics.hutchinson_probes, seed=cfg.seed)
     blocks = _blocks_path(arch)
-    return [
+    rows = [
         {
             "name": k,
             "layer": layer_index(k, blocks),
@@ -133,6 +228,35 @@ def sensitivity(model: Any, arch: Architecture, ids: np.ndarray, cfg: AuditConfi
         }
         for k in sorted(params)
     ]
+    return rows, fisher
+
+
+FISHER_MAP_CELLS = 32
+
+
+def fisher_maps(fisher: dict[str, Any], rows: list[dict[str, Any]], top: int = 4) -> list[dict[str, Any]]:
+    """Heatmaps of the Fisher diagonal of the `top` 2-D weights by Fisher trace: each matrix mean-pooled
+    to at most FISHER_MAP_CELLS² cells (log10), so where in a matrix the loss is sensitive is visible."""
+    mats = sorted((r for r in rows if fisher[r["name"]].dim() >= 2), key=lambda r: -r["fisher_trace"])[:top]
+    out = []
+    for r in mats:
+        f = fisher[r["name"]].reshape(fisher[r["name"]].shape[0], -1).double().numpy()
+        grid = _pool(f, FISHER_MAP_CELLS)
+        out.append(
+            {
+                "name": r["name"],
+                "shape": list(f.shape),
+                "log10_fisher": np.log10(np.maximum(grid, 1e-30)).round(4).tolist(),
+            }
+        )
+    return out
+
+
+def _pool(a: np.ndarray, cells: int) -> np.ndarray:
+    """Mean over a near-even grid of at most cells × cells blocks."""
+    rows = np.array_split(np.arange(a.shape[0]), min(cells, a.shape[0]))
+    cols = np.array_split(np.arange(a.shape[1]), min(cells, a.shape[1]))
+    return np.array([[a[np.ix_(r, c)].mean() for c in cols] for r in rows])
 
 
 def run(
@@ -141,11 +265,16 @@ def run(
     arch: Architecture,
     cfg: AuditConfig,
     store: ArtifactStore,
+    shards: list[StageRecord],
     trace: StageRecord | None = None,
     variant_traces: dict[str, StageRecord] | None = None,
+    compare: dict[str, StageRecord] | None = None,
 ) -> StageRecord:
+    """Joins the shards' weight statistics (flags need the whole model), then sensitivity and CKA
+    between traced layers, variants and the traces of other audits (`compare`: audit id → fp trace)."""
     traces = {"fp": trace.config_hash or ""} if trace else {}
     traces |= {k: v.config_hash or "" for k, v in (variant_traces or {}).items()}
+    traces |= {f"audit:{k}": v.config_hash or "" for k, v in (compare or {}).items()}
     chash = config_hash(cfg, ingest.details["dataset_digest"], traces)
     prefix = stage_prefix(ingest.details["model_digest"], "metrics", chash)
     manifest = store.read_manifest(prefix)
@@ -153,23 +282,38 @@ def run(
         return from_manifest(manifest)
     times: dict[str, Any] = {}
     with timed(times):
-        model = loading.load_model(ref)
-        blocks = _blocks_path(arch)
-        rows, spectra, vectors = weight_table(model, blocks, cfg)
+        rows = sorted((r for s in shards for r in s.details["weights"]), key=lambda r: r["name"])
+        spectra: dict[str, np.ndarray] = {}
+        raw: dict[str, np.ndarray] = {}
+        for s in shards:
+            spectra |= dict(np.load(_io.BytesIO(store.get_bytes(s.details["spectra_key"]))))
+            raw |= dict(np.load(_io.BytesIO(store.get_bytes(s.details["vectors_key"]))))
         flag(rows, cfg)
-        ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
-        sens = sensitivity(model, arch, ids[-cfg.metrics.sensitivity_windows :], cfg) if cfg.metrics.sensitivity else []
-        cka = _cka(store, trace, variant_traces or {}, cfg.metrics.cka_tokens)
+        vectors = standardise_layers(raw)
+        sens: list[dict[str, Any]] = []
+        maps: list[dict[str, Any]] = []
+        fisher_key = None
+        if cfg.metrics.sensitivity:
+            model = loading.load_model(ref)
+            ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
+            sens, fisher = sensitivity(model, arch, ids[-cfg.metrics.sensitivity_windows :], cfg)
+            maps = fisher_maps(fisher, sens)
+            fisher_key = f"{prefix}/fisher.safetensors"
+            store.put_bytes(fisher_key, _safetensors(fisher))
+        cka = _cka(store, trace, variant_traces or {}, compare or {}, cfg.metrics.cka_tokens)
         artifacts = {
             "spectra": store.put_bytes(f"{prefix}/spectra.npz", _npz(spectra)),
             "layer_vectors": store.put_bytes(f"{prefix}/layer_vectors.npz", _npz(vectors)),
             "table": store.put_json(f"{prefix}/weights.json", rows),
             "sensitivity": store.put_json(f"{prefix}/sensitivity.json", sens),
         }
+        if fisher_key:
+            artifacts["fisher"] = store.uri_for(fisher_key)
     alphas = [r["alpha"] for r in rows if np.isfinite(r["alpha"])]
     metrics = {
         "matrices": float(len(rows)),
         "flagged": float(sum(1 for r in rows if r["flags"])),
+        "randomized": float(sum(1 for r in rows if r["spectrum"] == "randomized")),
         "alpha_mean": float(np.mean(alphas)) if alphas else float("nan"),
         "alpha_weighted_mean": float(np.mean([r["alpha_weighted"] for r in rows if np.isfinite(r["alpha"])]))
         if alphas
@@ -189,8 +333,11 @@ def run(
             "prefix": prefix,
             "weights": rows,
             "sensitivity": sens,
+            "fisher_maps": maps,
+            "fisher_key": fisher_key,
             "cka": cka,
             "vectors_key": f"{prefix}/layer_vectors.npz",
+            "shards": [s.details["prefix"] for s in shards],
         },
         **times,
     )
@@ -213,18 +360,38 @@ def _sample_rows(store: ArtifactStore, parts: list[str], n: int) -> np.ndarray:
     return np.concatenate(out)[:n] if out else np.zeros((0, 0))
 
 
-def _cka(store: ArtifactStore, trace: StageRecord | None, variants: dict[str, StageRecord], n: int) -> dict[str, Any]:
-    """CKA between all traced layers (the same first n tokens of each) and, per hook, fp vs each variant."""
+def _cka(
+    store: ArtifactStore,
+    trace: StageRecord | None,
+    variants: dict[str, StageRecord],
+    compare: dict[str, StageRecord],
+    n: int,
+) -> dict[str, Any]:
+    """CKA between all traced layers (the same first n tokens of each), per hook fp vs each variant, and
+    per hook this checkpoint vs the checkpoints of other audits (same dataset: the same tokens)."""
     if trace is None or not trace.details.get("datasets"):
         return {}
     reps = {h: _sample_rows(store, d["parts"], n) for h, d in trace.details["datasets"].items()}
     names, matrix = cka_matrix(reps)
-    across: dict[str, dict[str, float]] = {}
-    for variant, vt in variants.items():
-        for h, d in vt.details.get("datasets", {}).items():
-            if h in reps:
-                across.setdefault(variant, {})[h] = linear_cka(reps[h], _sample_rows(store, d["parts"], n))
-    return {"layers": names, "matrix": matrix.tolist(), "variants": across, "tokens": n}
+    out: dict[str, Any] = {"layers": names, "matrix": matrix.tolist(), "variants": {}, "audits": {}, "tokens": n}
+    for group, others in (("variants", variants), ("audits", compare)):
+        for key, vt in others.items():
+            same = vt.input_digests.get("dataset") == trace.input_digests.get("dataset")
+            if group == "audits" and not same:
+                out.setdefault("skipped", {})[key] = "traced another dataset; CKA needs the same tokens"
+                continue
+            for h, d in vt.details.get("datasets", {}).items():
+                if h in reps:
+                    other = _sample_rows(store, d["parts"], n)
+                    if len(other) == len(reps[h]):
+                        out[group].setdefault(key, {})[h] = linear_cka(reps[h], other)
+    return out
+
+
+def _safetensors(tensors: dict[str, Any]) -> bytes:
+    from safetensors.torch import save
+
+    return save({k: v.contiguous() for k, v in tensors.items()})
 
 
 def _npz(arrays: dict[str, np.ndarray]) -> bytes:

@@ -55,3 +55,34 @@ def test_metrics_and_search(prefect_api: str, tiny_gpt2_dir: Path, corpus_file: 
     assert other[0]["audit_id"] == second["audit_id"] and other[0]["layer"] == layer
     html = Path(second["report_uri"]).read_text()
     assert "Weights, curvature and similarity" in html and "linear CKA" in html
+
+    # A later checkpoint of the same run (here: the same weights) compared by CKA to the first audit; the
+    # weight shards are reused (only sensitivity settings changed), and the Fisher diagonal is stored in full.
+    third = audit_json(
+        tiny_gpt2_dir,
+        corpus_file,
+        CONFIG.replace("hutchinson_probes: 8", f"hutchinson_probes: 6\n  compare_audits: [{first['audit_id']}]"),
+        env,
+        tmp_path,
+    )
+    m3 = third["stages"]["metrics"]
+    assert m3["status"] == "completed" and m3["details"]["shards"] == m["details"]["shards"]
+    assert len(m3["details"]["shards"]) == 4
+    across = m3["details"]["cka"]["audits"][first["audit_id"]]
+    assert set(across) == set(cka["layers"]) and all(abs(v - 1) < 1e-6 for v in across.values())
+    from safetensors.numpy import load_file
+
+    fisher = load_file(Path(m3["artifacts"]["fisher"]))
+    for name, r in {r["name"]: r for r in m3["details"]["sensitivity"]}.items():
+        assert abs(float(fisher[name].astype(np.float64).sum()) - r["fisher_trace"]) <= 1e-5 * max(
+            r["fisher_trace"], 1e-12
+        )
+    html = Path(third["report_uri"]).read_text()
+    assert "Fisher diagonal" in html and "against other checkpoints" in html and first["audit_id"] in html
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(CONFIG.replace("cka_tokens: 256", "cka_tokens: 256\n  compare_audits: [no-such-audit]"))
+    p = run_cli(
+        ["run", "--model", str(tiny_gpt2_dir), "--dataset", str(corpus_file), "--config", str(bad)], env, tmp_path
+    )
+    assert p.returncode != 0 and "no audit 'no-such-audit'" in p.stderr and "microscope list" in p.stderr

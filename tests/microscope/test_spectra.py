@@ -105,3 +105,40 @@ def test_esd_histogram_integrates_to_one() -> None:
     edges_ratio = (sv.max() ** 2 / sv.min() ** 2) ** (1 / 20)
     widths = lam * (np.sqrt(edges_ratio) - 1 / np.sqrt(edges_ratio))
     assert 0.99 < float((dens * widths).sum()) <= 1.0 + 1e-9
+
+
+def test_randomized_path_is_within_its_stated_bound() -> None:
+    """Top-k singular values from the randomized path: every one within the reported relative-error bound
+    of SciPy's exact values, the bound itself small on a decaying spectrum and honest on a flat one."""
+    rng = np.random.default_rng(3)
+    u, _ = np.linalg.qr(rng.standard_normal((700, 500)))
+    v, _ = np.linalg.qr(rng.standard_normal((500, 500)))
+    decaying = (u * (1.0 / np.arange(1, 501) ** 1.5)) @ v.T  # σ_i = i^-1.5, like a trained layer's head
+    for w, small in ((decaying, True), (rng.standard_normal((700, 500)), False)):
+        s = matrix_stats(w, exact_max_dim=256, rank=64)
+        exact = svdvals(w)
+        assert s["spectrum"] == "randomized" and len(s["singular_values"]) == 64
+        rel = np.abs(s["singular_values"] - exact[:64]) / exact[:64]
+        assert rel[0] <= s["spectrum_error"] and np.all(rel <= s["spectrum_error_max"]), (rel, s["spectrum_error"])
+        assert np.all(s["singular_values"] <= exact[:64] * (1 + 1e-12))  # a lower bound, as the theory says
+        assert (s["spectrum_error"] < 1e-2) == small  # a flat spectrum: the top value is honestly uncertain
+        assert close(s["frobenius"], np.linalg.norm(w)) and close(
+            s["stable_rank"], np.linalg.norm(w) ** 2 / s["spectral_norm"] ** 2
+        )
+        assert np.isnan(s["condition_number"]) and s["effective_rank_estimated"]
+    exact_path = matrix_stats(decaying, exact_max_dim=500, rank=64)  # at the threshold: exact
+    assert exact_path["spectrum"] == "exact" and exact_path["spectrum_error"] == exact_path["spectrum_error_max"] == 0
+
+
+def test_randomized_mp_spikes_use_the_frobenius_energy() -> None:
+    from microscope.spectra import mp_spikes
+
+    w = np.random.default_rng(4).standard_normal((600, 400))
+    w[:, 0] *= 30  # one spike
+    full = matrix_stats(w)
+    top = matrix_stats(w, exact_max_dim=100, rank=50)
+    assert (
+        mp_spikes(full["singular_values"], (600, 400))
+        == mp_spikes(top["singular_values"], (600, 400), frobenius=top["frobenius"])
+        == 1
+    )

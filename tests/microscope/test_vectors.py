@@ -46,3 +46,27 @@ def test_features_search_by_decoder_direction(tmp_path: Path) -> None:
         assert top2 == {("a", 7), ("b", 42)}
         twin = next(h for h in hits if h["audit_id"] == "b")
         assert twin["feature"] == 49 - 7 and twin["score"] > 0.9999  # same direction, other audit, other id
+
+
+def test_standardised_embeddings_tell_layers_of_one_model_apart(tmp_path: Path) -> None:
+    """Raw statistics of one model's matrices all point the same way; standardised across the model they
+    spread out, and a re-run on identical weights still finds its twin first."""
+    from microscope.vectors import standardise_layers
+
+    rows = layer_rows(build_model("gpt2"))
+    raw = {n: v for n, v, _ in rows}
+    std = standardise_layers(raw)
+
+    def mean_offdiag_cos(vecs: dict[str, np.ndarray]) -> float:
+        m = np.stack([v / np.linalg.norm(v) for v in vecs.values()])
+        c = m @ m.T
+        return float(c[~np.eye(len(c), dtype=bool)].mean())
+
+    assert mean_offdiag_cos(raw) > 0.9 and mean_offdiag_cos(std) < 0.5
+    with VectorIndex(path=str(tmp_path / "q")) as index:
+        for audit in ("a", "b"):
+            index.add_layers(audit, "dg", "fp", [(n, v, {}) for n, v in std.items()])
+        layer = "transformer.h.0.attn.c_attn.weight"
+        hits = index.similar(LAYERS, ("a", "fp", layer), 3)
+        assert {(h["audit_id"], h["layer"]) for h in hits[:2]} == {("a", layer), ("b", layer)}
+        assert hits[2]["score"] < 0.99  # the next layer is clearly further away
