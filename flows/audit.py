@@ -26,9 +26,18 @@ from tasks.ingest import ingest_task
 from tasks.metrics import index_task, metrics_task, weights_task
 from tasks.quantize import quantize_task
 from tasks.report import report_task
+from tasks.robustness import robustness_task
 from tasks.sae import sae_task
 from tasks.trace import trace_task
-from tasks.tracking import finish_run, log_curves, log_layer_metrics, log_lineage, log_stage, start_run
+from tasks.tracking import (
+    finish_run,
+    log_curves,
+    log_eps_curves,
+    log_layer_metrics,
+    log_lineage,
+    log_stage,
+    start_run,
+)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -179,7 +188,8 @@ def audit(
                 if q.status != StageStatus.failed:
                     produced[fmt] = q.details["produced"]
             rec.stages["quantize"] = _aggregate("quantize", {f: v["quantize"] for f, v in rec.variants.items()})
-        if "trace" in selected:
+        images = ingest.details.get("modality") == "images"
+        if "trace" in selected and not images:
             track(
                 _run(trace_task, "trace", store, ref=model, ingest=ingest, cfg=config, store_uri=store.uri),
                 config.trace.model_dump(mode="json"),
@@ -283,6 +293,34 @@ def audit(
             )
             if not counts.is_completed():
                 log.warning("Qdrant indexing failed: %s", counts.result(raise_on_failure=False))
+        if "robustness" in selected:
+            ok_saes = {h: r for h, r in rec.saes.items() if r.status != StageStatus.failed}
+            runs = ["fp"] + (
+                [f for f in produced if f in config.quantize.formats] if config.robustness.variants else []
+            )
+            results: dict[str, StageRecord] = {}
+            for variant in runs:
+                r = _run(
+                    robustness_task,
+                    "robustness",
+                    store,
+                    ref=model,
+                    ingest=ingest,
+                    cfg=config,
+                    store_uri=store.uri,
+                    variant=produced.get(variant, variant),
+                    saes=ok_saes if variant == "fp" else None,
+                )
+                section = config.robustness.model_dump(mode="json")
+                r = track(r, section) if variant == "fp" else track_variant(variant, r, section)
+                if r.status != StageStatus.failed:
+                    log_eps_curves(r.mlflow_run_id, r.details["curves"])
+                results[variant] = r
+            bad = next(((v, r) for v, r in results.items() if v != "fp" and r.status == StageStatus.failed), None)
+            if bad and results["fp"].status != StageStatus.failed:  # the fp record stays the stage's, marked failed
+                rec.stages["robustness"] = results["fp"].model_copy(
+                    update={"status": StageStatus.failed, "error": f"{bad[0]}: {bad[1].error}"}
+                )
         if "report" in selected:
             done = {k: v for k, v in rec.stages.items() if v.status != StageStatus.skipped}
             report = track(
@@ -307,6 +345,13 @@ def audit(
                 why = "no quantize.formats configured"
             if s == "sae" and s in selected and not config.sae.hooks:
                 why = "no sae.hooks configured"
+            if (
+                s in ("trace", "sae")
+                and s in selected
+                and ingest is not None
+                and ingest.details.get("modality") == "images"
+            ):
+                why = "image dataset: activations are traced and SAEs trained for text models"
             rec.stages[s] = StageRecord(stage=s, status=StageStatus.skipped, error=None, details={"reason": why})
 
     failed = [r for r in rec.stages.values() if r.status == StageStatus.failed]

@@ -156,6 +156,31 @@ mean-pooled to a grid (rows: output units, columns: inputs). Full diagonal: <cod
 numbers are not computed and their effective ranks are estimates.</p>{% endif %}
 {% endif %}
 
+{% if rob_rows %}
+<h2>Robustness</h2>
+<p>{{ rob_samples }} samples, the same for every variant; surface: {{ rob_surface }}; label: {{ rob_label }}.
+ε in [0, 1]-box units{% if rob_surface == 'embeddings' %} (in embedding units: × the median dimension's range){% endif %}.
+AutoAttack is pyautoattack {{ rob_aa_version }}; PGD, FGSM and noise are our sweeps (a sample broken at ε counts as
+broken at every larger ε).</p>
+<table><tr><th class="l">variant</th><th>clean</th>{% for a in rob_aa_cols %}<th>AutoAttack {{ a.norm }} ε={{ '%.4g' % a.eps }}</th>{% endfor %}
+<th>PGD ε={{ '%.4g' % rob_eps_max }}</th><th>FGSM ε={{ '%.4g' % rob_eps_max }}</th><th>noise σ={{ '%.4g' % rob_eps_max }}</th><th class="l">vs fp</th><th class="l">AutoAttack flags</th></tr>
+{% for r in rob_rows %}<tr><td class="l">{{ r.variant }}</td>
+{% if r.error %}<td class="l bad" colspan="{{ 6 + rob_aa_cols | length }}">{{ r.error }}</td>{% else %}
+<td>{{ pct(r.clean, 1) }}</td>{% for a in rob_aa_cols %}<td>{{ pct(r.aa.get(a.norm), 1) }}</td>{% endfor %}
+<td>{{ pct(r.pgd, 1) }}</td><td>{{ pct(r.fgsm, 1) }}</td><td>{{ pct(r.noise, 1) }}</td><td class="l">{{ r.verdict }}</td>
+<td class="l">{{ r.flags | join('; ') or '–' }}</td>{% endif %}</tr>{% endfor %}
+</table>
+<div class="charts">{% for c in rob_charts %}{{ c }}{% endfor %}</div>
+{% if rob_layers %}<h3>Brittle layers and features (SAE activations, clean vs PGD at ε={{ '%.4g' % rob_eps_max }})</h3>
+<table><tr><th class="l">hook</th><th>Σ mean |Δ| of the top features</th></tr>
+{% for h in rob_layers %}<tr><td class="l">{{ h.hook }}</td><td>{{ fmt(h.total) }}</td></tr>{% endfor %}</table>
+{% for h in rob_layers %}<h3>Features of {{ h.hook }} that move most under attack</h3>
+<table><tr><th>feature</th><th>mean |Δ|</th><th>clean mean</th><th>attacked mean</th><th>density</th><th class="l">top contexts</th></tr>
+{% for f in h.features %}<tr><td>{{ f.feature }}</td><td>{{ fmt(f.mean_abs_shift) }}</td><td>{{ fmt(f.clean_mean) }}</td>
+<td>{{ fmt(f.attacked_mean) }}</td><td>{{ '%.2e' % f.density }}</td><td class="l">{% for c in f.top_contexts %}<div>{{ c }}</div>{% endfor %}</td></tr>{% endfor %}
+</table>{% endfor %}{% endif %}
+{% endif %}
+
 {% if trace_rows %}
 <h2>Activations per layer</h2>
 <div class="charts">{% for c in trace_charts %}{{ c }}{% endfor %}</div>
@@ -351,6 +376,61 @@ def _fisher_charts(rec: StageRecord) -> list[str]:
     return charts
 
 
+def _robustness_view(fp: StageRecord | None, variants: dict[str, dict[str, StageRecord]]) -> dict[str, Any]:
+    view: dict[str, Any] = {"rob_rows": [], "rob_charts": [], "rob_layers": [], "rob_aa_cols": []}
+    if fp is None or not fp.details.get("curves"):
+        return view
+    recs = {"fp": fp} | {v: r["robustness"] for v, r in sorted(variants.items()) if "robustness" in r}
+    base = fp.details
+    view["rob_aa_cols"] = [{"norm": a["norm"], "eps": a["eps"]} for a in base.get("autoattack", [])]
+    eps = base["curves"]["eps"]
+    view.update(
+        rob_samples=int(fp.metrics.get("samples", 0)),
+        rob_surface=base.get("surface", ""),
+        rob_label=base.get("label", ""),
+        rob_eps_max=eps[-1] if eps else 0.0,
+        rob_aa_version=base["autoattack"][0]["version"] if base.get("autoattack") else "–",
+    )
+    series: dict[str, dict[str, list[tuple[float, float]]]] = {"pgd": {}, "fgsm": {}, "noise": {}}
+    fp_aa = {a["norm"]: a["robust"] for a in base.get("autoattack", [])}
+    for name, r in recs.items():
+        if r.status.value == "failed" and not r.details.get("curves"):
+            view["rob_rows"].append({"variant": name, "error": r.error})
+            continue
+        c = r.details["curves"]
+        aa = {a["norm"]: a["robust"] for a in r.details.get("autoattack", [])}
+        verdict = "–"
+        if name != "fp" and aa:
+            norm = next(iter(aa))
+            d = 100 * (aa[norm] - fp_aa.get(norm, aa[norm]))
+            verdict = f"AutoAttack {norm} {d:+.1f} pts" + (" (more brittle)" if d < 0 else " (not more brittle)")
+        view["rob_rows"].append(
+            {
+                "variant": name,
+                "clean": c["clean"][0],
+                "aa": aa,
+                "pgd": c["pgd"][-1],
+                "fgsm": c["fgsm"][-1],
+                "noise": c["noise"][-1],
+                "verdict": verdict,
+                "flags": sorted({f for a in r.details.get("autoattack", []) for f in a.get("flags", [])}),
+            }
+        )
+        for attack in series:
+            series[attack][name] = list(zip(c["eps"], c[attack], strict=True))
+    for attack, label in (("pgd", "PGD (Linf)"), ("fgsm", "FGSM (Linf)"), ("noise", "Gaussian noise (σ)")):
+        view["rob_charts"].append(line_chart(series[attack], f"{label}: accuracy vs ε", "ε (box units)", "accuracy"))
+    shifts = base.get("feature_shifts") or {}
+    view["rob_layers"] = sorted(
+        (
+            {"hook": h, "total": sum(f["mean_abs_shift"] for f in feats), "features": feats}
+            for h, feats in shifts.items()
+        ),
+        key=lambda h: -h["total"],
+    )
+    return view
+
+
 def render(
     stages: dict[str, StageRecord],
     arch: Architecture | None,
@@ -389,6 +469,8 @@ def render(
     mview["cka_svg"] = Markup(mview["cka_svg"])
     mview["esd_charts"] = [Markup(c) for c in mview["esd_charts"] if c]
     mview["fisher_charts"] = [Markup(c) for c in mview["fisher_charts"] if c]
+    rview = _robustness_view(stages.get("robustness"), variants or {})
+    rview["rob_charts"] = [Markup(c) for c in rview["rob_charts"] if c]
     modules = arch.modules[:max_modules] if arch else []
     block_paths = {p.resid for p in arch.hook_points} if arch else set()
     # Embeddings, blocks and heads; the blocks' own children go in a collapsed table.
@@ -411,6 +493,7 @@ def render(
         trace_charts=[Markup(c) for c in charts],
         trace_prefix=trace.details.get("prefix", "") if trace else "",
         **mview,
+        **rview,
         variant_rows=variant_rows,
         sae_rows=sae_rows,
         sae_charts=[Markup(c) for c in sae_charts if c],

@@ -190,3 +190,18 @@ def log_layer_metrics(run_id: str, rows: list[dict[str, Any]]) -> None:
     client = mlflow.MlflowClient()
     for i in range(0, len(metrics), 1000):
         client.log_batch(run_id, metrics=metrics[i : i + 1000])
+
+
+def log_eps_curves(run_id: str, curves: dict[str, list[float]]) -> None:
+    """Accuracy-vs-ε curves: one metric history per attack with the sweep index as MLflow's step, and ε
+    itself (box units) as the `eps` history at the same steps."""
+    import time
+
+    from mlflow.entities import Metric
+
+    mlflow = _mlflow()
+    now = int(time.time() * 1000)
+    metrics = [Metric("eps", float(e), now, i) for i, e in enumerate(curves["eps"])]
+    for attack in ("pgd", "fgsm", "noise"):
+        metrics += [Metric(f"{attack}_accuracy", float(v), now, i) for i, v in enumerate(curves.get(attack, []))]
+    mlflow.MlflowClient().log_batch(run_id, metrics=metrics)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 HookName = Literal["resid", "mlp", "attn"]
 HOOK_NAMES: tuple[str, ...] = ("resid", "mlp", "attn")
-STAGES: tuple[str, ...] = ("ingest", "quantize", "trace", "sae", "metrics", "report")
+STAGES: tuple[str, ...] = ("ingest", "quantize", "trace", "sae", "metrics", "robustness", "report")
 # What each stage needs to have run first; `--stages` pulls these in.
 STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "ingest": (),
@@ -22,6 +22,7 @@ STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "trace": ("ingest",),
     "sae": ("ingest", "trace"),
     "metrics": ("ingest",),
+    "robustness": ("ingest",),
     "report": ("ingest",),
 }
 # Quantization formats a config may name; whether one runs on this machine is decided at run time.
@@ -64,7 +65,8 @@ class ModelConfig(Section):
 class DatasetConfig(Section):
     path: str | None = Field(
         None,
-        description=".txt, .jsonl or .parquet file, or an HF datasets name. `--dataset` overrides it.",
+        description=".txt, .jsonl or .parquet file, or an HF datasets name; for an image classifier an .npz "
+        "with `x` (N×C×H×W floats in [0, 1]) and `y` (N integer labels). `--dataset` overrides it.",
     )
     text_field: str = Field("text", description="Field (.jsonl) or column (.parquet) holding the text.")
     split: str = Field("train", description="Split to read for an HF datasets name.")
@@ -240,6 +242,55 @@ class MetricsConfig(Section):
     )
 
 
+AttackNorm = Literal["Linf", "L2", "L1"]
+AA_ATTACKS: tuple[str, ...] = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
+
+
+class RobustnessConfig(Section):
+    samples: int = Field(
+        64, ge=2, description="Inputs evaluated (the same ones, with the same seeds, for every variant)."
+    )
+    batch_size: int = Field(64, ge=1, description="Inputs per attack batch.")
+    norms: list[AttackNorm] = Field(default_factory=lambda: ["Linf"], description="Threat models AutoAttack runs.")
+    eps: dict[str, float] = Field(
+        default_factory=dict,
+        description="AutoAttack ε per norm in [0, 1]-box units; defaults per surface: pixels Linf 8/255, L2 0.5, "
+        "L1 12; embeddings Linf 0.02, L2 0.5, L1 4.",
+    )
+    version: Literal["standard", "plus", "rand", "custom"] = Field("standard", description="AutoAttack version.")
+    attacks: list[str] = Field(default_factory=list, description="AutoAttack's attack list when version is custom.")
+    sweep: list[float] = Field(
+        default_factory=lambda: [0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255],
+        description="ε values (Linf, box units) of the PGD and FGSM sweeps; Gaussian noise uses them as σ.",
+    )
+    pgd_steps: int = Field(20, ge=1, description="PGD iterations per restart.")
+    pgd_restarts: int = Field(
+        2, ge=1, description="PGD restarts (random starts); a sample counts as robust if it survives all."
+    )
+    label: Literal["clean", "dataset"] = Field(
+        "clean", description="Causal LMs: the label is the clean prediction or the dataset's next token."
+    )
+    context_tokens: int = Field(32, ge=2, description="Text: tokens per attacked input (the end of each window).")
+    variants: bool = Field(True, description="Evaluate every quantized variant too.")
+    feature_shifts: int = Field(10, ge=0, description="SAE features listed per hook by activation shift under attack.")
+
+    @model_validator(mode="after")
+    def _attacks_known(self) -> RobustnessConfig:
+        unknown = [a for a in self.attacks if a not in AA_ATTACKS]
+        if unknown:
+            raise ValueError(f"unknown AutoAttack attack {unknown[0]!r}; choose from {', '.join(AA_ATTACKS)}")
+        if self.version == "custom" and not self.attacks:
+            raise ValueError("version 'custom' needs an attacks list, e.g. [apgd-ce, apgd-t]")
+        if self.version != "custom" and self.attacks:
+            raise ValueError("attacks is only used with version 'custom'; set version: custom or drop attacks")
+        bad = [k for k in self.eps if k not in ("Linf", "L2", "L1")]
+        if bad:
+            raise ValueError(f"eps key {bad[0]!r} is not a norm; use Linf, L2 or L1")
+        if any(e < 0 for e in self.sweep) or sorted(self.sweep) != list(self.sweep):
+            raise ValueError("sweep must be non-negative ε values in increasing order")
+        return self
+
+
 class ReportConfig(Section):
     title: str | None = Field(None, description="Report title; defaults to the model's name.")
     max_modules: int = Field(60, ge=1, description="Rows of the parameters-per-module table.")
@@ -252,6 +303,7 @@ class AuditConfig(Section):
     trace: TraceConfig = Field(default_factory=TraceConfig)
     sae: SAEConfig = Field(default_factory=SAEConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     seed: int = Field(0, description="Seed for anything random in the audit.")
 

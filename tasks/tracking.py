@@ -51,3 +51,8 @@ def log_curves(run_id: str, curves_key: str, store_uri: str) -> None:
 @task(name="mlflow-layers", **_opts)
 def log_layer_metrics(run_id: str, rows: list[dict[str, Any]]) -> None:
     tracking.log_layer_metrics(run_id, rows)
+
+
+@task(name="mlflow-eps-curves", **_opts)
+def log_eps_curves(run_id: str, curves: dict[str, list[float]]) -> None:
+    tracking.log_eps_curves(run_id, curves)

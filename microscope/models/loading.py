@@ -170,7 +170,10 @@ def model_digest(model: nn.Module) -> str:
 
 def hook_points(model: nn.Module, family: Family | None = None) -> tuple[str, list[HookPoints]]:
     family = family or family_for(model)
-    blocks_name, blocks = find_blocks(model, family)
+    try:
+        blocks_name, blocks = find_blocks(model, family)
+    except ValueError:  # no stack of blocks (a small CNN): described and audited, but nothing to trace
+        return "", []
     points = []
     for i, block in enumerate(blocks):
         base = f"{blocks_name}.{i}"

@@ -6,10 +6,12 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from schemas.config import AuditConfig, canonical_hash
 from schemas.records import Architecture, DatasetSummary, ModelRef, StageRecord, StageStatus
 
 from microscope import dataset as ds
+from microscope import images
 from microscope.errors import InputError
 from microscope.models import loading
 from microscope.stages import from_manifest, stage_prefix, timed
@@ -31,6 +33,8 @@ def dataset_fingerprint(path: str | None) -> str:
 
 
 def run(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
+    if images.is_image_dataset(cfg.dataset.path):
+        return _run_images(ref, cfg, store)
     times: dict[str, Any] = {}
     with timed(times):
         docs = ds.read_documents(cfg.dataset)
@@ -100,6 +104,75 @@ def run(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
     )
     store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
     return record
+
+
+def _run_images(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
+    """An image classifier's dataset: validated, digested and copied into the store (no tokenizer)."""
+    import io
+
+    times: dict[str, Any] = {}
+    with timed(times):
+        x, y = images.read_images(str(cfg.dataset.path))
+        digest_xy = images.images_digest(x, y)
+        model = loading.load_model(ref)
+        digest = loading.model_digest(model)
+        config_hash = canonical_hash({"v": VERSION, "images": digest_xy})
+        prefix = stage_prefix(digest, "ingest", config_hash)
+        manifest = store.read_manifest(prefix)
+        if manifest is not None:
+            return from_manifest(manifest)
+        arch = loading.describe(model)
+        del model
+        summary = DatasetSummary(
+            source=str(cfg.dataset.path),
+            text_digest=digest_xy,
+            n_documents=len(x),
+            n_tokens=0,
+            n_windows=len(x),
+            seq_len=0,
+            tokens_per_doc_mean=0.0,
+            tokens_per_doc_max=0,
+            truncated=False,
+            checks=[],
+        )
+        buf = io.BytesIO()
+        np.savez(buf, x=x, y=y)
+        artifacts = {
+            "images": store.put_bytes(f"{prefix}/images.npz", buf.getvalue()),
+            "architecture": store.put_json(f"{prefix}/architecture.json", arch.model_dump(mode="json")),
+            "dataset": store.put_json(f"{prefix}/dataset.json", summary.model_dump(mode="json")),
+        }
+    record = StageRecord(
+        stage="ingest",
+        status=StageStatus.completed,
+        config_hash=config_hash,
+        input_digests={"model_files": ref.source_fingerprint, "images": digest_xy},
+        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
+        metrics={
+            "n_params": float(arch.n_params),
+            "n_layers": float(arch.n_layers),
+            "n_images": float(len(x)),
+            "n_classes": float(len(np.unique(y))),
+        },
+        details={
+            "model_digest": digest,
+            "dataset_digest": digest_xy,
+            "prefix": prefix,
+            "modality": "images",
+            "images_key": f"{prefix}/images.npz",
+            "image_shape": list(x.shape[1:]),
+        },
+        **times,
+    )
+    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
+    return record
+
+
+def load_images(record: StageRecord, store: ArtifactStore) -> tuple[np.ndarray, np.ndarray]:
+    import io
+
+    with np.load(io.BytesIO(store.get_bytes(record.details["images_key"])), allow_pickle=False) as f:
+        return f["x"], f["y"]
 
 
 def load_outputs(record: StageRecord, store: ArtifactStore) -> tuple[Architecture, DatasetSummary]:

@@ -181,11 +181,12 @@ def flag(rows: list[dict[str, Any]], cfg: AuditConfig) -> None:
 
 
 def sensitivity(
-    model: Any, arch: Architecture, ids: np.ndarray, cfg: AuditConfig
+    model: Any, arch: Architecture, ids: np.ndarray, cfg: AuditConfig, labels: np.ndarray | None = None
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per parameter tensor: gradient norm, Fisher diagonal trace and max, Hutchinson trace ± s.e.
-    Loss: next-token CE for causal LMs; for encoders a documented proxy, the mean squared final hidden
-    state (its curvature measures how strongly each block moves the output representation).
+    Loss: next-token CE for causal LMs; CE for classifiers (`ids` are then images and `labels` their
+    classes); for encoders a documented proxy, the mean squared final hidden state (its curvature
+    measures how strongly each block moves the output representation).
     Also returns the Fisher diagonal itself, tensor by tensor, for storage and the report's heatmaps."""
     import torch
     from torch.func import functional_call
@@ -197,12 +198,23 @@ def sensitivity(
     params = {k: v.detach() for k, v in model.named_parameters()}
     causal = arch.is_causal and arch.has_unembedding
 
-    def loss_fn(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        if causal:
+    if labels is not None:  # a classifier: samples are indices into the images, so both loops can slice them
+        images, targets = torch.from_numpy(ids), torch.from_numpy(labels)
+
+        def loss_fn(p: dict[str, torch.Tensor], i: torch.Tensor) -> torch.Tensor:
+            return torch.nn.functional.cross_entropy(functional_call(model, p, (images[i],)), targets[i])
+
+        ids = np.arange(len(images))
+    elif causal:
+
+        def loss_fn(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
             return functional_call(model, p, (), {"input_ids": x, "labels": x, "use_cache": False}).loss
-        out = functional_call(model, p, (), {"input_ids": x})
-        h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out
-        return h.pow(2).mean()
+    else:
+
+        def loss_fn(p: dict[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+            out = functional_call(model, p, (), {"input_ids": x})
+            h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out
+            return h.pow(2).mean()
 
     x = torch.from_numpy(ids.astype(np.int64))
     fisher = {k: torch.zeros_like(v) for k, v in params.items()}
@@ -295,8 +307,15 @@ def run(
         fisher_key = None
         if cfg.metrics.sensitivity:
             model = loading.load_model(ref)
-            ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
-            sens, fisher = sensitivity(model, arch, ids[-cfg.metrics.sensitivity_windows :], cfg)
+            if ingest.details.get("modality") == "images":  # CE on the last images (32 per window asked)
+                from microscope.stages.ingest import load_images
+
+                xs, ys = load_images(ingest, store)
+                k = 32 * cfg.metrics.sensitivity_windows
+                sens, fisher = sensitivity(model, arch, xs[-k:], cfg, labels=ys[-k:])
+            else:
+                ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
+                sens, fisher = sensitivity(model, arch, ids[-cfg.metrics.sensitivity_windows :], cfg)
             maps = fisher_maps(fisher, sens)
             fisher_key = f"{prefix}/fisher.safetensors"
             store.put_bytes(fisher_key, _safetensors(fisher))

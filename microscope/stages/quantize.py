@@ -56,6 +56,26 @@ def fidelity(
     return logit_fid.summary(), drift.summary()
 
 
+def _image_fidelity(fp_model: Any, q_model: Any, ingest: StageRecord, store: ArtifactStore, cfg: AuditConfig) -> Any:
+    """A classifier's fidelity on its images: class-distribution KL, top-1 agreement, |Δp| of the true
+    class and Δ perplexity of the labels, plus the accuracy of both models."""
+    import torch
+
+    from microscope.stages.ingest import load_images
+
+    x, y = load_images(ingest, store)
+    lf, acc = LogitFidelity(), {"fp": 0, "q": 0}
+    for lo in range(0, len(x), 256):
+        xb, yb = torch.from_numpy(x[lo : lo + 256]), torch.from_numpy(y[lo : lo + 256])
+        with torch.inference_mode():
+            out_fp, out_q = fp_model(xb).float(), q_model(xb).float()
+        lf.update(out_fp, out_q, yb)
+        acc["fp"] += int((out_fp.argmax(-1) == yb).sum())
+        acc["q"] += int((out_q.argmax(-1) == yb).sum())
+    stats = lf.summary() | {"accuracy_fp": acc["fp"] / len(x), "accuracy_q": acc["q"] / len(x)}
+    return y, stats
+
+
 def run(
     ref: ModelRef, ingest: StageRecord, arch: Architecture, fmt: str, cfg: AuditConfig, store: ArtifactStore
 ) -> StageRecord:
@@ -80,11 +100,15 @@ def run(
                 rel = f"variant/{f.relative_to(Path(tmp) / 'variant').as_posix()}"
                 artifacts[rel] = store.put_file(f"{prefix}/{rel}", f)
         measured = qz.measured_bytes(q_model)
-        ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
-        held_out = ids[-cfg.quantize.eval_windows :]
-        layers = resolve_layers(cfg.trace.layers, arch.n_layers)
-        points = resolve_points(arch.hook_points, layers, cfg.trace.hooks, arch.family)
-        logit_stats, drift = fidelity(fp_model, q_model, held_out, points, cfg.trace.batch_size, arch.is_causal)
+        if ingest.details.get("modality") == "images":
+            held_out, logit_stats = _image_fidelity(fp_model, q_model, ingest, store, cfg)
+            drift: dict[str, dict[str, float]] = {}
+        else:
+            ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
+            held_out = ids[-cfg.quantize.eval_windows :]
+            layers = resolve_layers(cfg.trace.layers, arch.n_layers)
+            points = resolve_points(arch.hook_points, layers, cfg.trace.hooks, arch.family)
+            logit_stats, drift = fidelity(fp_model, q_model, held_out, points, cfg.trace.batch_size, arch.is_causal)
     worst = max(drift.items(), key=lambda kv: kv[1]["rel_error"])[0] if drift else None
     metrics = {
         "estimated_bytes": float(qz.estimate_bytes(fp_model, produced, cfg.quantize)),

@@ -12,7 +12,7 @@ from microscope.stages import from_manifest, stage_prefix, timed
 from microscope.stages.ingest import load_outputs
 from microscope.store import ArtifactStore
 
-VERSION = "2"  # 2: metrics, SAE and variant sections
+VERSION = "3"  # 3: robustness section
 
 
 def config_hash(

@@ -1,0 +1,227 @@
+"""robustness: clean accuracy, the reference AutoAttack per norm, and our PGD/FGSM/noise ε-sweeps, on the
+same samples and seeds for full precision and every quantized variant; for text models with SAEs, the
+features whose activations move most under attack."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from schemas.config import AuditConfig, canonical_hash
+from schemas.records import Architecture, ModelRef, StageRecord, StageStatus
+
+from microscope import dataset as ds
+from microscope import workspace
+from microscope.errors import InputError
+from microscope.models import loading
+from microscope.stages import from_manifest, stage_prefix, timed
+from microscope.store import ArtifactStore
+
+VERSION = "1"
+
+
+def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str, saes: dict[str, str]) -> str:
+    rob = cfg.robustness.model_dump(exclude={"batch_size"}) | {"eps": dict(sorted(cfg.robustness.eps.items()))}
+    return canonical_hash(
+        {
+            "v": VERSION,
+            "robustness": rob,
+            "quantize": cfg.quantize.model_dump() if variant != "fp" else None,
+            "dataset": dataset_digest,
+            "variant": variant,
+            "saes": dict(sorted(saes.items())),
+            "seed": cfg.seed,
+        }
+    )
+
+
+def samples(ingest: StageRecord, store: ArtifactStore, cfg: AuditConfig) -> dict[str, Any]:
+    """The evaluated inputs, chosen by a seeded permutation, identical for every variant: images and
+    labels, or token contexts (the end of each window) with the next token."""
+    import torch
+
+    from microscope.stages.ingest import load_images
+
+    rng = np.random.default_rng(cfg.seed)
+    if ingest.details.get("modality") == "images":
+        x, y = load_images(ingest, store)
+        idx = np.sort(rng.permutation(len(x))[: cfg.robustness.samples])
+        return {"x": torch.from_numpy(x[idx]), "y": torch.from_numpy(y[idx]), "index": idx.tolist()}
+    ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
+    if len(ids) == 0:
+        raise InputError("robustness: the dataset has no windows to attack; add text or lower dataset.seq_len")
+    idx = np.sort(rng.permutation(len(ids))[: cfg.robustness.samples])
+    ctx = min(cfg.robustness.context_tokens, ids.shape[1] - 1)
+    windows = torch.from_numpy(ids[idx].astype(np.int64))
+    return {"ids": windows[:, :ctx], "next": windows[:, ctx], "index": idx.tolist()}
+
+
+def _model(ref: ModelRef, variant: str, cfg: AuditConfig) -> Any:
+    if variant == "fp":
+        return loading.load_model(ref)
+    from microscope.quantization import load_variant
+
+    return load_variant(ref, variant, cfg.quantize)
+
+
+def run(
+    ref: ModelRef,
+    ingest: StageRecord,
+    arch: Architecture,
+    cfg: AuditConfig,
+    store: ArtifactStore,
+    variant: str = "fp",
+    saes: dict[str, StageRecord] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> StageRecord:
+    import torch
+
+    from microscope.robustness.attacks import sweep
+    from microscope.robustness.reference import autoattack
+    from microscope.robustness.surfaces import DEFAULT_EPS, RetrievalSurface, surface_for
+
+    saes = {h: r for h, r in (saes or {}).items() if r.status.value != "failed"} if variant == "fp" else {}
+    chash = config_hash(
+        cfg, ingest.details["dataset_digest"], variant, {h: r.config_hash or "" for h, r in saes.items()}
+    )
+    prefix = stage_prefix(ingest.details["model_digest"], "robustness", chash)
+    manifest = store.read_manifest(prefix)
+    if manifest is not None:
+        return from_manifest(manifest)
+    rc = cfg.robustness
+    times: dict[str, Any] = {}
+    with timed(times):
+        modality = ingest.details.get("modality", "text")
+        data = samples(ingest, store, cfg)
+        model = _model(ref, variant, cfg)
+        causal = arch.is_causal and arch.has_unembedding
+        try:
+            surface = surface_for(model, modality, causal)
+        except ValueError as exc:
+            raise InputError(f"robustness: {exc}") from None
+        for p in surface.parameters():
+            p.requires_grad_(False)
+        if modality == "images":
+            x, y = data["x"], data["y"]
+            label = "dataset labels"
+        else:
+            x = surface.inputs(data["ids"])
+            if isinstance(surface, RetrievalSurface):
+                surface.set_anchors(x, rc.batch_size)
+                y, label = torch.arange(len(x)), "own clean embedding among the samples (retrieval)"
+            elif rc.label == "dataset":
+                y, label = data["next"], "dataset next token"
+            else:
+                with torch.no_grad():
+                    y = torch.cat(
+                        [surface(x[i : i + rc.batch_size]).argmax(-1) for i in range(0, len(x), rc.batch_size)]
+                    )
+                label = "clean prediction"
+        eps = DEFAULT_EPS[surface.kind] | rc.eps
+        steps_total = len(rc.norms) + len(rc.sweep)
+        done = 0
+        aa_results = []
+        for norm in rc.norms:
+            key = f"{prefix}/autoattack-{norm}.json"
+            if store.exists(key):  # finished before an interruption: not attacked again
+                aa_results.append(store.get_json(key))
+            else:
+                state = workspace.home() / "robustness-state" / prefix / f"autoattack-{norm}.json"
+                state.parent.mkdir(parents=True, exist_ok=True)
+                r = autoattack(
+                    surface, x, y, norm, eps[norm], rc.version, rc.attacks or None, cfg.seed, rc.batch_size, state
+                )
+                r["eps_units"] = surface.to_units(eps[norm])
+                store.put_json(key, r)
+                aa_results.append(r)
+            done += 1
+            if progress:
+                progress(done, steps_total)
+
+        def tick(_msg: str) -> None:
+            nonlocal done
+            done += 1
+            if progress:
+                progress(done, steps_total)
+
+        curves, adv = sweep(surface, x, y, list(rc.sweep), rc.pgd_steps, rc.pgd_restarts, cfg.seed, rc.batch_size, tick)
+        curves["eps_units"] = [surface.to_units(e) for e in rc.sweep]
+        shifts = (
+            feature_shifts(surface, x, adv, saes, store, rc.feature_shifts)
+            if saes and adv is not None and modality != "images" and rc.feature_shifts
+            else {}
+        )
+        results = {
+            "variant": variant,
+            "surface": surface.kind,
+            "label": label,
+            "samples": data["index"],
+            "eps": eps,
+            "autoattack": aa_results,
+            "curves": curves,
+            "feature_shifts": shifts,
+        }
+        artifacts = {"results": store.put_json(f"{prefix}/results.json", results)}
+    clean = curves["clean"][0]
+    metrics = {"clean_accuracy": clean, "samples": float(len(x))}
+    for r in aa_results:
+        metrics[f"autoattack_{r['norm']}"] = r["robust"]
+    metrics["pgd_min"] = min(curves["pgd"]) if curves["pgd"] else clean
+    record = StageRecord(
+        stage="robustness",
+        status=StageStatus.completed,
+        variant=None if variant == "fp" else variant,
+        config_hash=chash,
+        input_digests={"model": ingest.details["model_digest"], "dataset": ingest.details["dataset_digest"]},
+        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
+        metrics=metrics,
+        details={"prefix": prefix, **{k: v for k, v in results.items() if k != "samples"}},
+        **times,
+    )
+    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
+    return record
+
+
+def feature_shifts(
+    surface: Any, x: Any, adv: Any, saes: dict[str, StageRecord], store: ArtifactStore, top: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Per SAE hook: the features with the largest mean |Δ activation| between clean and attacked inputs
+    (over samples and positions), with their top contexts from the SAE stage."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from microscope.sae import io as sae_io
+    from microscope.trace import capture
+
+    out: dict[str, list[dict[str, Any]]] = {}
+    for hook, rec in saes.items():
+        module = rec.details.get("hook_module")
+        if not module:
+            continue
+        folder = Path(store.local_path(f"{rec.details['prefix']}/sae/cfg.json")).parent
+        store.local_path(f"{rec.details['prefix']}/sae/sae_weights.safetensors")
+        sae = sae_io.load(folder)
+        acts = []
+        for inputs in (x, adv):
+            with capture(surface.model, {(0, hook): module}) as got, torch.no_grad():
+                surface(inputs)
+            acts.append(sae.encode(got[(0, hook)].float()))
+        delta = (acts[1] - acts[0]).abs().mean(dim=(0, 1))
+        order = torch.argsort(delta, descending=True)[:top].tolist()
+        feats = pq.read_table(store.local_path(rec.details["prefix"] + "/features.parquet")).to_pylist()
+        out[hook] = [
+            {
+                "feature": int(i),
+                "mean_abs_shift": float(delta[i]),
+                "clean_mean": float(acts[0][..., i].mean()),
+                "attacked_mean": float(acts[1][..., i].mean()),
+                "density": float(feats[i]["density"]) if i < len(feats) else float("nan"),
+                "top_contexts": [f"{c['left']}[{c['token']}]{c['right']}" for c in feats[i]["top_contexts"][:3]]
+                if i < len(feats)
+                else [],
+            }
+            for i in order
+        ]
+    return out
