@@ -159,6 +159,24 @@ def tiny_gpt2_dir(tmp_path_factory: pytest.TempPathFactory, bpe_tokenizer_dir: P
 
 
 @pytest.fixture(scope="session")
+def digits_cnn(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The digits CNN trained briefly (≥ 95% held out) as a safetensors state dict, and a .npz of the
+    first 64 held-out test images."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from microscope.models.vision import digits_split, train_digits_cnn
+
+    out = tmp_path_factory.mktemp("digits")
+    model, acc = train_digits_cnn(epochs=10)
+    assert acc >= 0.95, acc
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "digits_cnn.safetensors")
+    _, _, xte, yte = digits_split()
+    np.savez(out / "digits_test.npz", x=xte[:64], y=yte[:64])
+    return out / "digits_cnn.safetensors", out / "digits_test.npz"
+
+
+@pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     p = tmp_path_factory.mktemp("corpus") / "corpus.txt"
     p.write_text("\n".join(corpus_lines(60)) + "\n")
@@ -278,6 +296,9 @@ def audit_json(model: Path, dataset: Path, config_text: str, env: dict[str, str]
 
     config = cwd / "audit.yaml"
     config.write_text(config_text)
-    p = run_cli(["run", "--model", str(model), "--dataset", str(dataset), "--config", str(config), "--json"], env, cwd)
+    args = ["run", "--model", str(model), "--dataset", str(dataset), "--config", str(config), "--json"]
+    if "robustness:" not in config_text:  # AutoAttack is minutes of CPU: only where a test configures it
+        args += ["--stages", "ingest,quantize,trace,sae,metrics,report"]
+    p = run_cli(args, env, cwd)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout)

@@ -66,6 +66,10 @@ def noise(model: Model, x: torch.Tensor, y: torch.Tensor, sigma: float, seed: in
     return _correct(model, (x + sigma * torch.randn(x.shape, generator=gen).to(x)).clamp(0, 1), y)
 
 
+def _frac(flags: torch.Tensor) -> float:
+    return int(flags.sum()) / len(flags)
+
+
 def sweep(
     model: Model,
     x: torch.Tensor,
@@ -96,11 +100,11 @@ def sweep(
         pgd_ok &= torch.cat(rob)
         fgsm_ok &= torch.cat(fg)
         curves["eps"].append(eps)
-        curves["pgd"].append(float(pgd_ok.float().mean()))
-        curves["fgsm"].append(float(fgsm_ok.float().mean()))
-        curves["noise"].append(float(torch.cat(nz).float().mean()))
+        curves["pgd"].append(_frac(pgd_ok))
+        curves["fgsm"].append(_frac(fgsm_ok))
+        curves["noise"].append(_frac(torch.cat(nz)))
         last_adv = torch.cat(adv)
         if progress:
             progress(f"ε {eps:.4g}: PGD {curves['pgd'][-1]:.3f} ({j + 1}/{len(eps_list)})")
-    curves["clean"] = [float(clean.float().mean())]
+    curves["clean"] = [_frac(clean)]
     return curves, last_adv
