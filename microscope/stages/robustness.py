@@ -197,12 +197,10 @@ def feature_shifts(
 
     out: dict[str, list[dict[str, Any]]] = {}
     for hook, rec in saes.items():
-        module = rec.details.get("hook_module")
-        if not module:
-            continue
         folder = Path(store.local_path(f"{rec.details['prefix']}/sae/cfg.json")).parent
-        store.local_path(f"{rec.details['prefix']}/sae/sae_weights.safetensors")
+        store.local_path(f"{rec.details['prefix']}/sae/sae_weights.safetensors")  # fetched next to it (S3)
         sae = sae_io.load(folder)
+        module = sae.cfg["metadata"]["hook_module"]
         acts = []
         for inputs in (x, adv):
             with capture(surface.model, {(0, hook): module}) as got, torch.no_grad():
