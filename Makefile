@@ -1,4 +1,5 @@
-# make demo: a full audit of the pretrained MiniLM on Python's help text (creates .venv if needed)
+# make demo: a full audit of the pretrained MiniLM on Python's help text, then of a small CNN trained on
+#            scikit-learn's digits (creates .venv if needed)
 # make test: the whole test suite (creates .venv if needed)
 PYTHON ?= python3
 VENV   := .venv
@@ -20,6 +21,9 @@ demo: $(STAMP)
 	mkdir -p $(DEMO)
 	$(BIN)/python examples/make_demo_corpus.py $(DEMO)/corpus.txt --print-model-path > $(DEMO).model
 	$(BIN)/microscope run --model "$$(cat $(DEMO).model)" --dataset $(DEMO)/corpus.txt --config examples/demo.yaml
+	$(BIN)/python examples/train_digits_cnn.py $(DEMO)/digits
+	$(BIN)/microscope run --model $(DEMO)/digits/digits_cnn.safetensors --dataset $(DEMO)/digits/digits_test.npz \
+		--config examples/demo_digits.yaml
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -35,7 +35,7 @@ def robustness_task(
     """AutoAttack per norm and the PGD/FGSM/noise sweeps on one variant (fp or a quantized format)."""
     store = open_store(store_uri)
     arch, _ = ingest_stage.load_outputs(ingest, store)
-    progress = Progress(f"robustness {variant}: attacks", key="robustness-progress")
+    progress = Progress(f"robustness {variant}: attacks", key="robustness-progress", unit="attack")
     try:
         return robustness.run(ref, ingest, arch, cfg, store, variant, saes, progress)
     finally:
