@@ -37,7 +37,7 @@ def main() -> None:
     times: dict[str, list[float]] = {"ours": [], "pyautoattack": []}
     robust: dict[str, float] = {}
     for rep in range(args.reps):
-        for who in (("ours", "pyautoattack") if rep % 2 == 0 else ("pyautoattack", "ours")):
+        for who in ("ours", "pyautoattack") if rep % 2 == 0 else ("pyautoattack", "ours"):
             t = time.perf_counter()
             if who == "ours":
                 with tempfile.TemporaryDirectory() as tmp:

@@ -171,9 +171,10 @@ broken at every larger ε).</p>
 <td class="l">{{ r.flags | join('; ') or '–' }}</td>{% endif %}</tr>{% endfor %}
 </table>
 <div class="charts">{% for c in rob_charts %}{{ c }}{% endfor %}</div>
-{% if rob_layers %}<h3>Brittle layers and features (SAE activations, clean vs PGD at ε={{ '%.4g' % rob_eps_max }})</h3>
-<table><tr><th class="l">hook</th><th>Σ mean |Δ| of the top features</th></tr>
-{% for h in rob_layers %}<tr><td class="l">{{ h.hook }}</td><td>{{ fmt(h.total) }}</td></tr>{% endfor %}</table>
+{% if rob_layer_shift %}<h3>Brittle layers (clean vs PGD at ε={{ '%.4g' % rob_eps_max }})</h3>
+<table><tr><th class="l">hook</th><th>mean ‖Δh‖ / ‖h‖</th><th>Σ mean |Δ| of its top SAE features</th></tr>
+{% for h, v in rob_layer_shift %}<tr><td class="l">{{ h }}</td><td>{{ fmt(v) }}</td><td>{{ fmt(rob_feature_total.get(h)) }}</td></tr>{% endfor %}</table>{% endif %}
+{% if rob_layers %}
 {% for h in rob_layers %}<h3>Features of {{ h.hook }} that move most under attack</h3>
 <table><tr><th>feature</th><th>mean |Δ|</th><th>clean mean</th><th>attacked mean</th><th>density</th><th class="l">top contexts</th></tr>
 {% for f in h.features %}<tr><td>{{ f.feature }}</td><td>{{ fmt(f.mean_abs_shift) }}</td><td>{{ fmt(f.clean_mean) }}</td>
@@ -377,7 +378,14 @@ def _fisher_charts(rec: StageRecord) -> list[str]:
 
 
 def _robustness_view(fp: StageRecord | None, variants: dict[str, dict[str, StageRecord]]) -> dict[str, Any]:
-    view: dict[str, Any] = {"rob_rows": [], "rob_charts": [], "rob_layers": [], "rob_aa_cols": []}
+    view: dict[str, Any] = {
+        "rob_rows": [],
+        "rob_charts": [],
+        "rob_layers": [],
+        "rob_aa_cols": [],
+        "rob_layer_shift": [],
+        "rob_feature_total": {},
+    }
     if fp is None or not fp.details.get("curves"):
         return view
     recs = {"fp": fp} | {v: r["robustness"] for v, r in sorted(variants.items()) if "robustness" in r}
@@ -428,6 +436,8 @@ def _robustness_view(fp: StageRecord | None, variants: dict[str, dict[str, Stage
         ),
         key=lambda h: -h["total"],
     )
+    view["rob_layer_shift"] = sorted((base.get("layer_shifts") or {}).items(), key=lambda kv: -kv[1])
+    view["rob_feature_total"] = {h["hook"]: h["total"] for h in view["rob_layers"]}
     return view
 
 

@@ -153,6 +153,7 @@ def run(
             if saes and adv is not None and modality != "images" and rc.feature_shifts
             else {}
         )
+        layers = layer_shifts(surface, x, adv, arch, cfg) if adv is not None and modality != "images" else {}
         results = {
             "variant": variant,
             "surface": surface.kind,
@@ -162,6 +163,7 @@ def run(
             "autoattack": aa_results,
             "curves": curves,
             "feature_shifts": shifts,
+            "layer_shifts": layers,
         }
         artifacts = {"results": store.put_json(f"{prefix}/results.json", results)}
     clean = curves["clean"][0]
@@ -182,6 +184,28 @@ def run(
     )
     store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
     return record
+
+
+def layer_shifts(surface: Any, x: Any, adv: Any, arch: Architecture, cfg: AuditConfig) -> dict[str, float]:
+    """At each traced (layer, hook) point: the mean relative change ‖h_adv − h‖ / ‖h‖ of the activation
+    between clean and PGD-attacked inputs (largest ε of the sweep): where the attack takes hold."""
+    import torch
+
+    from microscope.trace import capture, hook_name, resolve_layers, resolve_points
+
+    points = resolve_points(
+        arch.hook_points, resolve_layers(cfg.trace.layers, arch.n_layers), cfg.trace.hooks, arch.family
+    )
+    acts = []
+    for inputs in (x, adv):
+        with capture(surface.model, points) as got, torch.no_grad():
+            surface(inputs)
+        acts.append({lh: got[lh].float() for lh in points})
+    out = {}
+    for lh in sorted(points):
+        a, b = acts[0][lh], acts[1][lh]
+        out[hook_name(*lh)] = float(((b - a).norm(dim=-1) / a.norm(dim=-1).clamp_min(1e-12)).mean())
+    return out
 
 
 def feature_shifts(

@@ -117,5 +117,7 @@ def test_causal_lm_robustness_links_to_sae_features(
     shifts = d["feature_shifts"]["blocks.1.hook_resid_post"]
     assert len(shifts) == 5 and shifts[0]["mean_abs_shift"] >= shifts[-1]["mean_abs_shift"] > 0
     assert all(isinstance(c, str) for f in shifts for c in f["top_contexts"])
+    assert set(d["layer_shifts"]) == {"blocks.1.hook_resid_post"} and d["layer_shifts"]["blocks.1.hook_resid_post"] > 0
     assert rec["variants"]["torch-int8"]["robustness"]["status"] == "completed"
-    assert "move most under attack" in Path(rec["report_uri"]).read_text()
+    html = Path(rec["report_uri"]).read_text()
+    assert "move most under attack" in html and "Brittle layers" in html
