@@ -83,6 +83,18 @@ def test_metrics_and_search(prefect_api: str, tiny_gpt2_dir: Path, corpus_file: 
     bad = tmp_path / "bad.yaml"
     bad.write_text(CONFIG.replace("cka_tokens: 256", "cka_tokens: 256\n  compare_audits: [no-such-audit]"))
     p = run_cli(
-        ["run", "--model", str(tiny_gpt2_dir), "--dataset", str(corpus_file), "--config", str(bad)], env, tmp_path
+        [
+            "run",
+            "--model",
+            str(tiny_gpt2_dir),
+            "--dataset",
+            str(corpus_file),
+            "--config",
+            str(bad),
+            "--stages",
+            "metrics",
+        ],
+        env,
+        tmp_path,
     )
     assert p.returncode != 0 and "no audit 'no-such-audit'" in p.stderr and "microscope list" in p.stderr
