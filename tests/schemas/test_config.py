@@ -35,7 +35,7 @@ def test_unknown_key_names_key_and_allowed(tmp_path: Path) -> None:
 def test_unknown_section(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError,
-        match="unknown key 'tracee'.*allowed here: dataset, metrics, model, quantize, report, sae, seed, trace",
+        match="unknown key 'tracee'.*allowed here: dataset, metrics, model, quantize, report, robustness, sae, seed, trace",
     ):
         load_config(write(tmp_path, "tracee: {}\n"))
 
@@ -77,3 +77,17 @@ def test_config_hash_is_canonical() -> None:
 def test_json_schema_exports() -> None:
     schema = AuditConfig.model_json_schema()
     assert set(schema["properties"]) >= {"model", "dataset", "trace", "report"}
+
+
+def test_robustness_section_names_the_fix(tmp_path: Path) -> None:
+    cases = {
+        "robustness:\n  attacks: [apgd-ce]\n": "only used with version 'custom'",
+        "robustness:\n  version: custom\n": "version 'custom' needs an attacks list",
+        "robustness:\n  version: custom\n  attacks: [pgd]\n": "unknown AutoAttack attack 'pgd'; choose from apgd-ce",
+        "robustness:\n  eps: {Linfinity: 0.1}\n": "eps key 'Linfinity' is not a norm",
+        "robustness:\n  sweep: [0.1, 0.0]\n": "increasing order",
+        "robustness:\n  norms: [L3]\n": "robustness.norms.0",
+    }
+    for text, message in cases.items():
+        with pytest.raises(ConfigError, match=message):
+            load_config(write(tmp_path, text))
