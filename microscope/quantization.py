@@ -8,6 +8,7 @@ users load them; `torch-int8` is our weight-only int8 for where bitsandbytes can
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -161,9 +162,21 @@ def _no_linear(model: nn.Module, fmt: str) -> InputError:
     )
 
 
+class _NoCastNotice(logging.Filter):
+    """LLM.int8 computes in fp16 by design; bitsandbytes logs that at WARNING on every forward of an fp32
+    input (thousands of lines in an attack loop)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
 def _load_bnb(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str) -> nn.Module:
     import torch
     import transformers
+
+    bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
+    if not any(isinstance(f, _NoCastNotice) for f in bnb_log.filters):
+        bnb_log.addFilter(_NoCastNotice())
 
     path = Path(ref.resolved_path or ref.source)
     if not path.is_dir():
