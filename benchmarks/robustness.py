@@ -58,6 +58,7 @@ def main() -> None:
                 "ours_s": round(best["ours"], 2),
                 "pyautoattack_s": round(best["pyautoattack"], 2),
                 "ratio": round(best["ours"] / best["pyautoattack"], 3),
+                "ratio_of_means": round(sum(times["ours"]) / sum(times["pyautoattack"]), 3),
                 "robust_ours": robust["ours"],
                 "robust_pyautoattack": robust["pyautoattack"],
                 "all_times": {k: [round(t, 2) for t in v] for k, v in times.items()},
