@@ -160,7 +160,7 @@ numbers are not computed and their effective ranks are estimates.</p>{% endif %}
 <h2>Robustness</h2>
 <p>{{ rob_samples }} samples, the same for every variant; surface: {{ rob_surface }}; label: {{ rob_label }}.
 ε in [0, 1]-box units{% if rob_surface == 'embeddings' %} (in embedding units: × the median dimension's range){% endif %}.
-AutoAttack is pyautoattack {{ rob_aa_version }}; PGD, FGSM and noise are our sweeps (a sample broken at ε counts as
+AutoAttack: {{ rob_aa_version }}; PGD, FGSM and noise are our sweeps (a sample broken at ε counts as
 broken at every larger ε).</p>
 <table><tr><th class="l">variant</th><th>clean</th>{% for a in rob_aa_cols %}<th>AutoAttack {{ a.norm }} ε={{ '%.4g' % a.eps }}</th>{% endfor %}
 <th>PGD ε={{ '%.4g' % rob_eps_max }}</th><th>FGSM ε={{ '%.4g' % rob_eps_max }}</th><th>noise σ={{ '%.4g' % rob_eps_max }}</th><th class="l">vs fp</th><th class="l">AutoAttack flags</th></tr>
@@ -397,7 +397,11 @@ def _robustness_view(fp: StageRecord | None, variants: dict[str, dict[str, Stage
         rob_surface=base.get("surface", ""),
         rob_label=base.get("label", ""),
         rob_eps_max=eps[-1] if eps else 0.0,
-        rob_aa_version=base["autoattack"][0]["version"] if base.get("autoattack") else "–",
+        rob_aa_version=(
+            f"{a.get('library', 'pyautoattack')}, version {a['version']} ({', '.join(a['attacks'])})"
+            if (a := (base.get("autoattack") or [None])[0])
+            else "–"
+        ),
     )
     series: dict[str, dict[str, list[tuple[float, float]]]] = {"pgd": {}, "fgsm": {}, "noise": {}}
     fp_aa = {a["norm"]: a["robust"] for a in base.get("autoattack", [])}

@@ -36,6 +36,7 @@ def autoattack(
     state_path: Path | None = None,
 ) -> dict[str, Any]:
     """Robust accuracy under AutoAttack and what it reported along the way."""
+    import pyautoattack
     from pyautoattack import AutoAttack
 
     aa = AutoAttack(
@@ -81,6 +82,7 @@ def autoattack(
         "norm": norm,
         "eps": eps,
         "version": version,
+        "library": f"pyautoattack {pyautoattack.__version__}",
         "attacks": list(aa.attacks_to_run),
         "clean": correct / len(x),
         "robust": int(robust.sum()) / len(robust),  # as AutoAttack computes it

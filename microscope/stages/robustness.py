@@ -19,7 +19,7 @@ from microscope.models import loading
 from microscope.stages import from_manifest, stage_prefix, timed
 from microscope.store import ArtifactStore
 
-VERSION = "1"
+VERSION = "2"  # 2: the AutoAttack library version in the results
 
 
 def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str, saes: dict[str, str]) -> str:
