@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io as _io
 import re
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -104,15 +107,33 @@ def weight_table(
     return rows, spectra, vectors
 
 
-def blas_threads(concurrent: int) -> Any:
+_BLAS_LOCK = threading.Lock()
+_BLAS_STATE: dict[str, Any] = {"users": 0, "limiter": None}
+
+
+@contextmanager
+def blas_threads(concurrent: int) -> Iterator[None]:
     """BLAS threads for one of `concurrent` shards running side by side in this process: their share of
     the cores. Spectra are LAPACK-bound; 2 shards × 2 BLAS threads on 2 cores run slower than 1 × 2,
-    2 shards × 1 thread about 1.7× faster (benchmarks/spectra.py)."""
+    2 shards × 1 thread about 1.7× faster (benchmarks/spectra.py). The limit is process-wide, so the
+    first shard in sets it and the last one out restores it (overlapping per-thread contexts would
+    otherwise restore each other's value and leave the process at one thread)."""
     import os
 
     from threadpoolctl import threadpool_limits
 
-    return threadpool_limits(max(1, (os.cpu_count() or 1) // max(1, concurrent)))
+    with _BLAS_LOCK:
+        if _BLAS_STATE["users"] == 0:
+            _BLAS_STATE["limiter"] = threadpool_limits(max(1, (os.cpu_count() or 1) // max(1, concurrent)))
+        _BLAS_STATE["users"] += 1
+    try:
+        yield
+    finally:
+        with _BLAS_LOCK:
+            _BLAS_STATE["users"] -= 1
+            if _BLAS_STATE["users"] == 0:
+                _BLAS_STATE["limiter"].restore_original_limits()
+                _BLAS_STATE["limiter"] = None
 
 
 def run_shard(
