@@ -16,15 +16,19 @@ EXIT_FAILED = 1  # the audit ran and a stage failed
 
 
 def _env_defaults() -> None:
-    from microscope import workspace
+    """Settings of the libraries we drive (not ours: those live in microscope.settings)."""
+    from microscope.settings import get_settings
 
-    home = workspace.home()
+    home = get_settings().home_dir
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(home / "prefect-results"))
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    if not sys.stderr.isatty():  # a log file or CI: no carriage-return progress redraws
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TQDM_DISABLE", "1")
     # The temporary server's first start migrates a fresh database: ~20 s on 2 cores, Prefect's default
     # patience; give it room instead of failing a laptop's first audit.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
@@ -51,22 +55,33 @@ def _fail(msg: str, code: int = EXIT_INPUT) -> int:
     return code
 
 
+def _tags(pairs: list[str] | None) -> dict[str, str]:
+    out = {}
+    for p in pairs or []:
+        key, eq, value = p.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--tag {p!r} is not key=value; write it like --tag branch=main")
+        out[key] = value
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _env_defaults()
-    from microscope import audits, workspace
+    from flows.stages import expand_stages
+    from microscope import audits
     from microscope.models.loading import resolve
     from microscope.stages.ingest import dataset_fingerprint
     from microscope.store import open_store
-    from schemas.config import load_config
+    from schemas.config import resolve_config
 
-    cfg = load_config(args.config, {"model.source": args.model, "dataset.path": args.dataset})
+    # Everything a user can get wrong is checked before anything starts (exit 2, one line).
+    cfg = resolve_config(args.config, {"model.source": args.model, "dataset.path": args.dataset})
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else []
-    from flows.stages import expand_stages
-
-    expand_stages(stages)  # unknown names fail before anything starts
+    expand_stages(stages)
+    tags = _tags(args.tag)
     ref = resolve(cfg.model)
-    data_fp = dataset_fingerprint(cfg.dataset.path)
-    store = open_store(args.store or workspace.store_uri())
+    dataset_fingerprint(cfg.dataset.path)
+    store = open_store(args.store)
     audit_id = args.audit_id or audits.new_audit_id()
     print(f"microscope: audit {audit_id} of {ref.source} (store {store.uri})", file=sys.stderr)
 
@@ -74,12 +89,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         from flows.audit import audit
 
         state = audit(
-            audit_id=audit_id,
-            config=cfg,
-            model=ref,
-            dataset_fingerprint=data_fp,
+            model=cfg.model.source,
+            dataset=cfg.dataset.path,
+            config=args.config,
+            run_id=args.run_id,
+            step=args.step,
+            tags=tags,
             stages=stages,
-            store_uri=store.uri,
+            store=store.uri,
+            audit_id=audit_id,
             return_state=True,
         )
     try:
@@ -88,7 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         exc = state.result(raise_on_failure=False)
         return _fail(f"audit {audit_id} crashed before saving its record: {exc}", EXIT_FAILED)
     _print_record(record, args.json)
-    if record.status.value == "failed":
+    if record.status.value in ("failed", "partial"):
         return _fail(record.error or "a stage failed", EXIT_INPUT if _is_input_error(record) else EXIT_FAILED)
     return 0
 
@@ -128,19 +146,19 @@ def _print_record(record: Any, as_json: bool) -> None:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from microscope import audits, workspace
+    from microscope import audits
     from microscope.store import open_store
 
-    record = audits.load(open_store(args.store or workspace.store_uri()), args.audit_id)
+    record = audits.load(open_store(args.store), args.audit_id)
     _print_record(record, args.json)
     return 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from microscope import audits, workspace
+    from microscope import audits
     from microscope.store import open_store
 
-    records = audits.list_all(open_store(args.store or workspace.store_uri()))
+    records = audits.list_all(open_store(args.store), run_id=args.run)
     if args.json:
         print(json.dumps([json.loads(r.model_dump_json()) for r in records], indent=2))
         return 0
@@ -148,12 +166,13 @@ def cmd_list(args: argparse.Namespace) -> int:
         print("no audits yet; start one with `microscope run --model PATH --dataset FILE`", file=sys.stderr)
     for r in records:
         model = (r.architecture.class_name if r.architecture else "?") + f" {(r.model_digest or '')[:12]}"
-        print(f"{r.audit_id}  {r.status.value:<9}  {model}  {r.dataset_source}")
+        step = f"  {r.run_id} step {r.step}" if r.run_id is not None else ""
+        print(f"{r.audit_id}  {r.status.value:<9}  {model}  {r.dataset_source}{step}")
     return 0
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from microscope import audits, workspace
+    from microscope import audits
     from microscope.errors import InputError
     from microscope.store import open_store
     from microscope.vectors import FEATURES, LAYERS, VectorIndex
@@ -163,7 +182,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     if len(parts) != want:
         form = "AUDIT:LAYER" if args.what == "layers" else "AUDIT:HOOK:FEATURE"
         raise InputError(f"--like {args.like!r} is not {form}, e.g. `microscope search {args.what} --like {form}`")
-    audit_id = audits.load(open_store(args.store or workspace.store_uri()), parts[0]).audit_id
+    audit_id = audits.load(open_store(args.store), parts[0]).audit_id
     if args.what == "layers":
         key: tuple = (audit_id, "fp", parts[1])
     else:
@@ -205,9 +224,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run an audit")
     r.add_argument("--model", help="HF folder, hub id, or a .safetensors/.pt state dict (overrides model.source)")
     r.add_argument("--dataset", help=".txt/.jsonl/.parquet file or HF dataset name (overrides dataset.path)")
-    r.add_argument("--config", help="audit YAML config")
+    r.add_argument("--config", help="audit YAML config, or a name under examples/ (demo, demo_digits)")
     r.add_argument("--stages", help="comma-separated stages to run (plus what they need); default all")
     r.add_argument("--audit-id", help="id for this audit (default: timestamp + random)")
+    r.add_argument("--run-id", help="the training run this checkpoint belongs to (microscope list --run)")
+    r.add_argument("--step", type=int, help="the checkpoint's training step within --run-id")
+    r.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a tag on the audit (repeatable)")
     r.add_argument("--json", action="store_true", help="print the audit record as JSON on stdout")
     r.set_defaults(fn=cmd_run)
 
@@ -216,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_show)
 
-    ls = sub.add_parser("list", help="list audits")
+    ls = sub.add_parser("list", help="list audits (oldest first; a training run's in step order)")
+    ls.add_argument("--run", help="only this training run's audits, in step order")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(fn=cmd_list)
 

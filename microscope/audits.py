@@ -31,6 +31,11 @@ def load(store: ArtifactStore, audit_id: str) -> AuditRecord:
     return AuditRecord.model_validate_json(store.get_bytes(key))
 
 
-def list_all(store: ArtifactStore) -> list[AuditRecord]:
-    out = [AuditRecord.model_validate_json(store.get_bytes(k)) for k in store.list("audits") if k.endswith(".json")]
+def list_all(store: ArtifactStore, run_id: str | None = None) -> list[AuditRecord]:
+    """Every audit, oldest first; with `run_id`, that training run's audits in step order."""
+    keys = [k for k in store.list("audits") if k.endswith(".json") and k.count("/") == 1]
+    out = [AuditRecord.model_validate_json(store.get_bytes(k)) for k in keys]
+    if run_id is not None:
+        out = [r for r in out if r.run_id == run_id]
+        return sorted(out, key=lambda r: (r.step if r.step is not None else -1, r.created_at))
     return sorted(out, key=lambda r: r.created_at)

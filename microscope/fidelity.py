@@ -12,6 +12,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from microscope.figures import Figure, Undefined
+
+NO_LOGITS = (
+    "the model has no output logits (no head): there is no output distribution to compare, so logit "
+    "fidelity is undefined"
+)
+NO_TARGETS = (
+    "these logits are not next-token predictions (an encoder's head): with no reference token, its Δp and "
+    "perplexity are undefined"
+)
+LOGIT_FIGURES = ("kl_mean", "kl_p99", "top1_agreement")
+TARGET_FIGURES = ("ref_token_abs_dp_mean", "ppl_fp", "ppl_q", "delta_ppl")
+
 
 @dataclass
 class LogitFidelity:
@@ -37,11 +50,13 @@ class LogitFidelity:
             self.nll_fp.append((-ref_fp).numpy())
             self.nll_q.append((-ref_q).numpy())
 
-    def summary(self) -> dict[str, float]:
+    def summary(self) -> dict[str, Figure]:
+        """The figures, or why each is undefined: no logits were compared at all (the model has none), or
+        none came with reference tokens."""
         if not self.kl:
-            return {}
+            return dict.fromkeys(LOGIT_FIGURES + TARGET_FIGURES, Undefined(NO_LOGITS))
         kl = np.concatenate(self.kl)
-        out = {
+        out: dict[str, Figure] = {
             "kl_mean": float(kl.mean()),
             "kl_p99": float(np.percentile(kl, 99)),
             "top1_agreement": float(np.concatenate(self.top1_same).mean()),
@@ -55,6 +70,8 @@ class LogitFidelity:
                 "ppl_q": ppl_q,
                 "delta_ppl": ppl_q - ppl_fp,
             }
+        else:
+            out |= dict.fromkeys(TARGET_FIGURES, Undefined(NO_TARGETS))
         return out
 
 

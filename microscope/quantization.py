@@ -2,13 +2,15 @@
 and saving as safetensors.
 
 bitsandbytes formats (int8 = LLM.int8, nf4, fp4) go through transformers' `BitsAndBytesConfig`, as
-users load them; `torch-int8` is our weight-only int8 for where bitsandbytes cannot run.
+users load them; on CPU the 4-bit layers then run as dequantize + float matmul (`microscope.quant4bit`).
+`torch-int8` is our weight-only int8 for where bitsandbytes cannot run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,10 +21,12 @@ from schemas.records import ModelRef
 
 from microscope.errors import InputError, is_oom
 from microscope.models import loading
-from microscope.native_int8 import linear_weight, quantize_linears
+from microscope.native_int8 import Int8Linear, linear_weight, quantize_linears
 
 if TYPE_CHECKING:
     import torch.nn as nn
+
+DEQUANTIZE_MATMUL = "dequantize-matmul"  # also quant4bit.DequantLinear4bit.kernel_path
 
 
 @dataclass(frozen=True)
@@ -64,9 +68,6 @@ UNSUPPORTED = {
 }
 
 
-BNB_BLOCK = 64
-
-
 class VariantOOM(RuntimeError):
     """The variant does not fit (estimated before loading, or out-of-memory while loading)."""
 
@@ -105,6 +106,22 @@ def measured_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
+
+
+def kernel_paths(model: nn.Module) -> dict[str, int]:
+    """How many quantized layers run each compute path: 'dequantize-matmul' (4-bit on CPU, torch-int8)
+    or 'bnb-<device>-kernel' (bitsandbytes' own dispatch). Empty for float variants."""
+    import torch
+
+    paths: Counter[str] = Counter()
+    for mod in model.modules():
+        if isinstance(mod, Int8Linear):
+            paths[DEQUANTIZE_MATMUL] += 1
+        elif getattr(type(mod), "kernel_path", None):  # quant4bit.DequantLinear4bit
+            paths[type(mod).kernel_path] += 1
+        elif type(mod).__module__.startswith("bitsandbytes.") and isinstance(mod, torch.nn.Linear):
+            paths[f"bnb-{mod.weight.device.type}-kernel"] += 1
+    return dict(sorted(paths.items()))
 
 
 def free_bytes(device: str) -> int:
@@ -174,6 +191,8 @@ def _load_bnb(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str) -> nn.M
     import torch
     import transformers
 
+    loading.quiet_loading_bars(transformers)
+
     bnb_log = logging.getLogger("bitsandbytes.autograd._functions")
     if not any(isinstance(f, _NoCastNotice) for f in bnb_log.filters):
         bnb_log.addFilter(_NoCastNotice())
@@ -197,22 +216,17 @@ def _load_bnb(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str) -> nn.M
     config = transformers.AutoConfig.from_pretrained(path)
     auto = transformers.AutoModelForCausalLM if loading._is_causal_hf(config) else transformers.AutoModel
     probe = loading.load_model(ref)  # to know whether anything is quantizable before bitsandbytes is asked
-    layers = quantizable(probe)
-    if not layers:
+    if not quantizable(probe):
         raise _no_linear(probe, fmt)
     del probe
-    if fmt != "int8" and device == "cpu":
-        # bitsandbytes' CPU 4-bit kernel lays the weights out in 64-wide blocks along the input dimension.
-        odd = [(n, i) for n, (_o, i) in layers.items() if i % BNB_BLOCK]
-        if odd:
-            name, width = odd[0]
-            raise InputError(
-                f"{fmt} on CPU needs every layer's input width divisible by {BNB_BLOCK} (bitsandbytes' CPU kernel); "
-                f"{name} has {width}; use int8 or torch-int8 here, or run on a GPU"
-            )
-    # Save a bitsandbytes variant before its first forward: on CPU the first call repacks the 4-bit
-    # weights in place, and saving after that writes a layout that reloads to different numbers.
-    return auto.from_pretrained(path, quantization_config=qcfg, device_map=device, dtype=torch.float32)
+    model = auto.from_pretrained(path, quantization_config=qcfg, device_map=device, dtype=torch.float32)
+    if fmt != "int8" and torch.device(device).type == "cpu":
+        # Before any forward: bitsandbytes' CPU kernel would repack the weights in place, compute in bf16
+        # without gradients and refuse widths that are not multiples of 64 (see microscope.quant4bit).
+        from microscope.quant4bit import dequantize_matmul
+
+        dequantize_matmul(model)
+    return model
 
 
 def save_variant(model: nn.Module, fmt: str, out: Path) -> list[Path]:

@@ -12,6 +12,8 @@ from typing import Any
 
 import numpy as np
 
+from microscope.figures import Figure, Undefined
+
 
 def as_matrix(w: np.ndarray) -> np.ndarray | None:
     """The matrix a weight tensor is analysed as; None for vectors and scalars (biases, norms)."""
@@ -77,7 +79,7 @@ def matrix_stats(
 
     When min(shape) > exact_max_dim the randomized path computes the top `rank` singular values only:
     `spectrum_error` bounds the relative error of σmax (so of the spectral and stable ranks),
-    `spectrum_error_max` that of every kept value; σmin is unknown, so the condition number is NaN; the
+    `spectrum_error_max` that of every kept value; σmin is unknown, so the condition number is undefined; the
     effective rank spreads the energy not captured (‖W‖²_F − Σσ²) evenly over the missing values and is
     marked `effective_rank_estimated`."""
     m = as_matrix(np.asarray(w))
@@ -100,7 +102,16 @@ def matrix_stats(
     smin = float(sv[-1]) if sv.size else 0.0
     p = full / full.sum() if full.sum() > 0 else full
     nz = p[p > 0]
-    cond = float("nan") if randomized or smax == 0 else smax / max(smin, cond_floor * smax)
+    cond: Figure
+    if randomized:
+        cond = Undefined(
+            f"randomized spectrum path (top {sv.size} of {min(m.shape)} singular values): σmin is unknown, "
+            "so the condition number is undefined"
+        )
+    elif smax == 0:
+        cond = Undefined("all-zero matrix (σmax = 0): the condition number is undefined")
+    else:
+        cond = smax / max(smin, cond_floor * smax)
     return {
         "shape": list(m.shape),
         "l1": float(absm.sum()),
@@ -123,22 +134,25 @@ EVALS_THRESH = 1e-5  # eigenvalues below this are numerical zeros (WeightWatcher
 MIN_FIT_EVALS = 20  # below this the continuous power-law MLE is too noisy to report
 
 
-def power_law_fit(singular_values: np.ndarray) -> dict[str, float]:
+FIT_FIGURES = ("alpha", "alpha_weighted", "xmin", "ks_distance", "sigma")
+
+
+def _no_fit(reason: str) -> dict[str, Figure]:
+    return dict.fromkeys(FIT_FIGURES, Undefined(reason)) | {"n_tail": 0.0}
+
+
+def power_law_fit(singular_values: np.ndarray) -> dict[str, Figure]:
     """Power-law fit of the empirical spectral density of WᵀW, as WeightWatcher defines it: eigenvalues
     λ = σ², the continuous power-law MLE α = 1 + n / Σ log(λ_i / λ_min) for every candidate λ_min, and the
-    λ_min whose fit has the smallest Kolmogorov–Smirnov distance. Also α̂ = α · log10 λmax."""
+    λ_min whose fit has the smallest Kolmogorov–Smirnov distance. Also α̂ = α · log10 λmax.
+    Undefined (with the reason) when there are too few eigenvalues, or no tail gives a power law (α > 1)."""
     evals = np.sort(np.asarray(singular_values, dtype=np.float64) ** 2)
     evals = evals[evals > EVALS_THRESH]
     n_all = len(evals)
     if n_all < MIN_FIT_EVALS:
-        return {
-            "alpha": float("nan"),
-            "alpha_weighted": float("nan"),
-            "xmin": float("nan"),
-            "ks_distance": float("nan"),
-            "sigma": float("nan"),
-            "n_tail": 0.0,
-        }
+        return _no_fit(
+            f"{n_all} eigenvalues of WᵀW above {EVALS_THRESH:g}: the power-law fit needs at least {MIN_FIT_EVALS}"
+        )
     log_e = np.log(evals)
     # Suffix sums give every candidate's MLE in O(n); the KS distances of all candidates at once as a
     # masked [candidates × tail] matrix, in row chunks so memory stays bounded for large spectra.
@@ -161,6 +175,8 @@ def power_law_fit(singular_values: np.ndarray) -> dict[str, float]:
         ks[lo : lo + step] = dev.max(axis=1)
     ks[~(alphas > 1)] = np.inf
     i = int(np.argmin(ks))  # the first minimum, as the loop over candidates picks
+    if not np.isfinite(ks[i]):
+        return _no_fit("no tail of the spectrum fits a power law (a flat spectrum, or every candidate gives α ≤ 1)")
     best = (float(ks[i]), i, float(alphas[i]))
     d, i, alpha = best
     lam_max = evals[-1]

@@ -7,7 +7,9 @@ rename locally; a single PUT or a completed multipart upload on S3), and each st
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -18,6 +20,8 @@ from typing import Any
 from microscope.errors import InputError, TransientError
 
 MANIFEST = "manifest.json"
+TMP_MARK = ".tmp-"  # files being written carry it until renamed; a killed writer leaves them behind
+log = logging.getLogger("microscope.store")
 
 
 def _check_key(key: str) -> str:
@@ -44,6 +48,25 @@ class ArtifactStore(ABC):
 
     @abstractmethod
     def get_bytes(self, key: str) -> bytes: ...
+
+    @abstractmethod
+    def size(self, key: str) -> int | None:
+        """Bytes of the artifact, None when it does not exist."""
+
+    @abstractmethod
+    def sha256(self, key: str) -> str: ...
+
+    @abstractmethod
+    def delete(self, key: str) -> None: ...
+
+    @abstractmethod
+    def clean_orphans(self, prefix: str) -> int:
+        """Remove what killed writers left under `prefix` (temp files, unfinished uploads); returns how many.
+        Call only while holding the prefix's stage lock."""
+
+    # Whether reading a cached stage re-hashes its artifacts (cheap on local disk; on S3 sizes are
+    # checked instead: objects appear whole or not at all, and re-hashing would download everything).
+    verifies_content: bool = True
 
     @abstractmethod
     def list(self, prefix: str) -> list[str]:
@@ -89,7 +112,7 @@ class LocalStore(ArtifactStore):
 
     def _tmp(self, dest: Path) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        return dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+        return dest.with_name(f".{dest.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
 
     def put_bytes(self, key: str, data: bytes) -> str:
         dest = self._path(key)
@@ -115,6 +138,29 @@ class LocalStore(ArtifactStore):
         os.replace(tmp, dest)
         return str(dest)
 
+    def size(self, key: str) -> int | None:
+        try:
+            return self._path(key).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def sha256(self, key: str) -> str:
+        with open(self._path(key), "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def clean_orphans(self, prefix: str) -> int:
+        base = self.root / prefix
+        if not base.exists():
+            return 0
+        orphans = [p for p in base.rglob(f"*{TMP_MARK}*") if p.is_file()]
+        for p in orphans:
+            log.warning("removing %s, left half-written by a killed run", p)
+            p.unlink(missing_ok=True)
+        return len(orphans)
+
     def get_bytes(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
@@ -127,7 +173,7 @@ class LocalStore(ArtifactStore):
             return []
         out = []
         for p in base.rglob("*"):
-            if p.is_file() and ".tmp-" not in p.name:
+            if p.is_file() and TMP_MARK not in p.name:
                 out.append(p.relative_to(self.root).as_posix())
         return sorted(out)
 
@@ -140,7 +186,7 @@ class LocalStore(ArtifactStore):
 
 
 class S3Store(ArtifactStore):
-    """S3 or MinIO via boto3; the endpoint comes from `MICROSCOPE_S3_ENDPOINT_URL` or `AWS_ENDPOINT_URL`."""
+    """S3 or MinIO via boto3; the endpoint comes from the settings (`MICROSCOPE_S3_ENDPOINT_URL`)."""
 
     def __init__(self, uri: str, endpoint_url: str | None = None):
         import boto3
@@ -152,7 +198,9 @@ class S3Store(ArtifactStore):
             raise InputError(f"store URI {uri!r} names no bucket; write it as s3://bucket/prefix")
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        endpoint = endpoint_url or os.environ.get("MICROSCOPE_S3_ENDPOINT_URL") or None
+        from microscope.settings import get_settings
+
+        endpoint = endpoint_url or get_settings().s3_endpoint_url
         self.client = boto3.client("s3", endpoint_url=endpoint)
         # Multipart above 16 MiB: the object appears only when the upload completes (atomic).
         self.transfer = TransferConfig(multipart_threshold=16 * 2**20, multipart_chunksize=16 * 2**20)
@@ -180,25 +228,65 @@ class S3Store(ArtifactStore):
             raise TransientError(f"S3 store {self.uri} unreachable: {exc}") from exc
 
     def exists(self, key: str) -> bool:
-        from botocore.exceptions import ClientError
+        return self._head(key) is not None
 
-        try:
-            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
-            return True
-        except ClientError as exc:
-            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
-                return False
-            raise
+    verifies_content = False
 
     def put_bytes(self, key: str, data: bytes) -> str:
-        self._call(self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data)
+        meta = {"sha256": hashlib.sha256(data).hexdigest()}
+        self._call(self.client.put_object, Bucket=self.bucket, Key=self._key(key), Body=data, Metadata=meta)
         return self.uri_for(key)
 
     def put_file(self, key: str, path: Path, move: bool = False) -> str:
-        self._call(self.client.upload_file, str(path), self.bucket, self._key(key), Config=self.transfer)
+        with open(path, "rb") as f:  # hashed on the way up: the manifest then needs no read-back
+            meta = {"sha256": hashlib.file_digest(f, "sha256").hexdigest()}
+        self._call(
+            self.client.upload_file,
+            str(path),
+            self.bucket,
+            self._key(key),
+            Config=self.transfer,
+            ExtraArgs={"Metadata": meta},
+        )
         if move:
             Path(path).unlink(missing_ok=True)
         return self.uri_for(key)
+
+    def _head(self, key: str) -> dict[str, Any] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+
+    def size(self, key: str) -> int | None:
+        head = self._head(key)
+        return None if head is None else int(head["ContentLength"])
+
+    def sha256(self, key: str) -> str:
+        head = self._head(key)
+        if head is not None and head.get("Metadata", {}).get("sha256"):
+            return head["Metadata"]["sha256"]
+        body = self._call(self.client.get_object, Bucket=self.bucket, Key=self._key(key))["Body"]
+        h = hashlib.sha256()  # written by something else: hash the bytes
+        while chunk := body.read(2**20):
+            h.update(chunk)
+        return h.hexdigest()
+
+    def delete(self, key: str) -> None:
+        self._call(self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def clean_orphans(self, prefix: str) -> int:
+        """Abort multipart uploads that a killed run started under `prefix` (their parts cost storage)."""
+        resp = self._call(self.client.list_multipart_uploads, Bucket=self.bucket, Prefix=self._key(prefix) + "/")
+        uploads = resp.get("Uploads", [])
+        for u in uploads:
+            log.warning("aborting the unfinished upload of s3://%s/%s left by a killed run", self.bucket, u["Key"])
+            self._call(self.client.abort_multipart_upload, Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
+        return len(uploads)
 
     def get_bytes(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
@@ -220,9 +308,9 @@ class S3Store(ArtifactStore):
         return sorted(out)
 
     def local_path(self, key: str) -> Path:
-        from microscope.workspace import staging_dir
+        from microscope.settings import get_settings
 
-        dest = staging_dir() / "s3-cache" / self.bucket / self._key(key)
+        dest = get_settings().staging_dir() / "s3-cache" / self.bucket / self._key(key)
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -231,17 +319,17 @@ class S3Store(ArtifactStore):
         return dest
 
     def staging_path(self, key: str) -> Path:
-        from microscope.workspace import staging_dir
+        from microscope.settings import get_settings
 
-        p = staging_dir() / "upload" / self.bucket / f"{self._key(key)}.tmp-{uuid.uuid4().hex[:8]}"
+        p = get_settings().staging_dir() / "upload" / self.bucket / f"{self._key(key)}.tmp-{uuid.uuid4().hex[:8]}"
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
 
 def open_store(uri: str | None = None) -> ArtifactStore:
-    from microscope.workspace import store_uri
+    from microscope.settings import get_settings
 
-    uri = uri or store_uri()
+    uri = uri or get_settings().store_uri
     if uri.startswith("s3://"):
         return S3Store(uri)
     if "://" in uri and not uri.startswith("file://"):

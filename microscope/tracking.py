@@ -1,40 +1,56 @@
 """MLflow lineage: one parent run per audit, one child run per stage.
 
-SQLite under the workspace by default; `MLFLOW_TRACKING_URI` wins. Params are the stage's config,
+SQLite under the workspace by default; the settings' MLflow URI (`MLFLOW_TRACKING_URI`) wins. Params are the stage's config,
 metrics its summary figures, inputs the model and dataset by digest and URI.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 from schemas.records import AuditRecord, StageRecord
 
-from microscope import workspace
+from microscope.settings import get_settings
 
-EXPERIMENT = os.environ.get("MICROSCOPE_EXPERIMENT", "microscope")
+_READY: set[str] = set()  # tracking URIs whose schema this process has seen created
+_READY_LOCK = threading.Lock()
 
 
 def _mlflow() -> Any:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     import mlflow
 
-    uri = workspace.mlflow_uri()
-    if uri.startswith("sqlite:///"):
-        workspace.home().mkdir(parents=True, exist_ok=True)
+    s = get_settings()
+    uri = s.mlflow_uri
     mlflow.set_tracking_uri(uri)
+    if uri not in _READY:
+        _create_schema_once(mlflow, uri)
     return mlflow
 
 
+def _create_schema_once(mlflow: Any, uri: str) -> None:
+    """The first client of a fresh database creates MLflow's schema; two processes doing it at once
+    fail with `table experiments already exists`. So the first touch happens under a machine-wide lock."""
+    from microscope.locks import stage_lock
+
+    s = get_settings()
+    if uri.startswith("sqlite:///"):
+        s.home_dir.mkdir(parents=True, exist_ok=True)
+    with _READY_LOCK, stage_lock(f"mlflow-schema|{uri}", lock_dir=s.lock_dir):
+        mlflow.MlflowClient().search_experiments(max_results=1)
+        _READY.add(uri)
+
+
 def _experiment_id(mlflow: Any) -> str:
-    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    name = get_settings().experiment
+    exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return mlflow.create_experiment(EXPERIMENT, artifact_location=workspace.mlflow_artifact_root())
+        return mlflow.create_experiment(name, artifact_location=get_settings().mlflow_artifact_root)
     except Exception:  # noqa: BLE001 -- another process created it first
-        return mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+        return mlflow.get_experiment_by_name(name).experiment_id
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -76,8 +92,25 @@ def log_lineage(run_id: str, model_uri: str, model_digest: str, dataset_uri: str
 
                 source = HTTPDatasetSource(f"https://huggingface.co/{uri}")
             name = os.path.basename(uri.rstrip("/")) or uri
-            mlflow.log_input(MetaDataset(source, name=name, digest=digest[:36]), context=context)
+            _log_input(mlflow, MetaDataset(source, name=name, digest=digest[:36]), context)
         mlflow.set_tags({"microscope.model_digest": model_digest, "microscope.dataset_digest": dataset_digest})
+
+
+def _log_input(mlflow: Any, dataset: Any, context: str, attempts: int = 5) -> None:
+    """MLflow checks for the dataset, then inserts it: two audits registering the same model at once
+    collide on the unique key. The loser tries again and finds the winner's row."""
+    import time
+
+    from mlflow.exceptions import MlflowException
+
+    for i in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as exc:
+            if "UNIQUE constraint" not in str(exc) and "duplicate key" not in str(exc) or i == attempts - 1:
+                raise
+            time.sleep(0.2 * (i + 1))
 
 
 def log_stage(parent_run_id: str, record: StageRecord, config: dict[str, Any], tags: dict[str, str]) -> str:
@@ -131,7 +164,7 @@ def audit_runs(audit_id: str) -> tuple[Any, list[Any]]:
     """(parent run, child runs) of one audit: for `show` and the tests."""
     mlflow = _mlflow()
     client = mlflow.MlflowClient()
-    exp = mlflow.get_experiment_by_name(EXPERIMENT)
+    exp = mlflow.get_experiment_by_name(get_settings().experiment)
     parents = client.search_runs([exp.experiment_id], f"tags.`microscope.audit_id` = '{audit_id}'")
     if not parents:
         return None, []
@@ -144,7 +177,7 @@ def mlflow_tracking_uri() -> str:
     """The tracking URI with any password masked: it goes into records and logs."""
     from urllib.parse import urlsplit, urlunsplit
 
-    uri = workspace.mlflow_uri()
+    uri = get_settings().mlflow_uri
     parts = urlsplit(uri)
     if not parts.password:
         return uri  # untouched: urlunsplit would rewrite sqlite:////abs/path

@@ -1,6 +1,6 @@
 """Qdrant: layers and SAE features as vectors, searchable across audits.
 
-Local path mode under the workspace by default; a Qdrant server when `QDRANT_URL` is set. Point ids are
+Local path mode under the workspace by default; a Qdrant server when the settings name one (`QDRANT_URL`). Point ids are
 uuid5 of their identity, so re-indexing an audit overwrites instead of duplicating.
 """
 
@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from microscope import workspace
+from microscope.figures import is_number
+from microscope.settings import get_settings
 
 LAYERS, FEATURES = "layers", "features"
 SPECTRUM_BINS = np.linspace(-6, 0, 25)  # log10(σ / σmax)
@@ -26,15 +27,15 @@ def layer_embedding(stats: dict[str, Any], fit: dict[str, float]) -> np.ndarray:
     m = min(stats["shape"])
     rel = np.log10(np.clip(sv / max(sv[0], 1e-300), 1e-12, None))
     hist, _ = np.histogram(rel, bins=SPECTRUM_BINS)
-    alpha = fit.get("alpha", float("nan"))
+    alpha, cond = fit.get("alpha"), stats["condition_number"]
     head = [
         np.log10(stats["frobenius"] + 1e-12),
         np.log10(stats["spectral_norm"] + 1e-12),
-        np.log10(stats["condition_number"]) / 12,
+        np.log10(cond) / 12 if is_number(cond) else np.nan,  # undefined (randomized path): the model's mean
         stats["effective_rank"] / m,
         stats["stable_rank"] / m,
         stats["sparsity"],
-        (alpha if np.isfinite(alpha) else 0.0) / 10,
+        (alpha if is_number(alpha) else 0.0) / 10,
         np.log10(stats["l1"] / (stats["shape"][0] * stats["shape"][1]) + 1e-12),
     ]
     return np.concatenate([head, hist / max(hist.sum(), 1)]).astype(np.float32)
@@ -52,6 +53,10 @@ def standardise_layers(vectors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {}
     names = sorted(vectors)
     head = np.stack([vectors[n][:HEAD] for n in names]).astype(np.float64)
+    if np.isnan(head).any():  # an undefined statistic sits at the model's mean (z = 0), never NaN in Qdrant
+        seen = np.isfinite(head).any(axis=0)
+        mean = np.nanmean(np.where(seen, head, 0.0), axis=0)
+        head = np.where(np.isnan(head), mean, head)
     std = head.std(axis=0)
     z = (head - head.mean(axis=0)) / np.where(std > 1e-12, std, 1.0)
     out = {}
@@ -70,11 +75,13 @@ class VectorIndex:
     def __init__(self, url: str | None = None, path: str | None = None):
         from qdrant_client import QdrantClient
 
-        url = url or os.environ.get("QDRANT_URL")
+        s = get_settings()
+        url = url or s.qdrant_url
         if url:
-            self.client = QdrantClient(url=url, api_key=os.environ.get("QDRANT_API_KEY"))
+            key = s.qdrant_api_key.get_secret_value() if s.qdrant_api_key else None
+            self.client = QdrantClient(url=url, api_key=key)
         else:
-            where = path or str(workspace.home() / "qdrant")
+            where = path or str(s.qdrant_dir)
             os.makedirs(where, exist_ok=True)
             self.client = QdrantClient(path=where)
 

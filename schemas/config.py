@@ -5,6 +5,7 @@ Every model forbids unknown keys, so a typo fails loudly with the key's name ins
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -345,6 +346,23 @@ def _section_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def resolve_config(config: str | Path | dict[str, Any] | None, overrides: dict[str, Any] | None = None) -> AuditConfig:
+    """A config given as a YAML path, a name under `examples/` (`demo` → examples/demo.yaml) or an
+    inline mapping (a deployment's or a webhook's parameters)."""
+    if isinstance(config, dict):
+        return _validate(_apply(copy.deepcopy(config), overrides), "the inline config")
+    if config is not None and not Path(config).is_file():
+        named = EXAMPLES / f"{config}.yaml"
+        if named.is_file() and "/" not in str(config):
+            return load_config(named, overrides)
+        known = ", ".join(sorted(p.stem for p in EXAMPLES.glob("*.yaml")))
+        raise ConfigError(f"config {config!r} is neither a YAML file nor a name under examples/ ({known})")
+    return load_config(config, overrides)
+
+
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AuditConfig:
     """Read a YAML config (or defaults when `path` is None) and apply dotted-key overrides."""
     import yaml
@@ -367,6 +385,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{p} must hold a mapping of sections (model, dataset, trace, ...)")
         data = loaded
+    return _validate(_apply(data, overrides), origin)
+
+
+def _apply(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
     for dotted, value in (overrides or {}).items():
         if value is None:
             continue
@@ -375,6 +397,10 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         for h in heads:
             node = node.setdefault(h, {})
         node[last] = value
+    return data
+
+
+def _validate(data: dict[str, Any], origin: str) -> AuditConfig:
     try:
         return AuditConfig.model_validate(data)
     except ValidationError as err:

@@ -19,6 +19,7 @@ class Record(BaseModel):
 class StageStatus(StrEnum):
     completed = "completed"
     cached = "cached"
+    partial = "partial"  # some variants or parts finished, others failed (each with its reason)
     failed = "failed"
     skipped = "skipped"
 
@@ -81,6 +82,10 @@ class StageRecord(Record):
     input_digests: dict[str, str] = Field(default_factory=dict)
     artifacts: dict[str, str] = Field(default_factory=dict, description="Name -> URI in the artifact store.")
     metrics: dict[str, float] = Field(default_factory=dict, description="Summary figures.")
+    undefined: dict[str, str] = Field(
+        default_factory=dict,
+        description="Figures that are undefined for this input -> why (they are absent from `metrics`).",
+    )
     details: dict[str, Any] = Field(default_factory=dict, description="Small structured results.")
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -104,6 +109,9 @@ class ModelRef(Record):
 
 class AuditRecord(Record):
     audit_id: str
+    run_id: str | None = Field(None, description="The training run this checkpoint belongs to.")
+    step: int | None = Field(None, ge=0, description="The checkpoint's training step within its run.")
+    tags: dict[str, str] = Field(default_factory=dict)
     created_at: datetime
     finished_at: datetime | None = None
     status: StageStatus

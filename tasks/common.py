@@ -38,15 +38,23 @@ def stage_options(stage: str, timeout_s: float | None = None) -> dict[str, Any]:
     }
 
 
+def on_terminal() -> bool:
+    """Progress bars only where someone watches: a log file or CI gets one line per stage instead."""
+    return sys.stderr.isatty()
+
+
 class Progress:
-    """Progress to the terminal (tqdm on stderr) and to the Prefect UI (a progress artifact)."""
+    """Progress to the terminal (tqdm on stderr, only on a terminal) and to the Prefect UI (a progress
+    artifact)."""
 
     def __init__(self, description: str, key: str | None = None, min_interval_s: float = 1.0, unit: str = "win"):
         from prefect.artifacts import create_progress_artifact
         from tqdm import tqdm
 
         self.artifact_id = create_progress_artifact(progress=0.0, key=key, description=description)
-        self.bar = tqdm(desc=description, file=sys.stderr, unit=unit, leave=False, dynamic_ncols=True)
+        self.bar = tqdm(
+            desc=description, file=sys.stderr, unit=unit, leave=False, dynamic_ncols=True, disable=not on_terminal()
+        )
         self.min_interval_s = min_interval_s
         self._last = 0.0
 

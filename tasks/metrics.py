@@ -2,13 +2,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from microscope.stages import ingest as ingest_stage
 from microscope.stages import metrics
 from microscope.store import open_store
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from schemas.config import AuditConfig
-from schemas.records import ModelRef, StageRecord
+from schemas.records import StageRecord
+from schemas.stages import IngestOutput
 
 from tasks.common import RETRIES, RETRY_DELAYS, cache_key, retry_transient, stage_options
 
@@ -16,7 +16,7 @@ from tasks.common import RETRIES, RETRY_DELAYS, cache_key, retry_transient, stag
 def _shard_key(_ctx: Any, p: dict[str, Any]) -> str:
     return cache_key(
         "metrics-weights",
-        model=p["ingest"].details["model_digest"],
+        model=p["ing"].model_digest,
         config=metrics.shard_hash(p["cfg"]),
         shard=p["shard"],
         store=p["store_uri"],
@@ -24,22 +24,20 @@ def _shard_key(_ctx: Any, p: dict[str, Any]) -> str:
 
 
 @task(cache_key_fn=_shard_key, task_run_name="weights-{shard}", **stage_options("metrics"))
-def weights_task(ref: ModelRef, ingest: StageRecord, cfg: AuditConfig, store_uri: str, shard: int) -> StageRecord:
+def weights_task(ing: IngestOutput, cfg: AuditConfig, store_uri: str, shard: int) -> StageRecord:
     """Spectra and statistics of one shard of the model's matrices."""
-    store = open_store(store_uri)
-    arch, _ = ingest_stage.load_outputs(ingest, store)
-    return metrics.run_shard(ref, ingest, arch, cfg, store, shard)
+    return metrics.run_shard(ing.model, ing.record, ing.architecture, cfg, open_store(store_uri), shard)
 
 
 def _key(_ctx: Any, p: dict[str, Any]) -> str:
-    ing: StageRecord = p["ingest"]
+    ing: IngestOutput = p["ing"]
     traces = {"fp": p["trace"].config_hash or ""} if p.get("trace") else {}
     traces |= {k: v.config_hash or "" for k, v in (p.get("variant_traces") or {}).items()}
     traces |= {f"audit:{k}": v.config_hash or "" for k, v in (p.get("compare") or {}).items()}
     return cache_key(
         "metrics",
-        model=ing.details["model_digest"],
-        config=metrics.config_hash(p["cfg"], ing.details["dataset_digest"], traces),
+        model=ing.model_digest,
+        config=metrics.config_hash(p["cfg"], ing.dataset_digest, traces),
         shards=[s.config_hash for s in p["shards"]],
         store=p["store_uri"],
     )
@@ -47,8 +45,7 @@ def _key(_ctx: Any, p: dict[str, Any]) -> str:
 
 @task(cache_key_fn=_key, **stage_options("metrics"))
 def metrics_task(
-    ref: ModelRef,
-    ingest: StageRecord,
+    ing: IngestOutput,
     cfg: AuditConfig,
     store_uri: str,
     shards: list[StageRecord],
@@ -58,8 +55,7 @@ def metrics_task(
 ) -> StageRecord:
     """The shards joined, anomaly flags, loss sensitivity and CKA."""
     store = open_store(store_uri)
-    arch, _ = ingest_stage.load_outputs(ingest, store)
-    return metrics.run(ref, ingest, arch, cfg, store, shards, trace, variant_traces, compare)
+    return metrics.run(ing.model, ing.record, ing.architecture, cfg, store, shards, trace, variant_traces, compare)
 
 
 @task(

@@ -2,22 +2,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from microscope.stages import ingest as ingest_stage
 from microscope.stages import sae
 from microscope.store import open_store
 from prefect import task
 from schemas.config import AuditConfig
-from schemas.records import ModelRef, StageRecord
+from schemas.records import StageRecord
+from schemas.stages import IngestOutput
 
-from tasks.common import cache_key, stage_options
+from tasks.common import cache_key, on_terminal, stage_options
 
 
 def _key(_ctx: Any, p: dict[str, Any]) -> str:
-    ing: StageRecord = p["ingest"]
     variants = {k: v.config_hash for k, v in sorted((p.get("variant_traces") or {}).items())}
     return cache_key(
         "sae",
-        model=ing.details["model_digest"],
+        model=p["ing"].model_digest,
         config=[sae.config_hash(p["cfg"], h, p["trace"].config_hash or "") for h in p["hooks"]],
         variants=variants,
         store=p["store_uri"],
@@ -26,8 +25,7 @@ def _key(_ctx: Any, p: dict[str, Any]) -> str:
 
 @task(cache_key_fn=_key, task_run_name="sae-{hooks}", **stage_options("sae"))
 def sae_task(
-    ref: ModelRef,
-    ingest: StageRecord,
+    ing: IngestOutput,
     trace: StageRecord,
     hooks: list[str],
     cfg: AuditConfig,
@@ -36,5 +34,6 @@ def sae_task(
 ) -> dict[str, StageRecord]:
     """Train, evaluate and save the SAEs of `hooks` (one pass over their data); extract their features."""
     store = open_store(store_uri)
-    arch, _ = ingest_stage.load_outputs(ingest, store)
-    return sae.run_many(ref, ingest, arch, trace, hooks, cfg, store, variant_traces)
+    return sae.run_many(
+        ing.model, ing.record, ing.architecture, trace, hooks, cfg, store, variant_traces, progress=on_terminal()
+    )

@@ -79,6 +79,15 @@ def load_model(ref: ModelRef) -> nn.Module:
         return _load_model(ref)
 
 
+def quiet_loading_bars(transformers: Any) -> None:
+    """transformers draws a "Loading weights" bar per model load: fine on a terminal, a wall of
+    carriage returns in a log file or CI."""
+    import sys
+
+    if not sys.stderr.isatty():
+        transformers.utils.logging.disable_progress_bar()
+
+
 def _load_model(ref: ModelRef) -> nn.Module:
     path = Path(ref.resolved_path or ref.source)
     dtype = _torch_dtype(ref.dtype)
@@ -86,6 +95,7 @@ def _load_model(ref: ModelRef) -> nn.Module:
         checkpoint.check_hf_folder(path)
         import transformers
 
+        quiet_loading_bars(transformers)
         try:
             config = transformers.AutoConfig.from_pretrained(path)
             auto = transformers.AutoModelForCausalLM if _is_causal_hf(config) else transformers.AutoModel

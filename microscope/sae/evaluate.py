@@ -11,6 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from microscope.figures import Figure, Undefined
+
 Encoder = Callable[[torch.Tensor], torch.Tensor]  # raw activations [n, d_in] -> latents [n, d_sae]
 Decoder = Callable[[torch.Tensor], torch.Tensor]  # latents -> reconstructions [n, d_in]
 
@@ -82,6 +84,34 @@ def _reconstruct_fn(reconstruct: Callable[[torch.Tensor], torch.Tensor]) -> Call
     return f
 
 
+GAP_SE = 2.0  # the ablation gap must exceed this many standard errors to be told apart from noise
+
+
+def ce_recovered(clean: float, spliced: float, zero: float, gap_se: float = 0.0) -> Figure:
+    """(zero − spliced) / (zero − clean): the share of the CE that zero-ablating the layer costs which the
+    SAE's reconstruction wins back. Undefined when zero-ablation does not raise the CE (the model does not
+    use the layer, so there is nothing to recover) or raises it by less than GAP_SE standard errors
+    (`gap_se`: s.e. of the per-token gap), where the ratio is a quotient of noise."""
+    gap = zero - clean
+    if gap <= 0:
+        return Undefined(
+            f"clean CE {clean:.4g} is not below zero-ablation CE {zero:.4g}: the model does not use this "
+            "layer, so recovery is undefined"
+        )
+    if gap <= max(GAP_SE * gap_se, 1e-12 * max(abs(clean), 1.0)):
+        return Undefined(
+            f"zero-ablation raises the CE by only {gap:.3g} (± {gap_se:.2g} s.e. over the tokens) above clean "
+            f"{clean:.4g}: the denominator is noise, so recovery is undefined"
+        )
+    return (zero - spliced) / gap
+
+
+def _token_ce(out: Any, targets: torch.Tensor) -> torch.Tensor:
+    """Per-token next-token CE in float64, [n_tokens]: position t predicts token t+1."""
+    logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).double()
+    return nn.functional.cross_entropy(logits, targets, reduction="none")
+
+
 @torch.no_grad()
 def downstream(
     model: nn.Module,
@@ -90,10 +120,12 @@ def downstream(
     ids: np.ndarray,
     batch: int,
     causal: bool,
-) -> dict[str, float]:
-    """Causal LMs: next-token CE clean / spliced / zero-ablated, the fraction of CE recovered and
-    KL(clean ‖ spliced). Encoders: cosine of clean and spliced mean-pooled final embeddings."""
+) -> dict[str, Figure]:
+    """Causal LMs: next-token CE clean / spliced / zero-ablated, the fraction of CE recovered (or why it
+    is undefined) and KL(clean ‖ spliced). Encoders: cosine of clean and spliced mean-pooled final
+    embeddings."""
     ce = {"clean": 0.0, "spliced": 0.0, "zero": 0.0}
+    gap_sq = 0.0  # Σ (ce_zero − ce_clean)² per token, for the gap's standard error
     kl_sum, cos_sum, n_tok, n_seq = 0.0, 0.0, 0, 0
     rec = _reconstruct_fn(reconstruct)
     for lo in range(0, len(ids), batch):
@@ -105,9 +137,12 @@ def downstream(
             with spliced(model, module_path, torch.zeros_like):
                 zero = model(input_ids=x)
             targets = x[:, 1:].reshape(-1)
-            for name, out in (("clean", clean), ("spliced", spl), ("zero", zero)):
-                logits = out.logits[:, :-1].reshape(-1, out.logits.shape[-1]).double()
-                ce[name] += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+            per_token = {
+                name: _token_ce(out, targets) for name, out in (("clean", clean), ("spliced", spl), ("zero", zero))
+            }
+            for name, t in per_token.items():
+                ce[name] += float(t.sum())
+            gap_sq += float((per_token["zero"] - per_token["clean"]).pow(2).sum())
             lp = torch.log_softmax(clean.logits[:, :-1].double(), -1)
             lq = torch.log_softmax(spl.logits[:, :-1].double(), -1)
             kl_sum += float((lp.exp() * (lp - lq)).sum())
@@ -119,12 +154,13 @@ def downstream(
             n_seq += len(x)
     if causal:
         c = {k: v / n_tok for k, v in ce.items()}
-        denom = c["zero"] - c["clean"]
+        gap = c["zero"] - c["clean"]
+        gap_var = max(gap_sq / n_tok - gap**2, 0.0) / max(n_tok - 1, 1)  # variance of the mean gap
         return {
             "ce_clean": c["clean"],
             "ce_spliced": c["spliced"],
             "ce_zero_ablated": c["zero"],
-            "ce_recovered": (c["zero"] - c["spliced"]) / denom if abs(denom) > 1e-12 else float("nan"),
+            "ce_recovered": ce_recovered(c["clean"], c["spliced"], c["zero"], gap_var**0.5),
             "kl_clean_spliced": kl_sum / n_tok,
         }
     return {"embedding_cosine": cos_sum / n_seq}

@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from schemas.config import AuditConfig, canonical_hash
-from schemas.records import Architecture, DatasetSummary, ModelRef, StageRecord, StageStatus
+from schemas.records import Architecture, DatasetSummary, ModelRef, StageRecord
 
 from microscope import dataset as ds
 from microscope import images
 from microscope.errors import InputError
 from microscope.models import loading
-from microscope.stages import from_manifest, stage_prefix, timed
+from microscope.stages.runner import StageRun, run_stage, stage_prefix
 from microscope.store import ArtifactStore
 from microscope.validation import raise_on_failure, validate_documents
 
@@ -35,22 +34,16 @@ def dataset_fingerprint(path: str | None) -> str:
 def run(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
     if images.is_image_dataset(cfg.dataset.path):
         return _run_images(ref, cfg, store)
-    times: dict[str, Any] = {}
-    with timed(times):
-        docs = ds.read_documents(cfg.dataset)
-        text_digest = ds.text_digest(docs)
-        model = loading.load_model(ref)
-        digest = loading.model_digest(model)
-        config_hash = canonical_hash(
-            {"v": VERSION, "dataset": cfg.dataset.model_dump(), "tokenizer": ref.tokenizer, "text": text_digest}
-        )
-        prefix = stage_prefix(digest, "ingest", config_hash)
-        manifest = store.read_manifest(prefix)
-        if manifest is not None:
-            return from_manifest(manifest)
+    docs = ds.read_documents(cfg.dataset)
+    text_digest = ds.text_digest(docs)
+    model = loading.load_model(ref)
+    digest = loading.model_digest(model)
+    chash = canonical_hash(
+        {"v": VERSION, "dataset": cfg.dataset.model_dump(), "tokenizer": ref.tokenizer, "text": text_digest}
+    )
 
+    def compute(run: StageRun) -> StageRecord:
         arch = loading.describe(model)
-        del model
         tokenizer = loading.load_tokenizer(ref)
         token_lists, n_tokens = ds.token_lengths(docs, tokenizer)
         checks = validate_documents(docs, n_tokens, cfg.dataset)
@@ -74,55 +67,51 @@ def run(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
             truncated=packed.truncated,
             checks=checks,
         )
-        tmp = store.staging_path(f"{prefix}/tokens.parquet")
+        tmp = store.staging_path(run.key("tokens.parquet"))
         ds.write_tokens(packed, tmp)
-        artifacts = {
-            "tokens": store.put_file(f"{prefix}/tokens.parquet", tmp, move=True),
-            "architecture": store.put_json(f"{prefix}/architecture.json", arch.model_dump(mode="json")),
-            "dataset": store.put_json(f"{prefix}/dataset.json", summary.model_dump(mode="json")),
-        }
-    record = StageRecord(
-        stage="ingest",
-        status=StageStatus.completed,
-        config_hash=config_hash,
-        input_digests={"model_files": ref.source_fingerprint, "text": text_digest},
-        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
-        metrics={
-            "n_params": float(arch.n_params),
-            "n_layers": float(arch.n_layers),
-            "n_documents": float(summary.n_documents),
-            "n_tokens": float(summary.n_tokens),
-            "n_windows": float(summary.n_windows),
-        },
-        details={
-            "model_digest": digest,
-            "dataset_digest": dataset_digest,
-            "prefix": prefix,
-            "tokens_key": f"{prefix}/tokens.parquet",
-        },
-        **times,
-    )
-    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
-    return record
+        return run.record(
+            input_digests={"model_files": ref.source_fingerprint, "text": text_digest},
+            artifacts={
+                "tokens": store.put_file(run.key("tokens.parquet"), tmp, move=True),
+                **_describe(run, arch, summary),
+            },
+            metrics={
+                "n_params": float(arch.n_params),
+                "n_layers": float(arch.n_layers),
+                "n_documents": float(summary.n_documents),
+                "n_tokens": float(summary.n_tokens),
+                "n_windows": float(summary.n_windows),
+            },
+            details={
+                "model_digest": digest,
+                "dataset_digest": dataset_digest,
+                "modality": "text",
+                "tokens_key": run.key("tokens.parquet"),
+            },
+        )
+
+    return run_stage(store, "ingest", stage_prefix(digest, "ingest", chash), chash, compute)
+
+
+def _describe(run: StageRun, arch: Architecture, summary: DatasetSummary) -> dict[str, str]:
+    return {
+        "architecture": run.store.put_json(run.key("architecture.json"), arch.model_dump(mode="json")),
+        "dataset": run.store.put_json(run.key("dataset.json"), summary.model_dump(mode="json")),
+    }
 
 
 def _run_images(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
     """An image classifier's dataset: validated, digested and copied into the store (no tokenizer)."""
     import io
 
-    times: dict[str, Any] = {}
-    with timed(times):
-        x, y = images.read_images(str(cfg.dataset.path))
-        digest_xy = images.images_digest(x, y)
-        model = loading.load_model(ref)
-        digest = loading.model_digest(model)
-        config_hash = canonical_hash({"v": VERSION, "images": digest_xy})
-        prefix = stage_prefix(digest, "ingest", config_hash)
-        manifest = store.read_manifest(prefix)
-        if manifest is not None:
-            return from_manifest(manifest)
+    x, y = images.read_images(str(cfg.dataset.path))
+    digest_xy = images.images_digest(x, y)
+    model = loading.load_model(ref)
+    digest = loading.model_digest(model)
+    chash = canonical_hash({"v": VERSION, "images": digest_xy})
+
+    def compute(run: StageRun) -> StageRecord:
         arch = loading.describe(model)
-        del model
         summary = DatasetSummary(
             source=str(cfg.dataset.path),
             text_digest=digest_xy,
@@ -137,35 +126,28 @@ def _run_images(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageR
         )
         buf = io.BytesIO()
         np.savez(buf, x=x, y=y)
-        artifacts = {
-            "images": store.put_bytes(f"{prefix}/images.npz", buf.getvalue()),
-            "architecture": store.put_json(f"{prefix}/architecture.json", arch.model_dump(mode="json")),
-            "dataset": store.put_json(f"{prefix}/dataset.json", summary.model_dump(mode="json")),
-        }
-    record = StageRecord(
-        stage="ingest",
-        status=StageStatus.completed,
-        config_hash=config_hash,
-        input_digests={"model_files": ref.source_fingerprint, "images": digest_xy},
-        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
-        metrics={
-            "n_params": float(arch.n_params),
-            "n_layers": float(arch.n_layers),
-            "n_images": float(len(x)),
-            "n_classes": float(len(np.unique(y))),
-        },
-        details={
-            "model_digest": digest,
-            "dataset_digest": digest_xy,
-            "prefix": prefix,
-            "modality": "images",
-            "images_key": f"{prefix}/images.npz",
-            "image_shape": list(x.shape[1:]),
-        },
-        **times,
-    )
-    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
-    return record
+        return run.record(
+            input_digests={"model_files": ref.source_fingerprint, "images": digest_xy},
+            artifacts={
+                "images": store.put_bytes(run.key("images.npz"), buf.getvalue()),
+                **_describe(run, arch, summary),
+            },
+            metrics={
+                "n_params": float(arch.n_params),
+                "n_layers": float(arch.n_layers),
+                "n_images": float(len(x)),
+                "n_classes": float(len(np.unique(y))),
+            },
+            details={
+                "model_digest": digest,
+                "dataset_digest": digest_xy,
+                "modality": "images",
+                "images_key": run.key("images.npz"),
+                "image_shape": list(x.shape[1:]),
+            },
+        )
+
+    return run_stage(store, "ingest", stage_prefix(digest, "ingest", chash), chash, compute)
 
 
 def load_images(record: StageRecord, store: ArtifactStore) -> tuple[np.ndarray, np.ndarray]:

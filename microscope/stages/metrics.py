@@ -12,13 +12,14 @@ from typing import Any
 
 import numpy as np
 from schemas.config import AuditConfig, canonical_hash
-from schemas.records import Architecture, ModelRef, StageRecord, StageStatus
+from schemas.records import Architecture, ModelRef, StageRecord
 
 from microscope import dataset as ds
+from microscope import figures
 from microscope.cka import cka_matrix, linear_cka
 from microscope.models import loading
 from microscope.spectra import esd_histogram, matrix_stats, mp_spikes, power_law_fit
-from microscope.stages import from_manifest, stage_prefix, timed
+from microscope.stages.runner import StageRun, run_stage, stage_prefix
 from microscope.store import ArtifactStore
 from microscope.vectors import layer_embedding, standardise_layers
 
@@ -94,15 +95,17 @@ def weight_table(
         sv = stats.pop("singular_values")
         spectra[name] = sv
         vectors[name] = layer_embedding({**stats, "singular_values": sv}, fit)
-        rows.append(
-            {
-                "name": name,
-                "layer": layer_index(name, blocks),
-                **stats,
-                **fit,
-                "mp_spikes": mp_spikes(sv, tuple(stats["shape"]), frobenius=stats["frobenius"]),
-                "esd": esd_histogram(sv),
-            }
+        rows.append(  # undefined figures (cond on the randomized path, α without a fit): None + reason
+            figures.row(
+                {
+                    "name": name,
+                    "layer": layer_index(name, blocks),
+                    **stats,
+                    **fit,
+                    "mp_spikes": mp_spikes(sv, tuple(stats["shape"]), frobenius=stats["frobenius"]),
+                    "esd": esd_histogram(sv),
+                }
+            )
         )
     return rows, spectra, vectors
 
@@ -144,46 +147,37 @@ def run_shard(
     n = cfg.metrics.weight_shards
     chash = shard_hash(cfg)
     prefix = stage_prefix(ingest.details["model_digest"], "metrics-weights", chash) + f"/shard-{shard}-of-{n}"
-    manifest = store.read_manifest(prefix)
-    if manifest is not None:
-        return from_manifest(manifest)
-    times: dict[str, Any] = {}
-    with timed(times):
+
+    def compute(run: StageRun) -> StageRecord:
         model = loading.load_model(ref)
         plan = shard_plan(model, n)
         names = plan[shard] if shard < len(plan) else []
         with blas_threads(n):
             rows, spectra, vectors = weight_table(model, _blocks_path(arch), cfg, names)
-        artifacts = {
-            "spectra": store.put_bytes(f"{prefix}/spectra.npz", _npz(spectra)),
-            "layer_vectors": store.put_bytes(f"{prefix}/layer_vectors.npz", _npz(vectors)),
-        }
-    record = StageRecord(
-        stage="metrics",
-        status=StageStatus.completed,
-        variant=f"shard-{shard}",
-        config_hash=chash,
-        input_digests={"model": ingest.details["model_digest"]},
-        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
-        metrics={"matrices": float(len(rows))},
-        details={
-            "prefix": prefix,
-            "weights": rows,
-            "spectra_key": f"{prefix}/spectra.npz",
-            "vectors_key": f"{prefix}/layer_vectors.npz",
-        },
-        **times,
-    )
-    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
-    return record
+        return run.record(
+            input_digests={"model": ingest.details["model_digest"]},
+            artifacts={
+                "spectra": store.put_bytes(run.key("spectra.npz"), _npz(spectra)),
+                "layer_vectors": store.put_bytes(run.key("layer_vectors.npz"), _npz(vectors)),
+            },
+            metrics={"matrices": float(len(rows))},
+            details={
+                "weights": rows,
+                "spectra_key": run.key("spectra.npz"),
+                "vectors_key": run.key("layer_vectors.npz"),
+            },
+        )
+
+    return run_stage(store, "metrics", prefix, chash, compute, variant=f"shard-{shard}")
 
 
 def flag(rows: list[dict[str, Any]], cfg: AuditConfig) -> None:
     """Adds `flags` (list of reasons) to each row."""
     lo, hi = cfg.metrics.alpha_range
-    # NaN for matrices on the randomized path (σmin unknown): left out of the median and never flagged
+    # Undefined on the randomized path (σmin unknown; None, or NaN in older rows): left out of the median
+    # and never flagged
     log_cond = np.log10(
-        [max(r["condition_number"], 1.0) if np.isfinite(r["condition_number"]) else np.nan for r in rows]
+        [max(r["condition_number"], 1.0) if figures.is_number(r["condition_number"]) else np.nan for r in rows]
     )
     finite = log_cond[np.isfinite(log_cond)]
     med = float(np.median(finite)) if finite.size else 0.0
@@ -191,7 +185,7 @@ def flag(rows: list[dict[str, Any]], cfg: AuditConfig) -> None:
     mad = mad or 1e-12
     for r, lc in zip(rows, log_cond, strict=True):
         reasons = []
-        if np.isfinite(r["alpha"]) and not lo <= r["alpha"] <= hi:
+        if figures.is_number(r["alpha"]) and not lo <= r["alpha"] <= hi:
             reasons.append(f"alpha {r['alpha']:.2f} outside [{lo:g}, {hi:g}]")
         if r["effective_rank"] < cfg.metrics.erank_floor * min(r["shape"]):
             reasons.append(f"effective rank {r['effective_rank']:.1f} < {cfg.metrics.erank_floor:g}·{min(r['shape'])}")
@@ -310,79 +304,91 @@ def run(
     traces |= {f"audit:{k}": v.config_hash or "" for k, v in (compare or {}).items()}
     chash = config_hash(cfg, ingest.details["dataset_digest"], traces)
     prefix = stage_prefix(ingest.details["model_digest"], "metrics", chash)
-    manifest = store.read_manifest(prefix)
-    if manifest is not None:
-        return from_manifest(manifest)
-    times: dict[str, Any] = {}
-    with timed(times):
-        rows = sorted((r for s in shards for r in s.details["weights"]), key=lambda r: r["name"])
-        spectra: dict[str, np.ndarray] = {}
-        raw: dict[str, np.ndarray] = {}
-        for s in shards:
-            spectra |= dict(np.load(_io.BytesIO(store.get_bytes(s.details["spectra_key"]))))
-            raw |= dict(np.load(_io.BytesIO(store.get_bytes(s.details["vectors_key"]))))
-        flag(rows, cfg)
-        vectors = standardise_layers(raw)
-        sens: list[dict[str, Any]] = []
-        maps: list[dict[str, Any]] = []
-        fisher_key = None
-        if cfg.metrics.sensitivity:
-            model = loading.load_model(ref)
-            if ingest.details.get("modality") == "images":  # CE on the last images (32 per window asked)
-                from microscope.stages.ingest import load_images
+    return run_stage(
+        store,
+        "metrics",
+        prefix,
+        chash,
+        lambda run: _compute(run, ref, ingest, arch, cfg, store, shards, traces, trace, variant_traces, compare),
+    )
 
-                xs, ys = load_images(ingest, store)
-                k = 32 * cfg.metrics.sensitivity_windows
-                sens, fisher = sensitivity(model, arch, xs[-k:], cfg, labels=ys[-k:])
-            else:
-                ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
-                sens, fisher = sensitivity(model, arch, ids[-cfg.metrics.sensitivity_windows :], cfg)
-            maps = fisher_maps(fisher, sens)
-            fisher_key = f"{prefix}/fisher.safetensors"
-            store.put_bytes(fisher_key, _safetensors(fisher))
-        cka = _cka(store, trace, variant_traces or {}, compare or {}, cfg.metrics.cka_tokens)
-        artifacts = {
-            "spectra": store.put_bytes(f"{prefix}/spectra.npz", _npz(spectra)),
-            "layer_vectors": store.put_bytes(f"{prefix}/layer_vectors.npz", _npz(vectors)),
-            "table": store.put_json(f"{prefix}/weights.json", rows),
-            "sensitivity": store.put_json(f"{prefix}/sensitivity.json", sens),
-        }
-        if fisher_key:
-            artifacts["fisher"] = store.uri_for(fisher_key)
-    alphas = [r["alpha"] for r in rows if np.isfinite(r["alpha"])]
-    metrics = {
-        "matrices": float(len(rows)),
-        "flagged": float(sum(1 for r in rows if r["flags"])),
-        "randomized": float(sum(1 for r in rows if r["spectrum"] == "randomized")),
-        "alpha_mean": float(np.mean(alphas)) if alphas else float("nan"),
-        "alpha_weighted_mean": float(np.mean([r["alpha_weighted"] for r in rows if np.isfinite(r["alpha"])]))
-        if alphas
-        else float("nan"),
+
+def _compute(
+    run: StageRun,
+    ref: ModelRef,
+    ingest: StageRecord,
+    arch: Architecture,
+    cfg: AuditConfig,
+    store: ArtifactStore,
+    shards: list[StageRecord],
+    traces: dict[str, str],
+    trace: StageRecord | None,
+    variant_traces: dict[str, StageRecord] | None,
+    compare: dict[str, StageRecord] | None,
+) -> StageRecord:
+    rows = sorted((r for s in shards for r in s.details["weights"]), key=lambda r: r["name"])
+    spectra: dict[str, np.ndarray] = {}
+    raw: dict[str, np.ndarray] = {}
+    for s in shards:
+        spectra |= dict(np.load(_io.BytesIO(store.get_bytes(s.details["spectra_key"]))))
+        raw |= dict(np.load(_io.BytesIO(store.get_bytes(s.details["vectors_key"]))))
+    flag(rows, cfg)
+    vectors = standardise_layers(raw)
+    sens: list[dict[str, Any]] = []
+    maps: list[dict[str, Any]] = []
+    fisher_key = None
+    if cfg.metrics.sensitivity:
+        model = loading.load_model(ref)
+        if ingest.details.get("modality") == "images":  # CE on the last images (32 per window asked)
+            from microscope.stages.ingest import load_images
+
+            xs, ys = load_images(ingest, store)
+            k = 32 * cfg.metrics.sensitivity_windows
+            sens, fisher = sensitivity(model, arch, xs[-k:], cfg, labels=ys[-k:])
+        else:
+            ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
+            sens, fisher = sensitivity(model, arch, ids[-cfg.metrics.sensitivity_windows :], cfg)
+        maps = fisher_maps(fisher, sens)
+        fisher_key = f"{run.prefix}/fisher.safetensors"
+        store.put_bytes(fisher_key, _safetensors(fisher))
+    cka = _cka(store, trace, variant_traces or {}, compare or {}, cfg.metrics.cka_tokens)
+    artifacts = {
+        "spectra": store.put_bytes(f"{run.prefix}/spectra.npz", _npz(spectra)),
+        "layer_vectors": store.put_bytes(f"{run.prefix}/layer_vectors.npz", _npz(vectors)),
+        "table": store.put_json(f"{run.prefix}/weights.json", rows),
+        "sensitivity": store.put_json(f"{run.prefix}/sensitivity.json", sens),
     }
+    if fisher_key:
+        artifacts["fisher"] = store.uri_for(fisher_key)
+    fitted = [r for r in rows if figures.is_number(r["alpha"])]
+    no_fit = figures.Undefined(f"none of the {len(rows)} matrices' spectra has a power-law fit (see each α)")
+    metrics, undefined = figures.split(
+        {
+            "matrices": float(len(rows)),
+            "flagged": float(sum(1 for r in rows if r["flags"])),
+            "randomized": float(sum(1 for r in rows if r["spectrum"] == "randomized")),
+            "alpha_mean": float(np.mean([r["alpha"] for r in fitted])) if fitted else no_fit,
+            "alpha_weighted_mean": float(np.mean([r["alpha_weighted"] for r in fitted])) if fitted else no_fit,
+        }
+    )
     if sens:
         metrics["hessian_trace_total"] = float(sum(r["hessian_trace"] for r in sens))
         metrics["fisher_trace_total"] = float(sum(r["fisher_trace"] for r in sens))
-    record = StageRecord(
-        stage="metrics",
-        status=StageStatus.completed,
-        config_hash=chash,
+    return run.record(
         input_digests={"model": ingest.details["model_digest"], "dataset": ingest.details["dataset_digest"], **traces},
-        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
+        artifacts=artifacts,
         metrics=metrics,
+        undefined=undefined,
         details={
-            "prefix": prefix,
             "weights": rows,
             "sensitivity": sens,
             "fisher_maps": maps,
             "fisher_key": fisher_key,
             "cka": cka,
-            "vectors_key": f"{prefix}/layer_vectors.npz",
+            "vectors_key": f"{run.prefix}/layer_vectors.npz",
             "shards": [s.details["prefix"] for s in shards],
         },
-        **times,
     )
-    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
-    return record
 
 
 def _sample_rows(store: ArtifactStore, parts: list[str], n: int) -> np.ndarray:

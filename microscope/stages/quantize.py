@@ -8,13 +8,14 @@ from typing import Any
 
 import numpy as np
 from schemas.config import AuditConfig, canonical_hash
-from schemas.records import Architecture, ModelRef, StageRecord, StageStatus
+from schemas.records import Architecture, ModelRef, StageRecord
 
 from microscope import dataset as ds
 from microscope import quantization as qz
 from microscope.fidelity import ActivationDrift, LogitFidelity
+from microscope.figures import Figure, split
 from microscope.models import loading
-from microscope.stages import from_manifest, stage_prefix, timed
+from microscope.stages.runner import StageRun, run_stage, stage_prefix
 from microscope.store import ArtifactStore
 from microscope.trace import capture, hook_name, resolve_layers, resolve_points
 
@@ -33,8 +34,8 @@ def _logits(out: Any) -> Any:
 
 def fidelity(
     fp_model: Any, q_model: Any, ids: np.ndarray, points: dict[tuple[int, str], str], batch: int, causal: bool
-) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """Logit statistics (where the model has logits) and per-hook activation drift on `ids`."""
+) -> tuple[dict[str, Figure], dict[str, dict[str, float]]]:
+    """Logit statistics (undefined where the model has no logits) and per-hook activation drift on `ids`."""
     import torch
 
     logit_fid, drift = LogitFidelity(), ActivationDrift()
@@ -83,64 +84,75 @@ def run(
     model_digest, dataset_digest = ingest.details["model_digest"], ingest.details["dataset_digest"]
     chash = config_hash(cfg, fmt, dataset_digest)
     prefix = stage_prefix(model_digest, "quantize", chash)
-    manifest = store.read_manifest(prefix)
-    if manifest is not None:
-        return from_manifest(manifest)
+    return run_stage(
+        store,
+        "quantize",
+        prefix,
+        chash,
+        lambda run: _compute(run, ref, ingest, arch, fmt, cfg, store),
+        variant=fmt,
+    )
 
-    times: dict[str, Any] = {}
-    with timed(times):
-        fp_model = loading.load_model(ref)
-        estimate = qz.estimate_bytes(fp_model, fmt, cfg.quantize)
-        q_model, produced, attempts = qz.produce(ref, fmt, cfg.quantize, fp_model)
-        with tempfile.TemporaryDirectory() as tmp:  # saved first: see quantization._load_bnb
-            files = qz.save_variant(q_model, produced, Path(tmp) / "variant")
-            on_disk = sum(f.stat().st_size for f in files)
-            artifacts = {}
-            for f in files:
-                rel = f"variant/{f.relative_to(Path(tmp) / 'variant').as_posix()}"
-                artifacts[rel] = store.put_file(f"{prefix}/{rel}", f)
-        measured = qz.measured_bytes(q_model)
-        if ingest.details.get("modality") == "images":
-            held_out, logit_stats = _image_fidelity(fp_model, q_model, ingest, store, cfg)
-            drift: dict[str, dict[str, float]] = {}
-        else:
-            ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
-            held_out = ids[-cfg.quantize.eval_windows :]
-            layers = resolve_layers(cfg.trace.layers, arch.n_layers)
-            points = resolve_points(arch.hook_points, layers, cfg.trace.hooks, arch.family)
-            logit_stats, drift = fidelity(fp_model, q_model, held_out, points, cfg.trace.batch_size, arch.is_causal)
+
+def _compute(
+    run: StageRun,
+    ref: ModelRef,
+    ingest: StageRecord,
+    arch: Architecture,
+    fmt: str,
+    cfg: AuditConfig,
+    store: ArtifactStore,
+) -> StageRecord:
+    prefix = run.prefix
+    fp_model = loading.load_model(ref)
+    estimate = qz.estimate_bytes(fp_model, fmt, cfg.quantize)
+    q_model, produced, attempts = qz.produce(ref, fmt, cfg.quantize, fp_model)
+    with tempfile.TemporaryDirectory() as tmp:  # saved first: see quantization._load_bnb
+        files = qz.save_variant(q_model, produced, Path(tmp) / "variant")
+        on_disk = sum(f.stat().st_size for f in files)
+        artifacts = {}
+        for f in files:
+            rel = f"variant/{f.relative_to(Path(tmp) / 'variant').as_posix()}"
+            artifacts[rel] = store.put_file(f"{prefix}/{rel}", f)
+    measured = qz.measured_bytes(q_model)
+    if ingest.details.get("modality") == "images":
+        held_out, logit_stats = _image_fidelity(fp_model, q_model, ingest, store, cfg)
+        drift: dict[str, dict[str, float]] = {}
+    else:
+        ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
+        held_out = ids[-cfg.quantize.eval_windows :]
+        layers = resolve_layers(cfg.trace.layers, arch.n_layers)
+        points = resolve_points(arch.hook_points, layers, cfg.trace.hooks, arch.family)
+        logit_stats, drift = fidelity(fp_model, q_model, held_out, points, cfg.trace.batch_size, arch.is_causal)
     worst = max(drift.items(), key=lambda kv: kv[1]["rel_error"])[0] if drift else None
-    metrics = {
-        "estimated_bytes": float(qz.estimate_bytes(fp_model, produced, cfg.quantize)),
-        "measured_bytes": float(measured),
-        "fp_bytes": float(qz.measured_bytes(fp_model)),
-        "on_disk_bytes": float(on_disk),
-        **logit_stats,
-    }
+    # Logit figures are undefined (with the reason) for a model without logits or next-token targets.
+    metrics, undefined = split(
+        {
+            "estimated_bytes": float(qz.estimate_bytes(fp_model, produced, cfg.quantize)),
+            "measured_bytes": float(measured),
+            "fp_bytes": float(qz.measured_bytes(fp_model)),
+            "on_disk_bytes": float(on_disk),
+            **logit_stats,
+        }
+    )
     if drift:
         metrics["min_cosine"] = min(v["cosine"] for v in drift.values())
         metrics["max_rel_error"] = max(v["rel_error"] for v in drift.values())
-    record = StageRecord(
-        stage="quantize",
-        variant=fmt,
-        status=StageStatus.completed,
-        config_hash=chash,
-        input_digests={"model": model_digest, "dataset": dataset_digest},
-        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
+    return run.record(
+        input_digests={"model": ingest.details["model_digest"], "dataset": ingest.details["dataset_digest"]},
+        artifacts=artifacts,
         metrics=metrics,
+        undefined=undefined,
         details={
-            "prefix": prefix,
             "requested": fmt,
             "produced": produced,
             "fell_back": produced != fmt,
             "attempts": attempts,
             "estimated_bytes_requested": estimate,
             "description": qz.FORMATS[produced].description,
+            "paths": qz.kernel_paths(q_model),  # compute path -> quantized layers running it
             "drift": drift,
             "most_drifting_hook": worst,
             "eval_tokens": int(held_out.size),
         },
-        **times,
     )
-    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
-    return record

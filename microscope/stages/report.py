@@ -8,11 +8,11 @@ from schemas.config import AuditConfig, canonical_hash
 from schemas.records import StageRecord, StageStatus
 
 from microscope import report
-from microscope.stages import from_manifest, stage_prefix, timed
 from microscope.stages.ingest import load_outputs
+from microscope.stages.runner import StageRun, run_stage, stage_prefix
 from microscope.store import ArtifactStore
 
-VERSION = "3"  # 3: robustness section
+VERSION = "4"  # 4: template file, matplotlib charts, undefined figures with their reasons
 
 
 def config_hash(
@@ -43,23 +43,16 @@ def run(
     ingest = stages["ingest"]
     chash = config_hash(cfg, stages, variants, saes)
     prefix = stage_prefix(ingest.details["model_digest"], "report", chash)
-    manifest = store.read_manifest(prefix)
-    if manifest is not None:
-        return from_manifest(manifest)
-    times: dict[str, Any] = {}
-    with timed(times):
+
+    def compute(run: StageRun) -> StageRecord:
         arch, data = load_outputs(ingest, store)
         html = report.render(stages, arch, data, cfg.report.title, cfg.report.max_modules, variants, saes)
-        uri = store.put_bytes(f"{prefix}/report.html", html.encode())
-    record = StageRecord(
-        stage="report",
-        status=StageStatus.completed,
-        config_hash=chash,
-        input_digests={name: r.config_hash or "" for name, r in stages.items()},
-        artifacts={"report": uri, "manifest": store.uri_for(f"{prefix}/manifest.json")},
-        metrics={"bytes": float(len(html))},
-        details={"prefix": prefix, "report_key": f"{prefix}/report.html"},
-        **times,
-    )
-    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
-    return record
+        uri = store.put_bytes(run.key("report.html"), html.encode())
+        return run.record(
+            input_digests={name: r.config_hash or "" for name, r in stages.items()},
+            artifacts={"report": uri},
+            metrics={"bytes": float(len(html))},
+            details={"report_key": run.key("report.html")},
+        )
+
+    return run_stage(store, "report", prefix, chash, compute)

@@ -10,13 +10,15 @@ from typing import Any
 
 import numpy as np
 from schemas.config import AuditConfig, canonical_hash
-from schemas.records import Architecture, ModelRef, StageRecord, StageStatus
+from schemas.records import Architecture, ModelRef, StageRecord
 
 from microscope import dataset as ds
-from microscope import workspace
 from microscope.errors import InputError
+from microscope.figures import split
 from microscope.models import loading
-from microscope.stages import from_manifest, stage_prefix, timed
+from microscope.robustness import summary
+from microscope.settings import get_settings
+from microscope.stages.runner import StageRun, run_stage, stage_prefix
 from microscope.store import ArtifactStore
 
 VERSION = "2"  # 2: the AutoAttack library version in the results
@@ -76,114 +78,119 @@ def run(
     saes: dict[str, StageRecord] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> StageRecord:
+    saes = {h: r for h, r in (saes or {}).items() if r.status.value != "failed"} if variant == "fp" else {}
+    chash = config_hash(
+        cfg, ingest.details["dataset_digest"], variant, {h: r.config_hash or "" for h, r in saes.items()}
+    )
+    prefix = stage_prefix(ingest.details["model_digest"], "robustness", chash)
+    return run_stage(
+        store,
+        "robustness",
+        prefix,
+        chash,
+        lambda run: _compute(run, ref, ingest, arch, cfg, store, variant, saes, progress),
+        variant=None if variant == "fp" else variant,
+    )
+
+
+def _compute(
+    run: StageRun,
+    ref: ModelRef,
+    ingest: StageRecord,
+    arch: Architecture,
+    cfg: AuditConfig,
+    store: ArtifactStore,
+    variant: str,
+    saes: dict[str, StageRecord],
+    progress: Callable[[int, int], None] | None,
+) -> StageRecord:
     import torch
 
     from microscope.robustness.attacks import sweep
     from microscope.robustness.reference import autoattack
     from microscope.robustness.surfaces import DEFAULT_EPS, RetrievalSurface, surface_for
 
-    saes = {h: r for h, r in (saes or {}).items() if r.status.value != "failed"} if variant == "fp" else {}
-    chash = config_hash(
-        cfg, ingest.details["dataset_digest"], variant, {h: r.config_hash or "" for h, r in saes.items()}
-    )
-    prefix = stage_prefix(ingest.details["model_digest"], "robustness", chash)
-    manifest = store.read_manifest(prefix)
-    if manifest is not None:
-        return from_manifest(manifest)
     rc = cfg.robustness
-    times: dict[str, Any] = {}
-    with timed(times):
-        modality = ingest.details.get("modality", "text")
-        data = samples(ingest, store, cfg)
-        model = _model(ref, variant, cfg)
-        causal = arch.is_causal and arch.has_unembedding
-        try:
-            surface = surface_for(model, modality, causal)
-        except ValueError as exc:
-            raise InputError(f"robustness: {exc}") from None
-        for p in surface.parameters():
-            p.requires_grad_(False)
-        if modality == "images":
-            x, y = data["x"], data["y"]
-            label = "dataset labels"
+    modality = ingest.details.get("modality", "text")
+    data = samples(ingest, store, cfg)
+    model = _model(ref, variant, cfg)
+    causal = arch.is_causal and arch.has_unembedding
+    try:
+        surface = surface_for(model, modality, causal)
+    except ValueError as exc:
+        raise InputError(f"robustness: {exc}") from None
+    for p in surface.parameters():
+        p.requires_grad_(False)
+    if modality == "images":
+        x, y = data["x"], data["y"]
+        label = "dataset labels"
+    else:
+        x = surface.inputs(data["ids"])
+        if isinstance(surface, RetrievalSurface):
+            surface.set_anchors(x, rc.batch_size)
+            y, label = torch.arange(len(x)), "own clean embedding among the samples (retrieval)"
+        elif rc.label == "dataset":
+            y, label = data["next"], "dataset next token"
         else:
-            x = surface.inputs(data["ids"])
-            if isinstance(surface, RetrievalSurface):
-                surface.set_anchors(x, rc.batch_size)
-                y, label = torch.arange(len(x)), "own clean embedding among the samples (retrieval)"
-            elif rc.label == "dataset":
-                y, label = data["next"], "dataset next token"
-            else:
-                with torch.no_grad():
-                    y = torch.cat(
-                        [surface(x[i : i + rc.batch_size]).argmax(-1) for i in range(0, len(x), rc.batch_size)]
-                    )
-                label = "clean prediction"
-        eps = DEFAULT_EPS[surface.kind] | rc.eps
-        steps_total = len(rc.norms) + len(rc.sweep)
-        done = 0
-        aa_results = []
-        for norm in rc.norms:
-            key = f"{prefix}/autoattack-{norm}.json"
-            if store.exists(key):  # finished before an interruption: not attacked again
-                aa_results.append(store.get_json(key))
-            else:
-                state = workspace.home() / "robustness-state" / prefix / f"autoattack-{norm}.json"
-                state.parent.mkdir(parents=True, exist_ok=True)
-                r = autoattack(
-                    surface, x, y, norm, eps[norm], rc.version, rc.attacks or None, cfg.seed, rc.batch_size, state
-                )
-                r["eps_units"] = surface.to_units(eps[norm])
-                store.put_json(key, r)
-                aa_results.append(r)
-            done += 1
-            if progress:
-                progress(done, steps_total)
+            with torch.no_grad():
+                y = torch.cat([surface(x[i : i + rc.batch_size]).argmax(-1) for i in range(0, len(x), rc.batch_size)])
+            label = "clean prediction"
+    eps = DEFAULT_EPS[surface.kind] | rc.eps
+    steps_total = len(rc.norms) + len(rc.sweep)
+    done = 0
+    aa_results = []
+    for norm in rc.norms:
+        key = f"{run.prefix}/autoattack-{norm}.json"
+        if store.exists(key):  # finished before an interruption: not attacked again
+            aa_results.append(store.get_json(key))
+        else:
+            state = get_settings().home_dir / "robustness-state" / run.prefix / f"autoattack-{norm}.json"
+            state.parent.mkdir(parents=True, exist_ok=True)
+            r = autoattack(
+                surface, x, y, norm, eps[norm], rc.version, rc.attacks or None, cfg.seed, rc.batch_size, state
+            )
+            r["eps_units"] = surface.to_units(eps[norm])
+            store.put_json(key, r)
+            aa_results.append(r)
+        done += 1
+        if progress:
+            progress(done, steps_total)
 
-        def tick(_msg: str) -> None:
-            nonlocal done
-            done += 1
-            if progress:
-                progress(done, steps_total)
+    def tick(_msg: str) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(done, steps_total)
 
-        curves, adv = sweep(surface, x, y, list(rc.sweep), rc.pgd_steps, rc.pgd_restarts, cfg.seed, rc.batch_size, tick)
-        curves["eps_units"] = [surface.to_units(e) for e in rc.sweep]
-        shifts = (
-            feature_shifts(surface, x, adv, saes, store, rc.feature_shifts)
-            if saes and adv is not None and modality != "images" and rc.feature_shifts
-            else {}
-        )
-        layers = layer_shifts(surface, x, adv, arch, cfg) if adv is not None and modality != "images" else {}
-        results = {
-            "variant": variant,
-            "surface": surface.kind,
-            "label": label,
-            "samples": data["index"],
-            "eps": eps,
-            "autoattack": aa_results,
-            "curves": curves,
-            "feature_shifts": shifts,
-            "layer_shifts": layers,
-        }
-        artifacts = {"results": store.put_json(f"{prefix}/results.json", results)}
-    clean = curves["clean"][0]
-    metrics = {"clean_accuracy": clean, "samples": float(len(x))}
-    for r in aa_results:
-        metrics[f"autoattack_{r['norm']}"] = r["robust"]
-    metrics["pgd_min"] = min(curves["pgd"]) if curves["pgd"] else clean
-    record = StageRecord(
-        stage="robustness",
-        status=StageStatus.completed,
-        variant=None if variant == "fp" else variant,
-        config_hash=chash,
-        input_digests={"model": ingest.details["model_digest"], "dataset": ingest.details["dataset_digest"]},
-        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
-        metrics=metrics,
-        details={"prefix": prefix, **{k: v for k, v in results.items() if k != "samples"}},
-        **times,
+    curves, adv = sweep(surface, x, y, list(rc.sweep), rc.pgd_steps, rc.pgd_restarts, cfg.seed, rc.batch_size, tick)
+    curves["eps_units"] = [surface.to_units(e) for e in rc.sweep]
+    shifts = (
+        feature_shifts(surface, x, adv, saes, store, rc.feature_shifts)
+        if saes and adv is not None and modality != "images" and rc.feature_shifts
+        else {}
     )
-    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
-    return record
+    layers = layer_shifts(surface, x, adv, arch, cfg) if adv is not None and modality != "images" else {}
+    results = {
+        "variant": variant,
+        "surface": surface.kind,
+        "label": label,
+        "samples": data["index"],
+        "eps": eps,
+        "autoattack": aa_results,
+        "curves": curves,
+        "feature_shifts": shifts,
+        "layer_shifts": layers,
+    }
+    artifacts = {"results": store.put_json(f"{run.prefix}/results.json", results)}
+    # Accuracy under attack is undefined (with its reason) when the model gets no sample right.
+    metrics, undefined = split(summary.figures(curves, aa_results, len(x)))
+    return run.record(
+        input_digests={"model": ingest.details["model_digest"], "dataset": ingest.details["dataset_digest"]},
+        artifacts=artifacts,
+        metrics=metrics,
+        undefined=undefined,
+        details={k: v for k, v in results.items() if k != "samples"},
+    )
 
 
 def layer_shifts(surface: Any, x: Any, adv: Any, arch: Architecture, cfg: AuditConfig) -> dict[str, float]:

@@ -13,14 +13,15 @@ from schemas.config import AuditConfig, SAEConfig, canonical_hash
 from schemas.records import Architecture, ModelRef, StageRecord, StageStatus
 
 from microscope import dataset as ds
-from microscope import workspace
 from microscope.errors import InputError
+from microscope.figures import split
 from microscope.sae import features as feat
 from microscope.sae import io
 from microscope.sae.architectures import build
+from microscope.sae.checkpoints import checkpoint_sync
 from microscope.sae.data import ShuffledBatches, activation_scale, geometric_median, parquet_chunks, parquet_rows
 from microscope.sae.evaluate import downstream, reconstruction
-from microscope.stages import from_manifest, stage_prefix, timed
+from microscope.stages.runner import finished, publish, stage_lock, stage_prefix, timed
 from microscope.store import ArtifactStore
 
 VERSION = "1"
@@ -91,9 +92,6 @@ def run_many(
 ) -> dict[str, StageRecord]:
     """Train the SAEs of `hooks` from one pass over their (row-aligned) datasets; hooks whose SAE is
     already in the store are returned from it."""
-    from microscope.sae.data import joint_chunks
-    from microscope.sae.training import SAEModule, find_lr, fit
-
     c = cfg.sae
     ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
     n_win = len(ids)
@@ -108,7 +106,39 @@ def run_many(
             plans.append(planned)
     if not plans:
         return done
+    group = canonical_hash([p.prefix for p in plans])
+    with stage_lock(store, f"sae-group/{group}"):
+        for p in list(plans):  # another run may have trained them while we waited
+            other = finished(store, p.prefix, repair=True)
+            if other is not None:
+                done[p.hook] = other
+                plans.remove(p)
+            else:
+                store.clean_orphans(p.prefix)
+        if plans:
+            done |= _train(plans, ref, ingest, arch, trace, cfg, store, ids, held, variant_traces, progress)
+    return done
 
+
+def _train(
+    plans: list[_Plan],
+    ref: ModelRef,
+    ingest: StageRecord,
+    arch: Architecture,
+    trace: StageRecord,
+    cfg: AuditConfig,
+    store: ArtifactStore,
+    ids: np.ndarray,
+    held: set[int],
+    variant_traces: dict[str, StageRecord] | None,
+    progress: bool,
+) -> dict[str, StageRecord]:
+    """One fit for all `plans` (one pass over their row-aligned data), then each SAE saved on its own."""
+    from microscope.sae.data import joint_chunks
+    from microscope.sae.training import SAEModule, find_lr, fit
+
+    c = cfg.sae
+    done: dict[str, StageRecord] = {}
     times: dict[str, Any] = {}
     with timed(times):
         chunks = plans[0].train if len(plans) == 1 else joint_chunks([p.train for p in plans])
@@ -123,9 +153,19 @@ def run_many(
         )
         if c.lr == "auto":
             module.lr = find_lr(module, data)
-        ckpt_dir = workspace.home() / "sae-checkpoints" / canonical_hash([p.prefix for p in plans])
+        # Training checkpoints live in the store, so a restarted pod resumes where the killed one stopped.
+        ckpt = stage_prefix(
+            ingest.details["model_digest"], "sae-checkpoints", canonical_hash([p.prefix for p in plans])
+        )
+        ckpt_dir, sync = checkpoint_sync(store, ckpt)
         result = fit(
-            module, data, steps, checkpoint_dir=ckpt_dir, checkpoint_every=c.checkpoint_every, progress=progress
+            module,
+            data,
+            steps,
+            checkpoint_dir=ckpt_dir,
+            checkpoint_every=c.checkpoint_every,
+            progress=progress,
+            callbacks=[sync] if sync else None,
         )
     for i, plan in enumerate(plans):
         done[plan.hook] = _finalize(
@@ -159,9 +199,9 @@ def _plan(
     c = cfg.sae
     chash = config_hash(cfg, hook, trace.config_hash or "")
     prefix = stage_prefix(ingest.details["model_digest"], "sae", chash)
-    manifest = store.read_manifest(prefix)
-    if manifest is not None:
-        return from_manifest(manifest)
+    done = finished(store, prefix)
+    if done is not None:
+        return done
     paths = [store.local_path(k) for k in datasets[hook]["parts"]]
     train, test = parquet_chunks(paths, held, exclude=True), parquet_chunks(paths, held)
     sample = _sample(train, SAMPLE_ROWS)
@@ -231,13 +271,17 @@ def _finalize(
     metrics: dict[str, float] = {k: float(v) for k, v in metrics_full.items()}
     model = loading.load_model(ref)
     held_ids = ids[sorted(held)]
-    metrics |= downstream(
-        model,
-        datasets[hook]["module"],
-        lambda t: loaded(t),
-        held_ids,
-        cfg.trace.batch_size,
-        arch.is_causal and arch.has_unembedding,
+    # CE recovered can be undefined (a layer the model does not use): its reason goes to `undefined`.
+    metrics, undefined = split(
+        metrics
+        | downstream(
+            model,
+            datasets[hook]["module"],
+            lambda t: loaded(t),
+            held_ids,
+            cfg.trace.batch_size,
+            arch.is_causal and arch.has_unembedding,
+        )
     )
     variant_metrics = {}
     for name, vt in (variant_traces or {}).items():
@@ -280,6 +324,7 @@ def _finalize(
         input_digests={"model": ingest.details["model_digest"], "trace": trace.config_hash or ""},
         artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
         metrics={**metrics, "steps": float(result.steps), "lr": float(result.lr), "d_sae": float(plan.d_sae)},
+        undefined=undefined,
         details={
             "prefix": prefix,
             "hook": hook,
@@ -296,8 +341,7 @@ def _finalize(
         },
         **times,
     )
-    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
-    return record
+    return publish(store, prefix, record)
 
 
 def _sample(chunks: Any, n: int) -> np.ndarray:

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any
+import time
 
 from schemas.config import AuditConfig, canonical_hash
-from schemas.records import Architecture, ModelRef, StageRecord, StageStatus
+from schemas.records import Architecture, ModelRef, StageRecord
 
 from microscope import dataset as ds
 from microscope.errors import InputError
 from microscope.models import loading
-from microscope.stages import from_manifest, stage_prefix, timed
+from microscope.stages.runner import StageRun, run_stage, stage_prefix
 from microscope.store import ArtifactStore
 from microscope.trace import Progress, resolve_layers, resolve_points, trace_to_parquet
 
@@ -36,15 +36,12 @@ def run(
     dataset_digest = ingest.details["dataset_digest"]
     chash = config_hash(cfg, dataset_digest, variant or "fp")
     prefix = stage_prefix(model_digest, "trace", chash)
-    manifest = store.read_manifest(prefix)
-    if manifest is not None:
-        return from_manifest(manifest)
 
-    layers = resolve_layers(cfg.trace.layers, arch.n_layers)
-    points = resolve_points(arch.hook_points, layers, cfg.trace.hooks, arch.family)
-    blocks = {p.layer: p.resid for p in arch.hook_points}
-    times: dict[str, Any] = {}
-    with timed(times):
+    def compute(run: StageRun) -> StageRecord:
+        layers = resolve_layers(cfg.trace.layers, arch.n_layers)
+        points = resolve_points(arch.hook_points, layers, cfg.trace.hooks, arch.family)
+        blocks = {p.layer: p.resid for p in arch.hook_points}
+        t0 = time.perf_counter()
         if variant is not None:
             from microscope.quantization import load_variant
 
@@ -55,26 +52,25 @@ def run(
             raise InputError(f"the checkpoint at {ref.source} changed since ingest (digest differs); re-run the audit")
         ids, dids = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
         result = trace_to_parquet(model, ids, dids, points, blocks, cfg.trace, store, prefix, progress)
-    artifacts = {name: store.uri_for(f"{prefix}/{name}") for name in result.datasets}
-    metrics: dict[str, float] = {
-        "tokens": float(ids.size),
-        "datasets": float(len(result.datasets)),
-        "final_batch_size": float(result.final_batch_size),
-        "oom_halvings": float(result.oom_halvings),
-    }
-    traced = (len(ids) - result.resumed_from_window) * ids.shape[1]  # a resumed trace did only the rest
-    if times["seconds"] > 0 and traced:
-        metrics["tokens_per_s"] = traced / times["seconds"]
-    record = StageRecord(
-        stage="trace",
-        variant=variant,
-        status=StageStatus.completed,
-        config_hash=chash,
-        input_digests={"model": model_digest, "dataset": dataset_digest},
-        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
-        metrics=metrics,
-        details={"prefix": prefix, "datasets": result.datasets, "resumed_from_window": result.resumed_from_window},
-        **times,
-    )
-    store.write_manifest(prefix, {"record": record.model_dump(mode="json")})
-    return record
+        seconds = time.perf_counter() - t0
+        metrics: dict[str, float] = {
+            "tokens": float(ids.size),
+            "datasets": float(len(result.datasets)),
+            "final_batch_size": float(result.final_batch_size),
+            "oom_halvings": float(result.oom_halvings),
+        }
+        traced = (len(ids) - result.resumed_from_window) * ids.shape[1]  # a resumed trace did only the rest
+        undefined: dict[str, str] = {}
+        if traced:
+            metrics["tokens_per_s"] = traced / seconds
+        else:  # no rate without tokens: say why rather than write 0 or NaN
+            undefined["tokens_per_s"] = "every window was traced before a restart: this run traced no tokens to time"
+        return run.record(
+            input_digests={"model": model_digest, "dataset": dataset_digest},
+            artifacts={name: store.uri_for(run.key(name)) for name in result.datasets},
+            metrics=metrics,
+            undefined=undefined,
+            details={"datasets": result.datasets, "resumed_from_window": result.resumed_from_window},
+        )
+
+    return run_stage(store, "trace", prefix, chash, compute, variant)

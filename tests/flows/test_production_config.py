@@ -76,10 +76,13 @@ def test_audit_on_postgres_redis_and_s3(
         AWS_SECRET_ACCESS_KEY="t",
         AWS_DEFAULT_REGION="us-east-1",
         MLFLOW_TRACKING_URI=mlflow_uri,
+        MICROSCOPE_REDIS_URL="redis://127.0.0.1:6379/0",  # stage locks shared across pods
     )
     rec = audit_json(tiny_gpt2_dir, corpus_file, config, env, tmp_path)
     assert rec["status"] == "completed" and rec["store_uri"] == "s3://prod/audits"
     assert rec["mlflow_tracking_uri"] == mlflow_uri
+    locks = tmp_path / "home" / "locks"  # Redis held the stage locks; files only for MLflow's local schema
+    assert not [p.name for p in locks.glob("*") if "_trace_" in p.name or "_ingest_" in p.name]
 
     second = audit_json(tiny_gpt2_dir, corpus_file, config, env, tmp_path)
     ran = {s: r["status"] for s, r in second["stages"].items() if r["status"] != "skipped"}

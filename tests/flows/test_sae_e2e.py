@@ -43,11 +43,11 @@ def test_sae_stage_end_to_end(prefect_api: str, tiny_gpt2_dir: Path, corpus_file
     m = sae["metrics"]
     assert 3.5 <= m["l0"] <= 4.0 + 1e-9  # TopK: k active latents per token (ties at zero aside)
     assert 0 < m["fvu"] < 1
-    # A random tiny model predicts nearly uniformly, so its CE barely moves (the closed cases, identity = 1
-    # and zero = 0, are in tests/microscope/sae/test_evaluate.py); here: the figures exist and agree.
+    # A random tiny model predicts nearly uniformly, so zero-ablating a layer does not raise its CE: CE
+    # recovered is undefined and the record says why (the closed cases, identity = 1 and zero = 0, are in
+    # tests/microscope/sae/test_evaluate.py); the CE figures themselves exist.
     assert all(abs(m[k] - 6.238) < 0.05 for k in ("ce_clean", "ce_spliced", "ce_zero_ablated"))  # ≈ ln 512
-    expected = (m["ce_zero_ablated"] - m["ce_spliced"]) / (m["ce_zero_ablated"] - m["ce_clean"])
-    assert abs(m["ce_recovered"] - expected) < 1e-9
+    assert "ce_recovered" not in m and "so recovery is undefined" in sae["undefined"]["ce_recovered"]
     assert m["kl_clean_spliced"] > 0
     assert "torch-int8" in sae["details"]["variants"]
 

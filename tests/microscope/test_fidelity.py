@@ -67,3 +67,17 @@ def test_activation_drift_matches_numpy() -> None:
     same = ActivationDrift()
     same.update("h", torch.from_numpy(a), torch.from_numpy(a))
     assert abs(same.summary()["h"]["cosine"] - 1) < 1e-12 and same.summary()["h"]["rel_error"] == 0
+
+
+def test_logit_figures_are_undefined_without_logits_or_targets() -> None:
+    from microscope.figures import Undefined
+
+    none = LogitFidelity().summary()  # a model with no logits: nothing was compared
+    assert set(none) >= {"kl_mean", "top1_agreement", "delta_ppl"}
+    assert all(isinstance(v, Undefined) and "no output logits" in v.reason for v in none.values())
+    lf = torch.randn(2, 5, 7)
+    encoder = LogitFidelity()
+    encoder.update(lf, lf, None)  # logits, but no next-token targets
+    s = encoder.summary()
+    assert s["kl_mean"] == 0 and s["top1_agreement"] == 1
+    assert isinstance(s["delta_ppl"], Undefined) and "no reference token" in s["delta_ppl"].reason

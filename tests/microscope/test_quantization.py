@@ -14,6 +14,8 @@ from safetensors.torch import save_file
 from microscope import quantization as qz
 from microscope.errors import InputError
 from microscope.models import loading
+from microscope.native_int8 import linear_weight
+from microscope.quant4bit import dequantize_matmul
 from microscope.stages.quantize import fidelity
 from microscope.trace import resolve_points
 from schemas.config import ConfigError, ModelConfig, QuantizeConfig, load_config
@@ -22,7 +24,7 @@ from tests.conftest import build_model
 QCFG = QuantizeConfig()
 
 
-# Width 64: bitsandbytes' CPU 4-bit kernel works in 64-wide blocks (narrower models get a clear error).
+# Width 64, the widths bitsandbytes' CPU 4-bit kernel takes (odd widths: odd_dir below).
 WIDE = {"gpt2": {"n_embd": 64}, "llama": {"hidden_size": 64, "intermediate_size": 128}}
 
 
@@ -46,8 +48,7 @@ def test_bitsandbytes_variant_loads_runs_saves_and_reloads(fmt: str, hf_dir: Pat
     import bitsandbytes as bnb
 
     model = qz.load_variant(ref_for(hf_dir), fmt, QCFG)
-    kinds = {type(m) for m in model.modules()}
-    assert (bnb.nn.Linear8bitLt if fmt == "int8" else bnb.nn.Linear4bit) in kinds
+    assert any(isinstance(m, bnb.nn.Linear8bitLt if fmt == "int8" else bnb.nn.Linear4bit) for m in model.modules())
     files = qz.save_variant(model, fmt, tmp_path / "v")  # before the first forward, as the stage does
     assert any(f.suffix == ".safetensors" for f in files)
     with torch.inference_mode():
@@ -55,6 +56,8 @@ def test_bitsandbytes_variant_loads_runs_saves_and_reloads(fmt: str, hf_dir: Pat
         assert torch.isfinite(out).all()
         torch.testing.assert_close(model(input_ids=ids()).logits, out, atol=0, rtol=0)  # deterministic
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "v", device_map="cpu")
+    if fmt == "nf4":  # as load_variant runs it on CPU (bitsandbytes' own kernel differs by host)
+        assert dequantize_matmul(reloaded) == qz.kernel_paths(model)["dequantize-matmul"]
     with torch.inference_mode():
         again = reloaded(input_ids=ids()).logits
     torch.testing.assert_close(again, out, atol=1e-6, rtol=0)
@@ -108,10 +111,78 @@ def test_unsupported_and_unknown_formats(hf_dir: Path, tmp_path: Path) -> None:
         load_config(tmp_path / "c.yaml")
 
 
-def test_4bit_on_cpu_needs_64_wide_layers(tmp_path: Path) -> None:
-    build_model("gpt2").save_pretrained(tmp_path / "narrow")  # width 32
-    with pytest.raises(InputError, match="input width divisible by 64.*has 32; use int8 or torch-int8"):
-        qz.load_variant(ref_for(tmp_path / "narrow"), "nf4", QCFG)
+@pytest.fixture(scope="module")
+def odd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Llama no layer of which is a multiple of 64 wide (in 96, MLP 160, k/v out 48)."""
+    out = tmp_path_factory.mktemp("tiny-llama-96")
+    build_model("llama", hidden_size=96, intermediate_size=160).save_pretrained(out)
+    return out
+
+
+def round_trip_reference(path: Path, fmt: str, double_quant: bool) -> torch.nn.Module:
+    """The full-precision model with every quantizable weight replaced by its 4-bit round trip, computed
+    here with bitsandbytes' functions: blocks of 64 over the flattened [out, in] weight."""
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    model = loading.load_model(ref_for(path))
+    for name in qz.quantizable(model):
+        mod = model.get_submodule(name)
+        w = linear_weight(mod)[0].contiguous()  # [out, in]; a Conv1D stores the transpose
+        packed, state = quantize_4bit(w, blocksize=64, quant_type=fmt, compress_statistics=double_quant)
+        w_q = dequantize_4bit(packed, state)
+        with torch.no_grad():
+            mod.weight.copy_(w_q if isinstance(mod, torch.nn.Linear) else w_q.t())
+    return model.requires_grad_(False)
+
+
+@pytest.mark.parametrize(("fmt", "double_quant"), [("nf4", True), ("fp4", False)])
+def test_4bit_on_cpu_any_width_equals_its_dequantized_weights(fmt: str, double_quant: bool, odd_dir: Path) -> None:
+    cfg = QuantizeConfig(double_quant=double_quant)
+    model = qz.load_variant(ref_for(odd_dir), fmt, cfg)
+    assert qz.kernel_paths(model) == {"dequantize-matmul": 21}  # 3 blocks × (q, k, v, o, gate, up, down)
+    held = qz.measured_bytes(model)
+    with torch.inference_mode():
+        out = model(input_ids=ids()).logits
+        want = round_trip_reference(odd_dir, fmt, double_quant)(input_ids=ids()).logits
+    # Same weights, same float matmul: only summation order may differ.
+    torch.testing.assert_close(out, want, atol=1e-5 * float(want.abs().max()), rtol=0)
+    # The float weights live only during a forward: the variant still holds 4-bit storage.
+    assert qz.measured_bytes(model) == held
+    assert abs(held - qz.estimate_bytes(loading.load_model(ref_for(odd_dir)), fmt, cfg)) <= 0.2 * held
+
+
+@pytest.mark.parametrize("which", ["gpt2-64", "llama-64", "llama-96"])
+def test_gradients_flow_through_nf4_on_cpu(which: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    import bitsandbytes as bnb
+
+    family, width = which.split("-")
+    path = request.getfixturevalue("odd_dir") if width == "96" else tmp_path / "m"
+    if width == "64":
+        build_model(family, **WIDE[family]).save_pretrained(path)
+    model = qz.load_variant(ref_for(path), "nf4", QCFG)
+    # bitsandbytes takes its repacking bf16 kernel, without autograd, in eval mode on CPUs with
+    # AVX512-BF16; claim this host has it, so the test covers those hosts too.
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = True
+    with torch.inference_mode():
+        model(input_ids=ids())  # a fidelity pass before the attacks, as in an audit
+    assert not any(
+        getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+        for m in model.modules()
+        if isinstance(m, bnb.nn.Linear4bit)
+    )
+
+    reference = round_trip_reference(path, "nf4", QCFG.double_quant)
+    labels = ids()[:, 1:]
+    grads = []
+    for m in (model, reference):
+        emb = m.get_input_embeddings()(ids()).detach().requires_grad_(True)  # the attack surface
+        logits = m(inputs_embeds=emb).logits[:, :-1]
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten()).backward()
+        grads.append(emb.grad)
+    assert grads[0] is not None and torch.isfinite(grads[0]).all() and grads[0].abs().max() > 0
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5 * float(grads[1].abs().max()), rtol=0)
 
 
 def test_model_without_linear_layers(tmp_path: Path) -> None:

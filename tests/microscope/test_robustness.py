@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from microscope.figures import split
 from microscope.models.vision import DigitsCNN
+from microscope.robustness import summary
 from microscope.robustness.attacks import pgd, sweep
 from microscope.robustness.reference import autoattack
 from microscope.robustness.surfaces import CausalSurface, EmbeddingBox, RetrievalSurface
@@ -75,6 +77,26 @@ def test_a_constant_classifier_stays_at_its_clean_accuracy() -> None:
     assert curves["pgd"] == curves["fgsm"] == curves["noise"] == [clean] * 4
     aa = autoattack(Constant(), x, y, "Linf", 0.5, "custom", ["apgd-ce", "apgd-dlr"], 0, 12)
     assert aa["robust"] == clean and any("zero gradient" in f for f in aa["flags"])  # its warning surfaced
+
+
+def test_a_classifier_that_is_never_right_has_undefined_robust_accuracy() -> None:
+    """Constant predicts class 1 for every input; with no sample of class 1, clean accuracy is 0 and there
+    is nothing to attack: robust accuracy is undefined with its reason, not a reassuring-looking 0."""
+    x = torch.rand(12, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 2] * 6)
+    curves, _ = sweep(Constant(), x, y, [0.0, 0.1, 0.5], steps=3, restarts=1, seed=0, batch_size=12)
+    aa = autoattack(Constant(), x, y, "Linf", 0.5, "custom", ["apgd-ce"], 0, 12)
+    assert curves["clean"] == [0.0] and aa["robust"] == 0.0
+    figs = summary.figures(curves, [aa], len(x))
+    metrics, undefined = split(figs)
+    assert metrics == {"clean_accuracy": 0.0, "samples": 12.0}  # clean accuracy itself is defined
+    assert set(undefined) == {"autoattack_Linf", "pgd_min", "fgsm_min", "noise_min"}
+    assert all("clean accuracy is 0 on 12 samples" in why for why in undefined.values())
+    # A classifier that is right somewhere keeps its figures.
+    y_some = torch.tensor([1, 0, 2] * 4)
+    curves, _ = sweep(Constant(), x, y_some, [0.0, 0.1], steps=3, restarts=1, seed=0, batch_size=12)
+    metrics, undefined = split(summary.figures(curves, [], len(x)))
+    assert undefined == {} and metrics["pgd_min"] == pytest.approx(4 / 12)
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "bert"])

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy.linalg import svdvals
 
+from microscope.figures import Undefined
 from microscope.spectra import as_matrix, matrix_stats
 
 REL = 1e-6
@@ -87,7 +88,10 @@ def test_power_law_recovers_a_known_exponent_and_mp_spikes() -> None:
     lam = (1 - rng.random(4000)) ** (-1 / 1.5)
     fit = power_law_fit(np.sqrt(lam))
     assert abs(fit["alpha"] - 2.5) < 0.1
-    assert np.isnan(power_law_fit(np.ones(5))["alpha"])
+    few = power_law_fit(np.ones(5))  # 5 eigenvalues: too few to fit, and the figure says so
+    assert isinstance(few["alpha"], Undefined) and "needs at least 20" in few["alpha"].reason
+    flat = power_law_fit(np.ones(40))  # no tail is a power law
+    assert isinstance(flat["alpha"], Undefined) and flat["n_tail"] == 0
     w = rng.standard_normal((400, 100))
     assert mp_spikes(svdvals(w), w.shape) <= 2  # pure noise: (almost) nothing beyond the bulk edge
     spiked = w + 30 * np.outer(rng.standard_normal(400), rng.standard_normal(100)) / 20
@@ -125,7 +129,8 @@ def test_randomized_path_is_within_its_stated_bound() -> None:
         assert close(s["frobenius"], np.linalg.norm(w)) and close(
             s["stable_rank"], np.linalg.norm(w) ** 2 / s["spectral_norm"] ** 2
         )
-        assert np.isnan(s["condition_number"]) and s["effective_rank_estimated"]
+        assert isinstance(s["condition_number"], Undefined) and s["effective_rank_estimated"]
+        assert "σmin is unknown" in s["condition_number"].reason
     exact_path = matrix_stats(decaying, exact_max_dim=500, rank=64)  # at the threshold: exact
     assert exact_path["spectrum"] == "exact" and exact_path["spectrum_error"] == exact_path["spectrum_error_max"] == 0
 

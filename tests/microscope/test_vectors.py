@@ -70,3 +70,18 @@ def test_standardised_embeddings_tell_layers_of_one_model_apart(tmp_path: Path) 
         hits = index.similar(LAYERS, ("a", "fp", layer), 3)
         assert {(h["audit_id"], h["layer"]) for h in hits[:2]} == {("a", layer), ("b", layer)}
         assert hits[2]["score"] < 0.99  # the next layer is clearly further away
+
+
+def test_an_undefined_statistic_never_puts_nan_in_a_layer_vector() -> None:
+    """The randomized spectrum path leaves the condition number undefined: the standardised vector holds
+    the model's mean there (z = 0), not NaN."""
+    from microscope.vectors import HEAD, standardise_layers
+
+    rng = np.random.default_rng(0)
+    raw = {}
+    for i, exact_max_dim in enumerate((None, None, 8)):
+        stats = matrix_stats(rng.standard_normal((40, 30)), exact_max_dim=exact_max_dim, rank=4)
+        raw[f"m{i}"] = layer_embedding(stats, power_law_fit(stats["singular_values"]))
+    assert np.isnan(raw["m2"][2])  # log10 condition number: undefined
+    out = standardise_layers(raw)
+    assert all(np.isfinite(v).all() for v in out.values()) and out["m2"][2] == 0 and len(out["m2"]) > HEAD

@@ -1,0 +1,68 @@
+"""Running a stage task and turning its final state into a StageRecord: a Prefect cache hit becomes
+`cached` once its artifacts check out; a failure becomes one line plus a traceback file in the store."""
+
+from __future__ import annotations
+
+import traceback
+from typing import Any
+
+from prefect import get_run_logger
+
+from microscope.errors import InputError
+from microscope.stages.runner import finished
+from microscope.store import ArtifactStore
+from schemas.records import StageRecord, StageStatus
+
+
+def one_line(exc: BaseException) -> str:
+    msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return msg if type(exc).__module__.startswith("microscope") else f"{type(exc).__name__}: {msg}"
+
+
+class Settler:
+    """Runs stage tasks for one audit; failures are written to `audits/<id>/<stage>[variant].log`."""
+
+    def __init__(self, store: ArtifactStore, audit_id: str):
+        self.store = store
+        self.audit_id = audit_id
+
+    def run(self, task: Any, stage: str, label: str, **kwargs: Any) -> StageRecord:
+        get_run_logger().info("%s: started", label)
+        return self.settle(task(**kwargs, return_state=True), task, stage, label, kwargs)
+
+    def run_many(self, task: Any, stage: str, calls: dict[str, dict[str, Any]]) -> dict[str, StageRecord]:
+        """One task run per call, side by side (on separate workers where the task runner has them)."""
+        futures = {label: task.submit(**kw) for label, kw in calls.items()}
+        for f in futures.values():
+            f.wait()
+        return {label: self.settle(f.state, task, stage, label, calls[label]) for label, f in futures.items()}
+
+    def settle(self, state: Any, task: Any, stage: str, label: str, kwargs: dict[str, Any]) -> Any:
+        if state.is_completed():
+            result = state.result()
+            if state.name != "Cached":
+                return result
+            recs = result if isinstance(result, dict) else {None: result}
+            if any(finished(self.store, r.details.get("prefix", "")) is None for r in recs.values()):
+                # Prefect remembers the task, but the store lost or damaged what it made: recompute
+                get_run_logger().warning("%s: cached artifacts are missing or damaged; recomputing", label)
+                return self.settle(
+                    task.with_options(refresh_cache=True)(**kwargs, return_state=True), task, stage, label, kwargs
+                )
+            cached = {k: r.model_copy(update={"status": StageStatus.cached}) for k, r in recs.items()}
+            return cached if isinstance(result, dict) else cached[None]
+        return self.failed(stage, label, state.result(raise_on_failure=False))
+
+    def failed(self, stage: str, label: str, exc: Any) -> StageRecord:
+        """A failed stage's record: the cause in one line, the traceback in a log file beside the audit."""
+        if not isinstance(exc, BaseException):
+            return StageRecord(stage=stage, status=StageStatus.failed, error=f"{label}: {exc}")
+        error = f"{label}: {one_line(exc)}"
+        if not isinstance(exc, InputError):  # the user's own mistake needs no traceback
+            key = f"audits/{self.audit_id}/{label.replace('/', '_')}.log"
+            text = "".join(traceback.format_exception(exc))
+            error += f" (traceback: {self.store.put_bytes(key, text.encode())})"
+        get_run_logger().error("%s", error)
+        return StageRecord(
+            stage=stage, status=StageStatus.failed, error=error, details={"input_error": isinstance(exc, InputError)}
+        )

@@ -1,0 +1,114 @@
+"""Where Microscope keeps things and which services it talks to: one settings object, read from the
+environment (and a `.env` file) by pydantic-settings. Nothing else in the code reads `os.environ`.
+
+Embedded defaults need nothing: a workspace folder (`./.microscope`) holds the artifact store, MLflow's
+SQLite database, Qdrant's local index and the lock files. Production sets URLs instead.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MICROSCOPE_", extra="ignore", frozen=True)
+
+    home: Path = Field(
+        default_factory=lambda: Path.cwd() / ".microscope",
+        description="Workspace folder for the embedded defaults ($MICROSCOPE_HOME).",
+    )
+    store: str | None = Field(
+        None, description="Artifact store: a folder or s3://bucket/prefix (default: home/artifacts)."
+    )
+    s3_endpoint_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MICROSCOPE_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"),
+        description="S3-compatible endpoint (MinIO, moto_server); default AWS.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None,
+        validation_alias=AliasChoices("MICROSCOPE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="MLflow tracking URI (default: SQLite in home).",
+    )
+    mlflow_artifacts: str | None = Field(None, description="MLflow artifact root (default: home/mlartifacts).")
+    experiment: str = Field("microscope", description="MLflow experiment of the audits.")
+    qdrant_url: str | None = Field(
+        None, validation_alias=AliasChoices("MICROSCOPE_QDRANT_URL", "QDRANT_URL"), description="Qdrant server URL."
+    )
+    qdrant_api_key: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("MICROSCOPE_QDRANT_API_KEY", "QDRANT_API_KEY")
+    )
+    qdrant_path: Path | None = Field(None, description="Qdrant local-mode folder (default: home/qdrant).")
+    redis_url: str | None = Field(
+        None, description="Redis for stage locks shared across machines (default: file locks in the local store)."
+    )
+    lock_lease_s: float = Field(120.0, gt=0, description="A dead lock holder blocks others at most this long (Redis).")
+    device: str = Field("auto", description="auto (cuda when available) | cpu | cuda | cuda:N.")
+    threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice).")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v != "auto" and v != "cpu" and not v.startswith("cuda"):
+            raise ValueError(f"MICROSCOPE_DEVICE={v!r} is not a device; use auto, cpu, cuda or cuda:N")
+        return v
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser().resolve()
+
+    @property
+    def store_uri(self) -> str:
+        return self.store or str(self.home_dir / "artifacts")
+
+    @property
+    def mlflow_uri(self) -> str:
+        return self.mlflow_tracking_uri or f"sqlite:///{self.home_dir / 'mlflow.db'}"
+
+    @property
+    def mlflow_artifact_root(self) -> str:
+        return self.mlflow_artifacts or (self.home_dir / "mlartifacts").as_uri()
+
+    @property
+    def qdrant_dir(self) -> Path:
+        return self.qdrant_path or self.home_dir / "qdrant"
+
+    @property
+    def lock_dir(self) -> Path:
+        return self.home_dir / "locks"
+
+    def staging_dir(self) -> Path:
+        """Local scratch for files on their way to a remote store."""
+        p = self.home_dir / "staging"
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def torch_device(self) -> str:
+        """The device models run on: `auto` picks CUDA when a GPU is visible."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def get_settings() -> Settings:
+    """The settings as the environment says now (cheap; tests change the environment between calls)."""
+    return _cached(_env_key())
+
+
+def _env_key() -> tuple[tuple[str, str], ...]:
+    import os
+
+    names = ("MICROSCOPE_", "MLFLOW_TRACKING_URI", "QDRANT_", "AWS_ENDPOINT_URL")
+    env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(names)))
+    return (("cwd", os.getcwd()), *env)  # the default home is relative to the working directory
+
+
+@lru_cache(maxsize=8)
+def _cached(_key: tuple[tuple[str, str], ...]) -> Settings:
+    return Settings()
