@@ -150,9 +150,9 @@ def load_variant(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str = "cp
         if f.backend == "bitsandbytes":
             model = _load_bnb(ref, fmt, cfg, device)
         elif fmt in ("fp16", "bf16"):
-            model = loading.load_model(ref).to({"fp16": torch.float16, "bf16": torch.bfloat16}[fmt])
+            model = loading.load_model(ref, device).to({"fp16": torch.float16, "bf16": torch.bfloat16}[fmt])
         else:
-            model = loading.load_model(ref)
+            model = loading.load_model(ref, device)
             n = quantize_linears(model, skip=set(loading_skip(model)))
             if n == 0:
                 raise _no_linear(model, fmt)

@@ -287,7 +287,7 @@ def trace_to_parquet(
                 tok = input_ids[w : w + n].reshape(-1)
                 jobs = []
                 for lh in sorted(points):
-                    acts = captured[lh].reshape(rows, -1).numpy()  # [n*seq, d]
+                    acts = captured[lh].reshape(rows, -1).cpu().numpy()  # [n*seq, d]
                     if lh not in writers:
                         d_of[lh] = acts.shape[1]
                         key = f"{prefix}/{names[lh]}/part-{part:05d}.parquet"

@@ -73,10 +73,19 @@ def _is_causal_hf(config: Any) -> bool:
 _LOAD_LOCK = threading.Lock()
 
 
-def load_model(ref: ModelRef) -> nn.Module:
-    """The model in eval mode, on CPU, in `ref.dtype`."""
+def load_model(ref: ModelRef, device: str = "cpu") -> nn.Module:
+    """The model in eval mode, in `ref.dtype`, on `device` (stages that run it ask for the settings'
+    compute device; digests and weight statistics read it on the CPU)."""
     with _LOAD_LOCK:
-        return _load_model(ref)
+        model = _load_model(ref)
+    return model if device == "cpu" else model.to(device)
+
+
+def compute_device() -> str:
+    """Where stages run models: the settings' device (`auto`: CUDA when a GPU is visible)."""
+    from microscope.settings import get_settings
+
+    return get_settings().torch_device()
 
 
 def quiet_loading_bars(transformers: Any) -> None:

@@ -128,8 +128,9 @@ def downstream(
     gap_sq = 0.0  # Σ (ce_zero − ce_clean)² per token, for the gap's standard error
     kl_sum, cos_sum, n_tok, n_seq = 0.0, 0.0, 0, 0
     rec = _reconstruct_fn(reconstruct)
+    device = next(model.parameters()).device
     for lo in range(0, len(ids), batch):
-        x = torch.from_numpy(ids[lo : lo + batch].astype(np.int64))
+        x = torch.from_numpy(ids[lo : lo + batch].astype(np.int64)).to(device)
         clean = model(input_ids=x)
         with spliced(model, module_path, rec):
             spl = model(input_ids=x)

@@ -192,7 +192,9 @@ def fit(
         )
         last = checkpoint_dir / "last.ckpt"
         ckpt_path = str(last) if last.exists() else None
-    gpu = torch.cuda.is_available()
+    from microscope.models.loading import compute_device
+
+    gpu = compute_device().startswith("cuda")  # the settings decide, as for every other stage
     trainer = L.Trainer(
         max_steps=steps,
         accelerator="gpu" if gpu else "cpu",

@@ -14,9 +14,9 @@ import numpy as np
 from schemas.config import AuditConfig, canonical_hash
 from schemas.records import Architecture, ModelRef, StageRecord
 
-from microscope import dataset as ds
 from microscope import figures
 from microscope.cka import cka_matrix, linear_cka
+from microscope.modality import open_data
 from microscope.models import loading
 from microscope.spectra import esd_histogram, matrix_stats, mp_spikes, power_law_fit
 from microscope.stages.runner import StageRun, run_stage, stage_prefix
@@ -213,8 +213,9 @@ def sensitivity(
     params = {k: v.detach() for k, v in model.named_parameters()}
     causal = arch.is_causal and arch.has_unembedding
 
+    device = next(model.parameters()).device
     if labels is not None:  # a classifier: samples are indices into the images, so both loops can slice them
-        images, targets = torch.from_numpy(ids), torch.from_numpy(labels)
+        images, targets = torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
 
         def loss_fn(p: dict[str, torch.Tensor], i: torch.Tensor) -> torch.Tensor:
             return torch.nn.functional.cross_entropy(functional_call(model, p, (images[i],)), targets[i])
@@ -231,7 +232,7 @@ def sensitivity(
             h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out
             return h.pow(2).mean()
 
-    x = torch.from_numpy(ids.astype(np.int64))
+    x = torch.from_numpy(ids.astype(np.int64)).to(device)
     fisher = {k: torch.zeros_like(v) for k, v in params.items()}
     grads_total = {k: torch.zeros_like(v) for k, v in params.items()}
     for i in range(len(x)):  # per-sample (per-window) gradients: the empirical Fisher
@@ -255,7 +256,7 @@ def sensitivity(
         }
         for k in sorted(params)
     ]
-    return rows, fisher
+    return rows, {k: v.cpu() for k, v in fisher.items()}
 
 
 FISHER_MAP_CELLS = 32
@@ -338,16 +339,9 @@ def _compute(
     maps: list[dict[str, Any]] = []
     fisher_key = None
     if cfg.metrics.sensitivity:
-        model = loading.load_model(ref)
-        if ingest.details.get("modality") == "images":  # CE on the last images (32 per window asked)
-            from microscope.stages.ingest import load_images
-
-            xs, ys = load_images(ingest, store)
-            k = 32 * cfg.metrics.sensitivity_windows
-            sens, fisher = sensitivity(model, arch, xs[-k:], cfg, labels=ys[-k:])
-        else:
-            ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
-            sens, fisher = sensitivity(model, arch, ids[-cfg.metrics.sensitivity_windows :], cfg)
+        model = loading.load_model(ref, loading.compute_device())
+        inputs, labels = open_data(ingest, store).sensitivity_inputs(cfg)
+        sens, fisher = sensitivity(model, arch, inputs, cfg, labels=labels)
         maps = fisher_maps(fisher, sens)
         fisher_key = f"{run.prefix}/fisher.safetensors"
         store.put_bytes(fisher_key, _safetensors(fisher))

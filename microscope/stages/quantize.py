@@ -10,14 +10,14 @@ import numpy as np
 from schemas.config import AuditConfig, canonical_hash
 from schemas.records import Architecture, ModelRef, StageRecord
 
-from microscope import dataset as ds
 from microscope import quantization as qz
 from microscope.fidelity import ActivationDrift, LogitFidelity
 from microscope.figures import Figure, split
+from microscope.modality import open_data
 from microscope.models import loading
 from microscope.stages.runner import StageRun, run_stage, stage_prefix
 from microscope.store import ArtifactStore
-from microscope.trace import capture, hook_name, resolve_layers, resolve_points
+from microscope.trace import capture, hook_name
 
 VERSION = "1"
 
@@ -40,15 +40,18 @@ def fidelity(
 
     logit_fid, drift = LogitFidelity(), ActivationDrift()
     names = {lh: hook_name(*lh) for lh in points}
+    device = next(fp_model.parameters()).device
     for lo in range(0, len(ids), batch):
-        x = torch.from_numpy(ids[lo : lo + batch].astype(np.int64))
+        x = torch.from_numpy(ids[lo : lo + batch].astype(np.int64)).to(device)
         with torch.inference_mode(), capture(fp_model, points) as acts_fp:
             out_fp = fp_model(input_ids=x)
         with torch.inference_mode(), capture(q_model, points) as acts_q:
             out_q = q_model(input_ids=x)
         for lh in points:
-            drift.update(names[lh], acts_fp[lh].float(), acts_q[lh].float())
+            drift.update(names[lh], acts_fp[lh].float().cpu(), acts_q[lh].float().cpu())
         lf, lq = _logits(out_fp), _logits(out_q)
+        x = x.cpu()  # the statistics are NumPy: compared on the CPU
+        lf, lq = (None if t is None else t.cpu() for t in (lf, lq))
         if lf is not None and lq is not None:
             if causal:  # position t predicts token t+1
                 logit_fid.update(lf[:, :-1].float(), lq[:, :-1].float(), x[:, 1:])
@@ -57,24 +60,21 @@ def fidelity(
     return logit_fid.summary(), drift.summary()
 
 
-def _image_fidelity(fp_model: Any, q_model: Any, ingest: StageRecord, store: ArtifactStore, cfg: AuditConfig) -> Any:
+def image_fidelity(fp_model: Any, q_model: Any, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """A classifier's fidelity on its images: class-distribution KL, top-1 agreement, |Δp| of the true
     class and Δ perplexity of the labels, plus the accuracy of both models."""
     import torch
 
-    from microscope.stages.ingest import load_images
-
-    x, y = load_images(ingest, store)
     lf, acc = LogitFidelity(), {"fp": 0, "q": 0}
     for lo in range(0, len(x), 256):
         xb, yb = torch.from_numpy(x[lo : lo + 256]), torch.from_numpy(y[lo : lo + 256])
+        device = next(fp_model.parameters()).device
         with torch.inference_mode():
-            out_fp, out_q = fp_model(xb).float(), q_model(xb).float()
+            out_fp, out_q = (m(xb.to(device)).float().cpu() for m in (fp_model, q_model))
         lf.update(out_fp, out_q, yb)
         acc["fp"] += int((out_fp.argmax(-1) == yb).sum())
         acc["q"] += int((out_q.argmax(-1) == yb).sum())
-    stats = lf.summary() | {"accuracy_fp": acc["fp"] / len(x), "accuracy_q": acc["q"] / len(x)}
-    return y, stats
+    return lf.summary() | {"accuracy_fp": acc["fp"] / len(x), "accuracy_q": acc["q"] / len(x)}
 
 
 def run(
@@ -104,9 +104,10 @@ def _compute(
     store: ArtifactStore,
 ) -> StageRecord:
     prefix = run.prefix
-    fp_model = loading.load_model(ref)
+    device = loading.compute_device()
+    fp_model = loading.load_model(ref, device)
     estimate = qz.estimate_bytes(fp_model, fmt, cfg.quantize)
-    q_model, produced, attempts = qz.produce(ref, fmt, cfg.quantize, fp_model)
+    q_model, produced, attempts = qz.produce(ref, fmt, cfg.quantize, fp_model, device)
     with tempfile.TemporaryDirectory() as tmp:  # saved first: see quantization._load_bnb
         files = qz.save_variant(q_model, produced, Path(tmp) / "variant")
         on_disk = sum(f.stat().st_size for f in files)
@@ -115,15 +116,7 @@ def _compute(
             rel = f"variant/{f.relative_to(Path(tmp) / 'variant').as_posix()}"
             artifacts[rel] = store.put_file(f"{prefix}/{rel}", f)
     measured = qz.measured_bytes(q_model)
-    if ingest.details.get("modality") == "images":
-        held_out, logit_stats = _image_fidelity(fp_model, q_model, ingest, store, cfg)
-        drift: dict[str, dict[str, float]] = {}
-    else:
-        ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
-        held_out = ids[-cfg.quantize.eval_windows :]
-        layers = resolve_layers(cfg.trace.layers, arch.n_layers)
-        points = resolve_points(arch.hook_points, layers, cfg.trace.hooks, arch.family)
-        logit_stats, drift = fidelity(fp_model, q_model, held_out, points, cfg.trace.batch_size, arch.is_causal)
+    evaluated, logit_stats, drift = open_data(ingest, store).fidelity(fp_model, q_model, arch, cfg)
     worst = max(drift.items(), key=lambda kv: kv[1]["rel_error"])[0] if drift else None
     # Logit figures are undefined (with the reason) for a model without logits or next-token targets.
     metrics, undefined = split(
@@ -153,6 +146,6 @@ def _compute(
             "paths": qz.kernel_paths(q_model),  # compute path -> quantized layers running it
             "drift": drift,
             "most_drifting_hook": worst,
-            "eval_tokens": int(held_out.size),
+            "eval_tokens": evaluated,
         },
     )

@@ -8,13 +8,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from schemas.config import AuditConfig, canonical_hash
 from schemas.records import Architecture, ModelRef, StageRecord
 
-from microscope import dataset as ds
 from microscope.errors import InputError
 from microscope.figures import split
+from microscope.modality import open_data
 from microscope.models import loading
 from microscope.robustness import summary
 from microscope.settings import get_settings
@@ -39,33 +38,12 @@ def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str, saes: dict[
     )
 
 
-def samples(ingest: StageRecord, store: ArtifactStore, cfg: AuditConfig) -> dict[str, Any]:
-    """The evaluated inputs, chosen by a seeded permutation, identical for every variant: images and
-    labels, or token contexts (the end of each window) with the next token."""
-    import torch
-
-    from microscope.stages.ingest import load_images
-
-    rng = np.random.default_rng(cfg.seed)
-    if ingest.details.get("modality") == "images":
-        x, y = load_images(ingest, store)
-        idx = np.sort(rng.permutation(len(x))[: cfg.robustness.samples])
-        return {"x": torch.from_numpy(x[idx]), "y": torch.from_numpy(y[idx]), "index": idx.tolist()}
-    ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
-    if len(ids) == 0:
-        raise InputError("robustness: the dataset has no windows to attack; add text or lower dataset.seq_len")
-    idx = np.sort(rng.permutation(len(ids))[: cfg.robustness.samples])
-    ctx = min(cfg.robustness.context_tokens, ids.shape[1] - 1)
-    windows = torch.from_numpy(ids[idx].astype(np.int64))
-    return {"ids": windows[:, :ctx], "next": windows[:, ctx], "index": idx.tolist()}
-
-
 def _model(ref: ModelRef, variant: str, cfg: AuditConfig) -> Any:
     if variant == "fp":
-        return loading.load_model(ref)
+        return loading.load_model(ref, loading.compute_device())
     from microscope.quantization import load_variant
 
-    return load_variant(ref, variant, cfg.quantize)
+    return load_variant(ref, variant, cfg.quantize, loading.compute_device())
 
 
 def run(
@@ -104,37 +82,22 @@ def _compute(
     saes: dict[str, StageRecord],
     progress: Callable[[int, int], None] | None,
 ) -> StageRecord:
-    import torch
 
     from microscope.robustness.attacks import sweep
     from microscope.robustness.reference import autoattack
-    from microscope.robustness.surfaces import DEFAULT_EPS, RetrievalSurface, surface_for
+    from microscope.robustness.surfaces import DEFAULT_EPS, surface_for
 
     rc = cfg.robustness
-    modality = ingest.details.get("modality", "text")
-    data = samples(ingest, store, cfg)
+    data = open_data(ingest, store)
     model = _model(ref, variant, cfg)
     causal = arch.is_causal and arch.has_unembedding
     try:
-        surface = surface_for(model, modality, causal)
+        surface = surface_for(model, data.kind, causal)
     except ValueError as exc:
         raise InputError(f"robustness: {exc}") from None
     for p in surface.parameters():
         p.requires_grad_(False)
-    if modality == "images":
-        x, y = data["x"], data["y"]
-        label = "dataset labels"
-    else:
-        x = surface.inputs(data["ids"])
-        if isinstance(surface, RetrievalSurface):
-            surface.set_anchors(x, rc.batch_size)
-            y, label = torch.arange(len(x)), "own clean embedding among the samples (retrieval)"
-        elif rc.label == "dataset":
-            y, label = data["next"], "dataset next token"
-        else:
-            with torch.no_grad():
-                y = torch.cat([surface(x[i : i + rc.batch_size]).argmax(-1) for i in range(0, len(x), rc.batch_size)])
-            label = "clean prediction"
+    x, y, label, index = data.attack_inputs(surface, cfg)
     eps = DEFAULT_EPS[surface.kind] | rc.eps
     steps_total = len(rc.norms) + len(rc.sweep)
     done = 0
@@ -166,15 +129,15 @@ def _compute(
     curves["eps_units"] = [surface.to_units(e) for e in rc.sweep]
     shifts = (
         feature_shifts(surface, x, adv, saes, store, rc.feature_shifts)
-        if saes and adv is not None and modality != "images" and rc.feature_shifts
+        if saes and adv is not None and data.activations and rc.feature_shifts
         else {}
     )
-    layers = layer_shifts(surface, x, adv, arch, cfg) if adv is not None and modality != "images" else {}
+    layers = layer_shifts(surface, x, adv, arch, cfg) if adv is not None and data.activations else {}
     results = {
         "variant": variant,
         "surface": surface.kind,
         "label": label,
-        "samples": data["index"],
+        "samples": index,
         "eps": eps,
         "autoattack": aa_results,
         "curves": curves,
@@ -236,7 +199,7 @@ def feature_shifts(
         for inputs in (x, adv):
             with capture(surface.model, {(0, hook): module}) as got, torch.no_grad():
                 surface(inputs)
-            acts.append(sae.encode(got[(0, hook)].float()))
+            acts.append(sae.encode(got[(0, hook)].float().cpu()))  # the SAE stays on the CPU
         delta = (acts[1] - acts[0]).abs().mean(dim=(0, 1))
         order = torch.argsort(delta, descending=True)[:top].tolist()
         feats = pq.read_table(store.local_path(rec.details["prefix"] + "/features.parquet")).to_pylist()

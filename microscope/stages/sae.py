@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import tempfile
 from dataclasses import dataclass
@@ -269,7 +270,8 @@ def _finalize(
     density = metrics_full.pop("density")
     hist = metrics_full.pop("density_hist")
     metrics: dict[str, float] = {k: float(v) for k, v in metrics_full.items()}
-    model = loading.load_model(ref)
+    model = loading.load_model(ref, loading.compute_device())
+    on_model = copy.deepcopy(loaded).to(next(model.parameters()).device)  # spliced where the model runs
     held_ids = ids[sorted(held)]
     # CE recovered can be undefined (a layer the model does not use): its reason goes to `undefined`.
     metrics, undefined = split(
@@ -277,7 +279,7 @@ def _finalize(
         | downstream(
             model,
             datasets[hook]["module"],
-            lambda t: loaded(t),
+            lambda t: on_model(t),
             held_ids,
             cfg.trace.batch_size,
             arch.is_causal and arch.has_unembedding,
@@ -307,7 +309,10 @@ def _finalize(
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out_emb is not None:
         pos_l, neg_l = feat.logit_effects(
-            loaded.W_dec.numpy().astype(np.float64), out_emb.weight.detach().double().numpy(), tokenizer, c.top_logits
+            loaded.W_dec.numpy().astype(np.float64),
+            out_emb.weight.detach().double().cpu().numpy(),
+            tokenizer,
+            c.top_logits,
         )
     table = feat.table(all_density, mean_act, ctx, pos_l, neg_l)
     import pyarrow.parquet as pq

@@ -45,9 +45,9 @@ def run(
         if variant is not None:
             from microscope.quantization import load_variant
 
-            model = load_variant(ref, variant, cfg.quantize)
+            model = load_variant(ref, variant, cfg.quantize, loading.compute_device())
         else:
-            model = loading.load_model(ref)
+            model = loading.load_model(ref, loading.compute_device())
         if variant is None and loading.model_digest(model) != model_digest:
             raise InputError(f"the checkpoint at {ref.source} changed since ingest (digest differs); re-run the audit")
         ids, dids = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))

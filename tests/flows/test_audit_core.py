@@ -55,7 +55,8 @@ def test_two_concurrent_audits_compute_each_stage_once(
     (tmp_path / "audit.yaml").write_text(SMALL)
     env = cli_env(tmp_path, prefect_api)  # one fresh store, MLflow database and lock folder for both
     args = ["run", "--model", str(tiny_gpt2_dir), "--dataset", str(corpus_file), "--config", "audit.yaml"]
-    procs = [_start([*args, "--stages", NO_ROBUSTNESS, "--json"], env, tmp_path) for _ in range(2)]
+    args += ["--stages", NO_ROBUSTNESS, "--run-id", "run7", "--tag", "branch=main", "--json"]
+    procs = [_start([*args, "--step", step], env, tmp_path) for step in ("200", "100")]
     outs = [p.communicate(timeout=600) for p in procs]
     for p, (_out, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]  # neither trips over the other (MLflow's schema, the store)
@@ -63,6 +64,16 @@ def test_two_concurrent_audits_compute_each_stage_once(
     assert a.keys() == b.keys() and {"ingest", "trace", "trace[int8]", "quantize[int8]", "metrics"} <= a.keys()
     for step in a:  # exactly one of the two computed it; the other waited on the lock and took the result
         assert sorted([a[step], b[step]]) == ["cached", "completed"], (step, a[step], b[step])
+
+    # The two checkpoints of training run `run7`, in step order, with their tags.
+    listed = json.loads(run_cli(["list", "--run", "run7", "--json"], env, tmp_path).stdout)
+    assert [(r["run_id"], r["step"], r["tags"]) for r in listed] == [
+        ("run7", 100, {"branch": "main"}),
+        ("run7", 200, {"branch": "main"}),
+    ]
+    assert json.loads(run_cli(["list", "--run", "other", "--json"], env, tmp_path).stdout) == []
+    bad = run_cli([*args, "--tag", "no-equals"], env, tmp_path)
+    assert bad.returncode == 2 and "key=value" in bad.stderr
 
 
 def _bigger_gpt2(tmp_path: Path, tokenizer_dir: Path) -> Path:
@@ -142,26 +153,6 @@ def test_damaged_artifacts_are_recomputed(
     assert third.returncode == 0, third.stderr[-3000:]
     assert json.loads(third.stdout)["stages"]["ingest"]["status"] == "completed"
     assert "corrupted" in third.stderr and tokens.name in third.stderr
-
-
-def test_training_run_audits_list_in_step_order(
-    prefect_api: str, tiny_gpt2_dir: Path, corpus_file: Path, tmp_path: Path
-) -> None:
-    (tmp_path / "audit.yaml").write_text(SMALL)
-    env = cli_env(tmp_path, prefect_api)
-    base = ["run", "--model", str(tiny_gpt2_dir), "--dataset", str(corpus_file), "--config", "audit.yaml"]
-    base += ["--stages", "ingest"]
-    for step in (200, 100):
-        p = run_cli([*base, "--run-id", "run7", "--step", str(step), "--tag", "branch=main"], env, tmp_path)
-        assert p.returncode == 0, p.stderr[-3000:]
-    assert run_cli([*base, "--run-id", "other", "--step", "5"], env, tmp_path).returncode == 0
-    listed = json.loads(run_cli(["list", "--run", "run7", "--json"], env, tmp_path).stdout)
-    assert [(r["run_id"], r["step"], r["tags"]) for r in listed] == [
-        ("run7", 100, {"branch": "main"}),
-        ("run7", 200, {"branch": "main"}),
-    ]
-    bad = run_cli([*base, "--tag", "no-equals"], env, tmp_path)
-    assert bad.returncode == 2 and "key=value" in bad.stderr
 
 
 def test_entry_flow_validates_plain_parameters() -> None:
