@@ -21,6 +21,11 @@ from torch import nn
 RETRIEVAL_TEMPERATURE = 0.05  # logits = cosine / τ: the argmax is unaffected; CE gradients are well scaled
 
 
+def float_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype a model computes in: that of its first floating-point parameter (int8 weights aside)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+
+
 class PixelSurface(nn.Module):
     kind = "pixels"
 
@@ -29,7 +34,8 @@ class PixelSurface(nn.Module):
         self.model = model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        # Pixels stay float32 in [0, 1]; a half-precision variant computes in its own dtype.
+        return self.model(x.to(float_dtype(self.model))).float()
 
     def to_units(self, eps: float) -> float:
         return eps

@@ -60,6 +60,13 @@ def fidelity(
     return logit_fid.summary(), drift.summary()
 
 
+def _classify(model: Any, x: Any) -> Any:
+    """Float32 logits on the CPU; the images go in at the model's own dtype (fp16 and bf16 variants)."""
+    from microscope.robustness.surfaces import float_dtype
+
+    return model(x.to(float_dtype(model))).float().cpu()
+
+
 def image_fidelity(fp_model: Any, q_model: Any, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     """A classifier's fidelity on its images: class-distribution KL, top-1 agreement, |Δp| of the true
     class and Δ perplexity of the labels, plus the accuracy of both models."""
@@ -70,7 +77,7 @@ def image_fidelity(fp_model: Any, q_model: Any, x: np.ndarray, y: np.ndarray) ->
         xb, yb = torch.from_numpy(x[lo : lo + 256]), torch.from_numpy(y[lo : lo + 256])
         device = next(fp_model.parameters()).device
         with torch.inference_mode():
-            out_fp, out_q = (m(xb.to(device)).float().cpu() for m in (fp_model, q_model))
+            out_fp, out_q = (_classify(m, xb.to(device)) for m in (fp_model, q_model))
         lf.update(out_fp, out_q, yb)
         acc["fp"] += int((out_fp.argmax(-1) == yb).sum())
         acc["q"] += int((out_q.argmax(-1) == yb).sum())

@@ -205,3 +205,30 @@ def test_demo_text_configuration_on_a_tiny_model(
         "dequantize-matmul": 37
     }  # 6 layers × 6 + the pooler
     assert Path(rec["report_uri"]).is_file()
+
+
+def test_a_failed_variant_leaves_the_others_and_the_stage_partial(
+    prefect_api: str, digits_cnn: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """bitsandbytes int8 needs an HF folder, so it fails on the digits CNN's bare state dict; fp16 does
+    not care. The audit goes on with fp16 and says which variant failed and why."""
+    (tmp_path / "audit.yaml").write_text(
+        "model: {module: 'microscope.models.vision:DigitsCNN'}\nquantize: {formats: [int8, fp16]}\n"
+        "metrics: {sensitivity_windows: 1, hutchinson_probes: 2}\n"
+    )
+    env = cli_env(tmp_path, prefect_api)
+    args = ["run", "--model", str(digits_cnn[0]), "--dataset", str(digits_cnn[1]), "--config", "audit.yaml"]
+    p = run_cli([*args, "--stages", "ingest,quantize,metrics,report", "--json"], env, tmp_path)
+    assert p.returncode == 1, p.stderr[-3000:]  # partial: not a clean success
+    assert "quantize[int8]" in p.stderr.splitlines()[-1] and "HF checkpoint folder" in p.stderr.splitlines()[-1]
+    rec = json.loads(p.stdout)
+    q = rec["stages"]["quantize"]
+    assert rec["status"] == "partial" and q["status"] == "partial"
+    assert q["details"]["parts"] == {"int8": "failed", "fp16": "completed"}
+    assert "HF checkpoint folder" in q["details"]["reasons"]["int8"]
+    assert rec["variants"]["fp16"]["quantize"]["status"] == "completed"
+    assert {s: rec["stages"][s]["status"] for s in ("ingest", "metrics", "report")} == dict.fromkeys(
+        ("ingest", "metrics", "report"), "completed"
+    )
+    html = Path(rec["report_uri"]).read_text()
+    assert "partial" in html and "HF checkpoint folder" in html
