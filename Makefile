@@ -26,7 +26,7 @@ demo: $(STAMP)
 		--config examples/demo_digits.yaml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
