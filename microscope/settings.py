@@ -1,5 +1,5 @@
 """Where Microscope keeps things and which services it talks to: one settings object, read from the
-environment (and a `.env` file) by pydantic-settings. Nothing else in the code reads `os.environ`.
+environment by pydantic-settings. Nothing else in the code reads `os.environ`.
 
 Embedded defaults need nothing: a workspace folder (`./.microscope`) holds the artifact store, MLflow's
 SQLite database, Qdrant's local index and the lock files. Production sets URLs instead.
