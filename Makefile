@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := .microscope/demo
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean deploy image
 
 install: $(STAMP)
 
@@ -31,6 +31,18 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# make deploy: with PREFECT_API_URL set, create/update the work pools and register every deployment
+#              (idempotent; DEPLOY_ARGS="--pool-type process" for a laptop's process pools)
+deploy: $(STAMP)
+	$(BIN)/python deployments/register.py $(DEPLOY_ARGS)
+
+# make image: the CUDA and CPU images (docker/Dockerfile); not needed by deploy, which builds nothing
+IMAGE    ?= microscope
+REVISION ?= $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+image:
+	docker buildx build -f docker/Dockerfile --target cuda -t $(IMAGE):cuda --build-arg REVISION=$(REVISION) --load .
+	docker buildx build -f docker/Dockerfile --target cpu  -t $(IMAGE):cpu  --build-arg REVISION=$(REVISION) --load .
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/trace.py

@@ -166,9 +166,11 @@ def _variant_traces(t: AuditTracker) -> dict[str, StageRecord]:
 def _sae(t: AuditTracker, s: Settler, ing: IngestOutput) -> None:
     hooks = t.config.sae.hooks
     groups = [hooks] if t.config.sae.joint else [[h] for h in hooks]
-    for group in groups:  # one task per SAE fans out across workers; joint: one pass for all
-        kw = {"ing": ing, "trace": t.rec.stages["trace"], "hooks": group, "cfg": t.config, "store_uri": s.store.uri}
-        results = s.run(sae_task, "sae", f"sae[{','.join(group)}]", **kw, variant_traces=_variant_traces(t))
+    kw = {"ing": ing, "trace": t.rec.stages["trace"], "cfg": t.config, "store_uri": s.store.uri}
+    calls = {f"sae[{','.join(g)}]": {**kw, "hooks": g, "variant_traces": _variant_traces(t)} for g in groups}
+    # one run per SAE (joint: one pass for all): in turn here, side by side on pods with deployments
+    ran = s.run_many(sae_task, "sae", calls, side_by_side=False)
+    for group, results in zip(groups, ran.values(), strict=True):
         for hook in group:
             r = t.sae(hook, results[hook] if isinstance(results, dict) else results)
             if _ok(r):

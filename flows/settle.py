@@ -1,5 +1,8 @@
 """Running a stage task and turning its final state into a StageRecord: a Prefect cache hit becomes
-`cached` once its artifacts check out; a failure becomes one line plus a traceback file in the store."""
+`cached` once its artifacts check out; a failure becomes one line plus a traceback file in the store.
+
+With `execution: deployments` the same calls start flow runs of the stage deployments instead (see
+flows/stage.py and flows/dispatch.py); what comes back is the same record."""
 
 from __future__ import annotations
 
@@ -9,9 +12,12 @@ from typing import Any
 from prefect import get_run_logger
 
 from microscope.errors import InputError
+from microscope.settings import get_settings
 from microscope.stages.runner import finished
 from microscope.store import ArtifactStore
 from schemas.records import StageRecord, StageStatus
+
+INPUT_ERROR = "InputError"  # the name of a stage flow run's Failed state when the user's input was at fault
 
 
 def one_line(exc: BaseException) -> str:
@@ -22,16 +28,27 @@ def one_line(exc: BaseException) -> str:
 class Settler:
     """Runs stage tasks for one audit; failures are written to `audits/<id>/<stage>[variant].log`."""
 
-    def __init__(self, store: ArtifactStore, audit_id: str):
+    def __init__(self, store: ArtifactStore, audit_id: str, dispatch: bool | None = None):
         self.store = store
         self.audit_id = audit_id
+        self.dispatch = get_settings().execution == "deployments" if dispatch is None else dispatch
 
-    def run(self, task: Any, stage: str, label: str, **kwargs: Any) -> StageRecord:
+    def run(self, task: Any, stage: str, label: str, **kwargs: Any) -> Any:
+        if self.dispatch:
+            return self._dispatch(task, stage, {label: kwargs})[label]
         get_run_logger().info("%s: started", label)
         return self.settle(task(**kwargs, return_state=True), task, stage, label, kwargs)
 
-    def run_many(self, task: Any, stage: str, calls: dict[str, dict[str, Any]]) -> dict[str, StageRecord]:
-        """One task run per call, side by side (on separate workers where the task runner has them)."""
+    def run_many(
+        self, task: Any, stage: str, calls: dict[str, dict[str, Any]], side_by_side: bool = True
+    ) -> dict[str, Any]:
+        """One task run per call: side by side on the task runner's workers (one after another where
+        `side_by_side` is false, e.g. SAEs that each want the whole machine), or as parallel flow runs
+        of the stage deployment, each on its own pod."""
+        if self.dispatch:
+            return self._dispatch(task, stage, calls)
+        if not side_by_side:
+            return {label: self.run(task, stage, label, **kw) for label, kw in calls.items()}
         futures = {label: task.submit(**kw) for label, kw in calls.items()}
         for f in futures.values():
             f.wait()
@@ -52,6 +69,22 @@ class Settler:
             cached = {k: r.model_copy(update={"status": StageStatus.cached}) for k, r in recs.items()}
             return cached if isinstance(result, dict) else cached[None]
         return self.failed(stage, label, state.result(raise_on_failure=False))
+
+    def _dispatch(self, task: Any, stage: str, calls: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        from flows.dispatch import run_stage_deployments
+
+        states = run_stage_deployments(task.fn.__name__, stage, self.audit_id, self.store.uri, calls)
+        return {label: self.settle_remote(state, stage, label) for label, state in states.items()}
+
+    def settle_remote(self, state: Any, stage: str, label: str) -> Any:
+        """A stage flow run's final state as the record(s) its task returned."""
+        if state.is_completed():
+            return state.result()
+        error = state.message or f"{label}: the stage's flow run ended {state.type.value.lower()}"
+        get_run_logger().error("%s", error)
+        return StageRecord(
+            stage=stage, status=StageStatus.failed, error=error, details={"input_error": state.name == INPUT_ERROR}
+        )
 
     def failed(self, stage: str, label: str, exc: Any) -> StageRecord:
         """A failed stage's record: the cause in one line, the traceback in a log file beside the audit."""

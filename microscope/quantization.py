@@ -20,7 +20,7 @@ from schemas.config import QuantizeConfig
 from schemas.records import ModelRef
 
 from microscope.errors import InputError, is_oom
-from microscope.models import loading
+from microscope.models import checkpoint, loading
 from microscope.native_int8 import Int8Linear, linear_weight, quantize_linears
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ def _load_bnb(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str) -> nn.M
     if not any(isinstance(f, _NoCastNotice) for f in bnb_log.filters):
         bnb_log.addFilter(_NoCastNotice())
 
-    path = Path(ref.resolved_path or ref.source)
+    path = checkpoint.local_path(ref.resolved_path, ref.source)
     if not path.is_dir():
         raise InputError(
             f"quantize.formats: {fmt} (bitsandbytes) needs an HF checkpoint folder; for a bare state dict "

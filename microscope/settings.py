@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -49,6 +50,12 @@ class Settings(BaseSettings):
     lock_lease_s: float = Field(120.0, gt=0, description="A dead lock holder blocks others at most this long (Redis).")
     device: str = Field("auto", description="auto (cuda when available) | cpu | cuda | cuda:N.")
     threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice).")
+    execution: Literal["local", "deployments"] = Field(
+        "local",
+        description="local: every stage in the audit's process; deployments: each stage a flow run of its "
+        "stage deployment (GPU or CPU work pool), started by the audit flow.",
+    )
+    stage_flow: str = Field("stage", description="Flow name of the stage deployments (`<stage_flow>/<stage>`).")
 
     @field_validator("device")
     @classmethod

@@ -23,13 +23,45 @@ def looks_like_path(source: str) -> bool:
 
 
 def locate(source: str, revision: str | None = None) -> Path:
-    """A local folder or file for `source`; downloads a hub id where the hub is reachable."""
+    """A local folder or file for `source`: an s3:// checkpoint is fetched into the local cache, a hub
+    id downloaded where the hub is reachable."""
+    if source.startswith("s3://"):
+        return fetch_s3(source)
     p = Path(source).expanduser()
     if p.exists():
         return p.resolve()
     if looks_like_path(source):
         raise InputError(f"model path {source} does not exist; pass an HF folder, a weights file or a hub id")
     return _download(source, revision)
+
+
+def local_path(resolved_path: str | None, source: str) -> Path:
+    """Where this machine reads the checkpoint: on another pod than the one that resolved it, an s3://
+    checkpoint is fetched again into this machine's cache."""
+    path = Path(resolved_path or source)
+    return path if path.exists() or not source.startswith("s3://") else fetch_s3(source)
+
+
+def fetch_s3(uri: str) -> Path:
+    """An s3:// checkpoint (an HF folder's prefix, or one weights file) copied into the local cache
+    (checkpoints are immutable: an object already there is not fetched again)."""
+    from microscope.store import S3Store
+
+    bucket, _, key = uri.removeprefix("s3://").rstrip("/").partition("/")
+    if not bucket or not key:
+        raise InputError(f"model URI {uri!r} names no object; write it as s3://bucket/path/to/checkpoint")
+    store = S3Store(f"s3://{bucket}")
+    pages = store._call(
+        lambda: list(store.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/"))
+    )
+    files = [o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    if files:  # a folder: every file under it, in the same layout
+        for f in files:
+            store.local_path(f)
+        return store.local_path(files[0]).parents[len(Path(files[0]).relative_to(key).parts) - 1]
+    if store.exists(key):
+        return store.local_path(key)
+    raise InputError(f"model {uri} does not exist (no object and no folder of that name); check the URI")
 
 
 def _download(repo_id: str, revision: str | None) -> Path:

@@ -98,7 +98,7 @@ def quiet_loading_bars(transformers: Any) -> None:
 
 
 def _load_model(ref: ModelRef) -> nn.Module:
-    path = Path(ref.resolved_path or ref.source)
+    path = checkpoint.local_path(ref.resolved_path, ref.source)
     dtype = _torch_dtype(ref.dtype)
     if path.is_dir():
         checkpoint.check_hf_folder(path)
@@ -150,7 +150,8 @@ def _load_bare(path: Path, ref: ModelRef, dtype: torch.dtype) -> nn.Module:
 def load_tokenizer(ref: ModelRef) -> Any:
     import transformers
 
-    where = ref.tokenizer or (ref.resolved_path if Path(ref.resolved_path or "").is_dir() else None)
+    path = checkpoint.local_path(ref.resolved_path, ref.source)
+    where = ref.tokenizer or (str(path) if path.is_dir() else None)
     if where is None:
         raise InputError("a bare state dict has no tokenizer; set model.tokenizer to a tokenizer folder or hub id")
     try:

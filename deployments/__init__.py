@@ -1,0 +1,1 @@
+"""Deployment side of Microscope: prefect.yaml, Kubernetes work-pool templates, the webhook receiver."""
