@@ -324,7 +324,10 @@ def test_generated_passwords_are_shared_not_duplicated(default: list[Doc]) -> No
         "MICROSCOPE_QDRANT_API_KEY",
         "MICROSCOPE_REDIS_URL",
         "MICROSCOPE_EXECUTION",
+        "PREFECT_RESULTS_PERSIST_BY_DEFAULT",
+        "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK",
     }
+    assert creds["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] == "s3-bucket/microscope-results"  # saved by register.py
     assert creds["MICROSCOPE_STORE"] == "s3://microscope/audits"
     assert creds["MICROSCOPE_S3_ENDPOINT_URL"] == f"http://mic-microscope-minio.{NAMESPACE}.svc:9000"
     assert creds["MLFLOW_TRACKING_URI"] == "http://mic-microscope-mlflow:5000"
