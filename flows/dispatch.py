@@ -7,6 +7,7 @@ as many pods as the work pool gives; then the batch is awaited together.
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -35,7 +36,9 @@ def run_stage_deployments(
             "label": label,
             "audit_id": audit_id,
             "store_uri": store_uri,
-            "arguments": to_jsonable_python(kwargs),
+            # JSON text, not a mapping: Prefect keeps parameters in a JSON column, and PostgreSQL's jsonb refuses
+            # strings holding U+0000 (which tokenizer vocabularies and feature contexts can carry)
+            "arguments": json.dumps(to_jsonable_python(kwargs)),
         }
         runs[label] = run_deployment(name, parameters=params, flow_run_name=f"{audit_id}:{label}", timeout=0)
         log.info("%s: started on %s as flow run %s", label, name, runs[label].name)

@@ -79,7 +79,7 @@ class Settler:
     def settle_remote(self, state: Any, stage: str, label: str) -> Any:
         """A stage flow run's final state as the record(s) its task returned."""
         if state.is_completed():
-            return state.result()
+            return _records(state.result())
         error = state.message or f"{label}: the stage's flow run ended {state.type.value.lower()}"
         get_run_logger().error("%s", error)
         return StageRecord(
@@ -99,3 +99,10 @@ class Settler:
         return StageRecord(
             stage=stage, status=StageStatus.failed, error=error, details={"input_error": isinstance(exc, InputError)}
         )
+
+
+def _records(result: Any) -> StageRecord | dict[str, StageRecord]:
+    """A stage flow's JSON result as records again: one, or one per hook."""
+    if isinstance(result, StageRecord) or (isinstance(result, dict) and "stage" in result and "status" in result):
+        return StageRecord.model_validate(result)
+    return {k: StageRecord.model_validate(v) for k, v in result.items()}

@@ -10,6 +10,7 @@ shows it red and the audit flow records the same line it would have recorded loc
 
 from __future__ import annotations
 
+import json
 import typing
 from typing import Any
 
@@ -43,8 +44,9 @@ TASKS = {
 }
 
 
-def typed_arguments(task: Any, arguments: dict[str, Any]) -> dict[str, Any]:
-    """JSON arguments back into the task's parameter types (records, configs), checked by pydantic."""
+def typed_arguments(task: Any, arguments: str) -> dict[str, Any]:
+    """The arguments' JSON text back into the task's parameter types (records, configs), checked by pydantic."""
+    arguments = json.loads(arguments)
     hints = typing.get_type_hints(task.fn)
     unknown = sorted(set(arguments) - set(hints))
     if unknown:
@@ -52,11 +54,17 @@ def typed_arguments(task: Any, arguments: dict[str, Any]) -> dict[str, Any]:
     return {k: TypeAdapter(hints[k]).validate_python(v) for k, v in arguments.items()}
 
 
-@flow(name="stage", flow_run_name="{label}", persist_result=True, result_serializer="json", validate_parameters=True)
+@flow(
+    name="stage",
+    flow_run_name="{audit_id}:{label}",
+    persist_result=True,
+    result_serializer="json",
+    validate_parameters=True,
+)
 def stage(
-    task: str, stage: str, label: str, audit_id: str, store_uri: str, arguments: dict[str, Any]
+    task: str, stage: str, label: str, audit_id: str, store_uri: str, arguments: str
 ) -> StageRecord | dict[str, StageRecord]:
-    """Run the stage task `task` (a name in TASKS) with `arguments` for audit `audit_id`."""
+    """Run the stage task `task` (a name in TASKS) with `arguments` (JSON text) for audit `audit_id`."""
     if task not in TASKS:
         raise ValueError(f"unknown stage task {task!r}; choose from {', '.join(TASKS)}")
     t = TASKS[task]

@@ -1,9 +1,10 @@
 """The `watch` flow: audit every checkpoint under a prefix that has not been audited yet.
 
 Run on a schedule (deployments/prefect.yaml), it lists the prefix and starts one flow run of the audit
-deployment per checkpoint with an idempotency key made of the checkpoint's content digest: the Prefect
-server is the one place that remembers what was started, so a second tick, a second watcher or a
-restarted one starts nothing twice, and a checkpoint rewritten with new bytes is audited again.
+deployment per checkpoint with an idempotency key made of the checkpoint's content digest and its URI:
+the Prefect server is the one place that remembers what was started, so a second tick, a second watcher
+or a restarted one starts nothing twice, and a checkpoint rewritten with new bytes is audited again (a
+copy of the same bytes under another name gets its own audit, whose stages are all cache hits).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 
 from microscope.checkpoints import find_checkpoints
+from schemas.config import canonical_hash
 
 
 @flow(name="watch", validate_parameters=True)
@@ -43,7 +45,7 @@ def watch(
         fr = run_deployment(
             deployment,
             parameters=params | ({"tags": tags} if tags else {}),
-            idempotency_key=f"microscope-checkpoint-{ckpt.digest}",
+            idempotency_key=f"microscope-watch-{canonical_hash([ckpt.uri, ckpt.digest], length=32)}",
             timeout=0,
             as_subflow=False,
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -302,3 +303,51 @@ def audit_json(model: Path, dataset: Path, config_text: str, env: dict[str, str]
     p = run_cli(args, env, cwd)
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout)
+
+
+# ---- the production configuration's services -----------------------------------------------------
+
+PG = "127.0.0.1:5432"
+REDIS = "redis://127.0.0.1:6379/7"
+
+
+def reachable(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(1)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+NEEDS_PG_REDIS = pytest.mark.skipif(
+    not (reachable(5432) and reachable(6379)), reason="needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379"
+)
+
+
+@pytest.fixture(scope="module")
+def databases() -> Iterator[list[str]]:
+    """Two fresh PostgreSQL databases (Prefect, MLflow), dropped afterwards."""
+    import psycopg2
+
+    names = [f"microscope_{kind}_{secrets.token_hex(4)}" for kind in ("prefect", "mlflow")]
+    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        for n in names:
+            cur.execute(f"CREATE DATABASE {n}")
+    yield names
+    with conn.cursor() as cur:
+        for n in names:
+            cur.execute(f"DROP DATABASE IF EXISTS {n} WITH (FORCE)")
+    conn.close()
+
+
+@pytest.fixture(scope="module")
+def prefect_on_postgres(databases: list[str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Prefect server on PostgreSQL with Redis messaging (the production configuration)."""
+    with prefect_server(
+        tmp_path_factory.mktemp("prefect-pg"),
+        PREFECT_API_DATABASE_CONNECTION_URL=f"postgresql+asyncpg://postgres@{PG}/{databases[0]}",
+        PREFECT_MESSAGING_BROKER="prefect_redis.messaging",
+        PREFECT_MESSAGING_CACHE="prefect_redis.messaging",
+        PREFECT_REDIS_MESSAGING_URL=REDIS,
+    ) as url:
+        yield url

@@ -4,57 +4,11 @@ or Redis answers on 127.0.0.1."""
 
 from __future__ import annotations
 
-import secrets
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
+from tests.conftest import NEEDS_PG_REDIS, PG, audit_json, cli_env, make_bucket
 
-from tests.conftest import audit_json, cli_env, make_bucket, prefect_server
-
-PG = "127.0.0.1:5432"
-REDIS = "redis://127.0.0.1:6379/7"
-
-
-def reachable(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(1)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-pytestmark = pytest.mark.skipif(
-    not (reachable(5432) and reachable(6379)), reason="needs PostgreSQL on 127.0.0.1:5432 and Redis on 127.0.0.1:6379"
-)
-
-
-@pytest.fixture(scope="module")
-def databases():
-    import psycopg2
-
-    names = [f"microscope_{kind}_{secrets.token_hex(4)}" for kind in ("prefect", "mlflow")]
-    conn = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres")
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        for n in names:
-            cur.execute(f"CREATE DATABASE {n}")
-    yield names
-    with conn.cursor() as cur:
-        for n in names:
-            cur.execute(f"DROP DATABASE IF EXISTS {n} WITH (FORCE)")
-    conn.close()
-
-
-@pytest.fixture(scope="module")
-def prefect_on_postgres(databases, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with prefect_server(
-        tmp_path_factory.mktemp("prefect-pg"),
-        PREFECT_API_DATABASE_CONNECTION_URL=f"postgresql+asyncpg://postgres@{PG}/{databases[0]}",
-        PREFECT_MESSAGING_BROKER="prefect_redis.messaging",
-        PREFECT_MESSAGING_CACHE="prefect_redis.messaging",
-        PREFECT_REDIS_MESSAGING_URL=REDIS,
-    ) as url:
-        yield url
+pytestmark = NEEDS_PG_REDIS
 
 
 def test_audit_on_postgres_redis_and_s3(
