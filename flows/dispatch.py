@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic_core import to_jsonable_python
 
+from microscope.errors import InputError
 from microscope.settings import get_settings
 
 POLL_S = 2.0
@@ -25,6 +26,7 @@ def run_stage_deployments(
     State. Arguments cross as JSON: records and configs, never tensors."""
     from prefect import get_client, get_run_logger
     from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
 
     name = f"{get_settings().stage_flow}/{stage}"
     log = get_run_logger()
@@ -40,7 +42,13 @@ def run_stage_deployments(
             # strings holding U+0000 (which tokenizer vocabularies and feature contexts can carry)
             "arguments": json.dumps(to_jsonable_python(kwargs)),
         }
-        runs[label] = run_deployment(name, parameters=params, flow_run_name=f"{audit_id}:{label}", timeout=0)
+        try:
+            runs[label] = run_deployment(name, parameters=params, flow_run_name=f"{audit_id}:{label}", timeout=0)
+        except ObjectNotFound:
+            raise InputError(
+                f"stage deployment {name} is not registered on {get_settings_api()}; run `make deploy` there, "
+                "or set MICROSCOPE_EXECUTION=local to run stages in the audit's process"
+            ) from None
         log.info("%s: started on %s as flow run %s", label, name, runs[label].name)
     states: dict[str, Any] = {}
     with get_client(sync_client=True) as client:
@@ -53,3 +61,10 @@ def run_stage_deployments(
             if len(states) < len(runs):
                 time.sleep(POLL_S)
     return {label: states[label] for label in runs}
+
+
+def get_settings_api() -> str:
+    """The Prefect API this process talks to, for error messages."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or "Prefect's temporary local server"

@@ -73,7 +73,10 @@ class Settler:
     def _dispatch(self, task: Any, stage: str, calls: dict[str, dict[str, Any]]) -> dict[str, Any]:
         from flows.dispatch import run_stage_deployments
 
-        states = run_stage_deployments(task.fn.__name__, stage, self.audit_id, self.store.uri, calls)
+        try:
+            states = run_stage_deployments(task.fn.__name__, stage, self.audit_id, self.store.uri, calls)
+        except InputError as exc:  # the stage deployments are not registered: each call fails, saying why
+            return {label: self.failed(stage, label, exc) for label in calls}
         return {label: self.settle_remote(state, stage, label) for label, state in states.items()}
 
     def settle_remote(self, state: Any, stage: str, label: str) -> Any:

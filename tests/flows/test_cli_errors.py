@@ -100,3 +100,16 @@ def test_empty_dataset_fails_validation_and_keeps_the_record(env, tmp_path: Path
     assert record["stages"]["trace"]["status"] == "skipped"
     listed = run_cli(["list", "--json"], env, tmp_path)
     assert [r["audit_id"] for r in json.loads(listed.stdout)] == [record["audit_id"]]
+
+
+def test_stage_deployments_not_registered(
+    tmp_path: Path, prefect_api: str, tiny_gpt2_dir: Path, corpus_file: Path
+) -> None:
+    """`execution: deployments` against a server where `make deploy` never ran: one line that says so."""
+    env = cli_env(tmp_path, prefect_api, MICROSCOPE_EXECUTION="deployments", MICROSCOPE_STAGE_FLOW="unregistered")
+    p = run_cli(
+        ["run", "--model", str(tiny_gpt2_dir), "--dataset", str(corpus_file), "--stages", "ingest"], env, tmp_path
+    )
+    assert p.returncode == 2
+    line = error_line(p)
+    assert "stage deployment unregistered/ingest is not registered" in line and "make deploy" in line
