@@ -109,11 +109,15 @@ def test_target_installs_pinned_torch_then_dependencies_then_source(target: str)
     assert order == [0], f"{target}: torch from {TORCH_INDEX[target]} first"
     copies = [args for kw, args in stage if kw == "COPY"]
     deps_at = next(i for i, args in enumerate(stage) if args[0] == "RUN" and "-r /tmp/requirements.txt" in args[1])
-    source = next(i for i, (kw, args) in enumerate(stage) if kw == "COPY" and args.startswith("microscope "))
+    source = next(
+        i for i, (kw, args) in enumerate(stage) if kw == "COPY" and args == "--from=source /opt/microscope ./"
+    )
     install = next(i for i, (kw, args) in enumerate(stage) if kw == "RUN" and "--no-deps ." in args)
     assert deps_at < source < install, "dependencies are a layer of their own, before the source"
+    assert copies.count("--from=source /opt/microscope ./") == 1
+    shared = [args for kw, args in stages()["source"] if kw == "COPY"]  # one list of what the image holds
     for folder in ("microscope", "schemas", "tasks", "flows", "deployments", "examples"):
-        assert f"{folder} ./{folder}" in copies, folder
+        assert f"{folder} /opt/microscope/{folder}" in shared, folder
 
 
 def test_base_images() -> None:
@@ -136,7 +140,7 @@ def test_dockerignore_keeps_the_context_small_but_complete() -> None:
         return any(fnmatch.fnmatch(path, p.removeprefix("**/")) or fnmatch.fnmatch(path, p) for p in patterns)
 
     # whatever the Dockerfile copies from the context exists and is not ignored
-    for target in ("cpu", "cuda"):
+    for target in ("source", "cpu", "cuda"):
         for kw, args in stages()[target]:
             if kw != "COPY" or args.startswith("--from"):
                 continue
