@@ -144,19 +144,25 @@ def _ingest(t: AuditTracker, s: Settler, ref: ModelRef, cfg: AuditConfig, data_f
 
 def _quantize(t: AuditTracker, s: Settler, ing: IngestOutput) -> dict[str, str]:
     """One task per format (a format added later is the only one computed); returns requested → made."""
-    parts = {}
-    for fmt in t.config.quantize.formats:
-        kw = {"ing": ing, "fmt": fmt, "cfg": t.config, "store_uri": s.store.uri}
-        parts[fmt] = t.variant(fmt, s.run(quantize_task, "quantize", f"quantize[{fmt}]", **kw), "quantize")
+    formats = t.config.quantize.formats
+    kw = {"ing": ing, "cfg": t.config, "store_uri": s.store.uri}
+    ran = s.run_many(
+        quantize_task, "quantize", {f"quantize[{f}]": {**kw, "fmt": f} for f in formats}, side_by_side=False
+    )
+    parts = {f: t.variant(f, r, "quantize") for f, r in zip(formats, ran.values(), strict=True)}
     t.aggregate("quantize", parts)
     return {f: r.details["produced"] for f, r in parts.items() if _ok(r)}
 
 
 def _trace(t: AuditTracker, s: Settler, ing: IngestOutput, produced: dict[str, str]) -> None:
+    """The full-precision model and each variant: in turn here, side by side on pods with deployments."""
     kw = {"ing": ing, "cfg": t.config, "store_uri": s.store.uri}
-    t.stage(s.run(trace_task, "trace", "trace", **kw), "trace")
-    for fmt, made in produced.items() if t.config.quantize.trace_variants else ():
-        t.variant(fmt, s.run(trace_task, "trace", f"trace[{fmt}]", **kw, variant=made), "trace")
+    variants = produced if t.config.quantize.trace_variants else {}
+    calls = {"trace": kw} | {f"trace[{fmt}]": {**kw, "variant": made} for fmt, made in variants.items()}
+    ran = s.run_many(trace_task, "trace", calls, side_by_side=False)
+    t.stage(ran["trace"], "trace")
+    for fmt in variants:
+        t.variant(fmt, ran[f"trace[{fmt}]"], "trace")
 
 
 def _variant_traces(t: AuditTracker) -> dict[str, StageRecord]:
@@ -213,11 +219,12 @@ def _index(t: AuditTracker, ing: IngestOutput) -> None:
 def _robustness(t: AuditTracker, s: Settler, ing: IngestOutput, produced: dict[str, str]) -> None:
     kw = {"ing": ing, "cfg": t.config, "store_uri": s.store.uri}
     saes = {h: r for h, r in t.rec.saes.items() if _ok(r)}
-    fp = t.stage(s.run(robustness_task, "robustness", "robustness", **kw, variant=FP, saes=saes), "robustness")
-    parts = {FP: fp}
-    for fmt, made in produced.items() if t.config.robustness.variants else ():
-        r = s.run(robustness_task, "robustness", f"robustness[{fmt}]", **kw, variant=made)
-        parts[fmt] = t.variant(fmt, r, "robustness")
+    variants = produced if t.config.robustness.variants else {}
+    calls = {"robustness": {**kw, "variant": FP, "saes": saes}}
+    calls |= {f"robustness[{fmt}]": {**kw, "variant": made} for fmt, made in variants.items()}
+    ran = s.run_many(robustness_task, "robustness", calls, side_by_side=False)
+    fp = t.stage(ran["robustness"], "robustness")
+    parts = {FP: fp} | {fmt: t.variant(fmt, ran[f"robustness[{fmt}]"], "robustness") for fmt in variants}
     for r in parts.values():
         if _ok(r):
             log_eps_curves(r.mlflow_run_id, r.details["curves"])
