@@ -26,6 +26,7 @@ pytestmark = NEEDS_PG_REDIS
 
 CONFIG = {
     "dataset": {"seq_len": 32, "max_tokens": 1024},
+    "quantize": {"formats": ["fp16"]},
     "trace": {"layers": "all", "hooks": ["resid"], "batch_size": 8, "part_tokens": 512},
     "sae": {
         "hooks": ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"],
@@ -37,7 +38,7 @@ CONFIG = {
     },
     "metrics": {"weight_shards": 2, "sensitivity_windows": 1, "hutchinson_probes": 2, "cka_tokens": 128},
 }
-STAGES = ["ingest", "trace", "sae", "metrics", "report"]
+STAGES = ["ingest", "quantize", "trace", "sae", "metrics", "report"]
 
 
 class Api:
@@ -275,7 +276,9 @@ def test_checkpoint_deployment_runs_stages_as_child_flow_runs(
     for c in children:
         assert c["state"]["type"] == "COMPLETED", (c["name"], c["state"])
         by_dep.setdefault(api.get(f"/deployments/{c['deployment_id']}")["name"], []).append(c["name"])
-    assert sorted(by_dep) == ["ingest", "metrics", "report", "sae", "trace"]
+    assert sorted(by_dep) == ["ingest", "metrics", "quantize", "report", "sae", "trace"]
+    assert by_dep["quantize"] == ["run7-step4:quantize[fp16]"]
+    assert sorted(by_dep["trace"]) == ["run7-step4:trace", "run7-step4:trace[fp16]"]  # fp and variant side by side
     assert sorted(by_dep["sae"]) == [
         "run7-step4:sae[blocks.0.hook_resid_post]",
         "run7-step4:sae[blocks.1.hook_resid_post]",
@@ -287,6 +290,10 @@ def test_checkpoint_deployment_runs_stages_as_child_flow_runs(
     rec = json.loads(s3.get_object(Bucket="audits", Key="prod/audits/run7-step4.json")["Body"].read())
     assert rec["status"] == "completed", rec.get("error")
     assert {s: rec["stages"][s]["status"] for s in STAGES} == dict.fromkeys(STAGES, "completed")
+    assert {s: r["status"] for s, r in rec["variants"]["fp16"].items()} == {
+        "quantize": "completed",
+        "trace": "completed",
+    }
     assert rec["report_uri"].startswith("s3://audits/prod/") and rec["run_id"] == "run7" and rec["step"] == 4
     assert set(rec["saes"]) == set(CONFIG["sae"]["hooks"])
     results = s3.list_objects_v2(Bucket="audits", Prefix="prod/prefect-results/").get("KeyCount", 0)
