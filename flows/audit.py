@@ -17,12 +17,13 @@ from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect.states import Failed
 
-from flows.settle import Settler
+from flows.settle import Settler, one_line
 from flows.stages import expand_stages
 from flows.tracker import OK, AuditTracker
 from microscope import audits
 from microscope.errors import InputError
 from microscope.models.loading import resolve
+from microscope.result_callback import failed_payload, post_result, result_payload
 from microscope.stages.ingest import dataset_fingerprint, load_outputs
 from microscope.store import ArtifactStore, open_store
 from schemas.config import AuditConfig, resolve_config
@@ -56,25 +57,51 @@ def audit(
     stages: list[str] | None = None,
     store: str | None = None,
     audit_id: str | None = None,
+    callback_url: str | None = None,
 ) -> dict[str, Any]:
-    """Audit the checkpoint at `model` (folder, file, hub id) on `dataset`, with `config` a YAML path, a
-    name under examples/ or an inline mapping; `run_id`/`step` place it in a training run."""
+    """Audit the checkpoint at `model` (folder, file, hub id, s3://) on `dataset`, with `config` a YAML path,
+    a name under examples/ or an inline mapping; `run_id`/`step` place it in a training run; the result is
+    POSTed, signed, to `callback_url` when the audit ends."""
     ctx = get_run_context()
-    cfg = resolve_config(config, {"model.source": model, "dataset.path": dataset})
-    ref = resolve(cfg.model)
-    st = open_store(store)
-    req = AuditRequest(
-        audit_id=audit_id or ctx.flow_run.name,
-        run_id=run_id,
-        step=step,
-        tags=tags or {},
-        stages=expand_stages(stages),
-        store_uri=st.uri,
-    )
-    rec = run_pipeline(req, cfg, ref, dataset_fingerprint(cfg.dataset.path), st, str(ctx.flow_run.id))
+    flow_run_id = str(ctx.flow_run.id)
+    try:  # what the caller got wrong fails here, before anything runs
+        cfg = resolve_config(config, {"model.source": model, "dataset.path": dataset})
+        ref = resolve(cfg.model)
+        st = open_store(store)
+        req = AuditRequest(
+            audit_id=audit_id or ctx.flow_run.name,
+            run_id=run_id,
+            step=step,
+            tags=tags or {},
+            stages=expand_stages(stages),
+            store_uri=st.uri,
+        )
+    except Exception as exc:
+        if callback_url:  # the training job hears about a refused audit too
+            head = {"audit_id": audit_id or ctx.flow_run.name, "run_id": run_id, "step": step}
+            _call_back(callback_url, failed_payload(head, model, flow_run_id, one_line(exc)))
+        raise
+    rec = run_pipeline(req, cfg, ref, dataset_fingerprint(cfg.dataset.path), st, flow_run_id)
+    if callback_url:
+        _call_back(callback_url, result_payload(rec, model, flow_run_id))
     if rec.status == StageStatus.failed:  # a Failed final state without a traceback: the error is one line
         return Failed(message=rec.error)  # type: ignore[return-value]
     return {"audit_id": rec.audit_id, "status": rec.status.value, "report": rec.report_uri, "error": rec.error}
+
+
+def _call_back(url: str, payload: dict[str, Any]) -> None:
+    from microscope.settings import get_settings
+
+    log = get_run_logger()
+    secrets = get_settings().webhook_secrets()
+    if not secrets:
+        log.warning("callback to %s not sent: MICROSCOPE_WEBHOOK_SECRET is not set (results are only sent signed)", url)
+        return
+    why = post_result(url, payload, secrets[0])
+    if why:
+        log.warning("callback not delivered: %s", why)
+    else:
+        log.info("result sent to %s", url)
 
 
 def run_pipeline(

@@ -207,9 +207,53 @@ def cmd_search(args: argparse.Namespace) -> int:
 def cmd_schema(args: argparse.Namespace) -> int:
     from schemas.config import AuditConfig
     from schemas.records import AuditRecord
+    from schemas.webhook import CheckpointReady
 
-    model = {"config": AuditConfig, "audit": AuditRecord}[args.which]
+    model = {"config": AuditConfig, "audit": AuditRecord, "webhook": CheckpointReady}[args.which]
     print(json.dumps(model.model_json_schema(), indent=2))
+    return 0
+
+
+def cmd_webhook_serve(args: argparse.Namespace) -> int:
+    from deployments.webhook import create_app, serve
+
+    create_app()  # the configuration errors (no secret, no Prefect API) as one line, before uvicorn starts
+    serve(args.host, args.port)
+    return 0
+
+
+def cmd_webhook_secret(_args: argparse.Namespace) -> int:
+    import base64
+    import secrets
+
+    print("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+    return 0
+
+
+def cmd_notify(args: argparse.Namespace) -> int:
+    from microscope.integrations.notify import Notifier, NotifyError
+    from pydantic import ValidationError
+
+    from schemas.webhook import CheckpointReady
+
+    fields = {"checkpoint": args.checkpoint, "run_id": args.run_id, "step": args.step, "dataset": args.dataset}
+    fields |= {"config": args.config, "tags": _tags(args.tag), "callback_url": args.callback_url}
+    fields |= {"stages": [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None}
+    try:
+        msg = CheckpointReady(**fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise ValueError(f"--{'-'.join(str(p) for p in first['loc']).replace('_', '-')}: {first['msg']}") from None
+    try:
+        notifier = Notifier(url=args.url, secret=args.secret, give_up_after_s=args.timeout)
+        local = args.checkpoint if args.upload else None
+        accepted = notifier.send(msg, upload_to=args.upload, local_path=local)
+    except NotifyError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    if args.json:
+        print(accepted.model_dump_json(indent=2))
+    else:
+        print(f"{'already started' if accepted.duplicate else 'audit started'}: flow run {accepted.flow_run_id}")
     return 0
 
 
@@ -250,9 +294,33 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--json", action="store_true")
     se.set_defaults(fn=cmd_search)
 
-    sc = sub.add_parser("schema", help="print the JSON Schema of the config or the audit record")
-    sc.add_argument("which", choices=["config", "audit"])
+    sc = sub.add_parser("schema", help="print the JSON Schema of the config, the audit record or the webhook body")
+    sc.add_argument("which", choices=["config", "audit", "webhook"])
     sc.set_defaults(fn=cmd_schema)
+
+    wh = sub.add_parser("webhook", help="the receiver training jobs POST 'checkpoint ready' to")
+    whs = wh.add_subparsers(dest="webhook_command", required=True)
+    ws = whs.add_parser("serve", help="run the receiver (needs MICROSCOPE_WEBHOOK_SECRET and PREFECT_API_URL)")
+    ws.add_argument("--host", default="127.0.0.1")
+    ws.add_argument("--port", type=int, default=8080)
+    ws.set_defaults(fn=cmd_webhook_serve)
+    whs.add_parser("secret", help="print a new signing secret (whsec_...)").set_defaults(fn=cmd_webhook_secret)
+
+    n = sub.add_parser("notify", help="tell the receiver a checkpoint is ready (signed, retried)")
+    n.add_argument("--checkpoint", required=True, help="the checkpoint's URI (s3://...) or path as the pods see it")
+    n.add_argument("--run-id", required=True)
+    n.add_argument("--step", required=True, type=int)
+    n.add_argument("--url", help="the receiver's /v1/checkpoints URL (default: $MICROSCOPE_WEBHOOK_URL)")
+    n.add_argument("--secret", help="signing secret (default: the first of $MICROSCOPE_WEBHOOK_SECRET)")
+    n.add_argument("--dataset")
+    n.add_argument("--config", help="an audit config name or path as the pods see it")
+    n.add_argument("--stages", help="comma-separated stages (default all)")
+    n.add_argument("--tag", action="append", metavar="KEY=VALUE")
+    n.add_argument("--callback-url", help="where the receiver's audit POSTs its signed result when it ends")
+    n.add_argument("--upload", metavar="S3_PREFIX", help="upload the local checkpoint here first, send its s3:// URI")
+    n.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds of retrying")
+    n.add_argument("--json", action="store_true")
+    n.set_defaults(fn=cmd_notify)
     return p
 
 

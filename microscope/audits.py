@@ -39,3 +39,12 @@ def list_all(store: ArtifactStore, run_id: str | None = None) -> list[AuditRecor
         out = [r for r in out if r.run_id == run_id]
         return sorted(out, key=lambda r: (r.step if r.step is not None else -1, r.created_at))
     return sorted(out, key=lambda r: r.created_at)
+
+
+def headline(record: AuditRecord) -> dict[str, dict[str, float]]:
+    """The summary figures of every stage, variant and SAE (`stage`, `stage[variant]`, `sae[hook]`): what a
+    callback or a status query carries, without the full record."""
+    out = {s: dict(r.metrics) for s, r in record.stages.items() if r.metrics}
+    out |= {f"{s}[{v}]": dict(r.metrics) for v, recs in record.variants.items() for s, r in recs.items() if r.metrics}
+    out |= {f"sae[{h}]": dict(r.metrics) for h, r in record.saes.items() if r.metrics}
+    return out

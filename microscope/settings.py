@@ -56,6 +56,18 @@ class Settings(BaseSettings):
         "stage deployment (GPU or CPU work pool), started by the audit flow.",
     )
     stage_flow: str = Field("stage", description="Flow name of the stage deployments (`<stage_flow>/<stage>`).")
+    webhook_secret: SecretStr | None = Field(
+        None,
+        description="Standard Webhooks secret(s) `whsec_…`, separated by spaces: the receiver accepts any (so a "
+        "secret rotates without downtime); senders and result callbacks sign with the first.",
+    )
+    webhook_url: str | None = Field(
+        None, description="Where senders (callbacks, `microscope notify`) POST checkpoints."
+    )
+    audit_deployment: str = Field("audit/checkpoint", description="The deployment a received checkpoint starts.")
+
+    def webhook_secrets(self) -> list[str]:
+        return self.webhook_secret.get_secret_value().split() if self.webhook_secret else []
 
     @field_validator("device")
     @classmethod

@@ -198,9 +198,10 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 @contextlib.contextmanager
-def prefect_server(home: Path, **settings: str) -> Iterator[str]:
-    """A real `prefect server start` on 127.0.0.1 with `settings` as PREFECT_* variables; yields its API URL."""
-    port = free_port()
+def prefect_server(home: Path, port: int | None = None, **settings: str) -> Iterator[str]:
+    """A real `prefect server start` on 127.0.0.1 (on `port`, or a free one) with `settings` as PREFECT_*
+    variables; yields its API URL."""
+    port = port or free_port()
     env = {
         **os.environ,
         "PREFECT_HOME": str(home),

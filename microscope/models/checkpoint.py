@@ -15,6 +15,13 @@ from typing import Any
 from microscope.errors import InputError
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+# What a training checkpoint folder holds beside the model (HF Trainer, Lightning exports): never loaded,
+# digested or fetched, so their pickles are never opened and a 7B run's optimizer state never downloaded.
+TRAINER_STATE = ("optimizer", "scheduler", "rng_state", "training_args", "scaler", "trainer_state")
+
+
+def is_trainer_state(name: str) -> bool:
+    return name.startswith(TRAINER_STATE)
 
 
 def looks_like_path(source: str) -> bool:
@@ -54,7 +61,12 @@ def fetch_s3(uri: str) -> Path:
     pages = store._call(
         lambda: list(store.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key + "/"))
     )
-    files = [o["Key"] for page in pages for o in page.get("Contents", []) if not o["Key"].endswith("/")]
+    files = [
+        o["Key"]
+        for page in pages
+        for o in page.get("Contents", [])
+        if not o["Key"].endswith("/") and not is_trainer_state(o["Key"].rsplit("/", 1)[-1])
+    ]
     if files:  # a folder: every file under it, in the same layout
         for f in files:
             store.local_path(f)
@@ -88,7 +100,7 @@ def fingerprint(path: Path, extra: dict[str, Any] | None = None) -> str:
     h = hashlib.sha256()
     files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
     for f in files:
-        if f.name.startswith(".") or "/." in f.as_posix():
+        if f.name.startswith(".") or "/." in f.as_posix() or is_trainer_state(f.name):
             continue
         rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
         h.update(rel.encode() + b"\0")
@@ -151,7 +163,9 @@ def check_hf_folder(path: Path) -> None:
     """Validate the weight files of an HF folder before transformers sees them."""
     if not (path / "config.json").is_file():
         raise InputError(f"{path} has no config.json; pass an HF model folder or a weights file with model.module")
-    weights = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES]
+    files = [f for f in path.iterdir() if f.suffix in WEIGHT_SUFFIXES and not is_trainer_state(f.name)]
+    # transformers reads the safetensors where they exist, and only then the .bin files
+    weights = [f for f in files if f.suffix == ".safetensors"] or files
     if not weights:
         raise InputError(f"{path} has no weight files (*.safetensors or *.bin); save the model with save_pretrained")
     for f in weights:

@@ -94,3 +94,29 @@ def test_s3_prefix_and_fetch(s3_env: str, tmp_path: Path, monkeypatch: pytest.Mo
         fetch_s3("s3://ckpts/run7/step-5")
     with pytest.raises(InputError, match="names no object"):
         fetch_s3("s3://ckpts")
+
+
+def test_trainer_state_beside_the_model_is_never_opened(tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    """An HF Trainer's checkpoint-N folder: optimizer/scheduler/RNG/args pickles sit beside the model.
+    They are not the model: never unpickled (even a malicious one), not part of the digest."""
+    import shutil
+
+    import torch
+
+    from microscope.models.checkpoint import fingerprint, preflight
+    from tests.microscope.test_checkpoint import Evil
+
+    ckpt = tmp_path / "checkpoint-2"
+    shutil.copytree(tiny_gpt2_dir, ckpt)
+    before = fingerprint(ckpt)
+    marker = tmp_path / "pwned"
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pth", "training_args.bin"):
+        torch.save({"payload": Evil(marker)}, ckpt / name)
+    preflight(ckpt)  # the model's own safetensors are checked; the trainer's pickles are left alone
+    assert not marker.exists()
+    assert fingerprint(ckpt) == before
+    (ckpt / "pytorch_model.bin").write_bytes((ckpt / "optimizer.pt").read_bytes())  # a model pickle is not skipped
+    (ckpt / "model.safetensors").unlink()
+    with pytest.raises(InputError, match="pickle"):
+        preflight(ckpt)
+    assert not marker.exists()

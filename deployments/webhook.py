@@ -1,0 +1,295 @@
+"""The webhook receiver: training jobs POST "checkpoint ready", an audit starts, exactly once.
+
+Open-source Prefect has no inbound webhooks, so this small FastAPI service verifies the Standard
+Webhooks signature, validates the body (schemas/webhook.py) and creates a flow run of the audit
+deployment through the Prefect REST API with an idempotency key derived from the content: the same
+(run_id, step, checkpoint) is one flow run whichever delivery, replica or restart it arrives through,
+because the Prefect server is the one place that dedupes. It keeps no state of its own.
+
+    POST /v1/checkpoints             202 {flow_run_id, deployment, duplicate} | 401 | 413 | 422 | 503
+    GET  /v1/checkpoints/{id}        the run's state; when finished, the audit's status, report, figures
+    GET  /v1/schema                  the body's JSON Schema
+    GET  /healthz  /readyz  /metrics liveness, readiness (Prefect reachable), Prometheus counters
+
+Anything a sender can send gets a 4xx or a 503 (retry later; nothing is lost), never a 500. The access
+log is one JSON line per request, without secrets or bodies.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
+
+from microscope.settings import get_settings
+from schemas.webhook import MAX_BODY_BYTES, Accepted, AuditStatus, CheckpointReady
+
+log = logging.getLogger("microscope.webhook")
+RETRY_AFTER_S = 5
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+class Unavailable(Exception):
+    """The Prefect API cannot take the flow run now: the sender should retry."""
+
+
+class PrefectApi:
+    """The few Prefect REST calls the receiver makes, with short timeouts and no retries of its own (the
+    sender retries, and a 503 should come back fast)."""
+
+    def __init__(self, url: str, headers: dict[str, str], deployment: str):
+        self.http = httpx.AsyncClient(base_url=url.rstrip("/") + "/", headers=headers, timeout=10)
+        self.deployment = deployment
+        self._deployment_id: str | None = None
+
+    async def _call(self, method: str, path: str, **kw: Any) -> httpx.Response:
+        try:
+            r = await self.http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise Unavailable(f"Prefect API unreachable ({type(exc).__name__})") from None
+        if r.status_code >= 500 or r.status_code == 429:
+            raise Unavailable(f"Prefect API answered {r.status_code}")
+        return r
+
+    async def deployment_id(self) -> str:
+        if self._deployment_id is None:
+            r = await self._call("GET", f"deployments/name/{self.deployment}")
+            if r.status_code == 404:  # not registered (yet): a deploy fixes it, so the sender should retry
+                raise Unavailable(f"deployment {self.deployment} is not registered; run `make deploy`")
+            r.raise_for_status()
+            self._deployment_id = r.json()["id"]
+        return self._deployment_id
+
+    async def start(self, msg: CheckpointReady) -> tuple[str, bool]:
+        """(flow run id, duplicate): the server answers 201 for a new run, 200 for the idempotency key's run."""
+        dep = await self.deployment_id()
+        body = {"parameters": msg.flow_parameters(), "idempotency_key": msg.idempotency_key(), "tags": ["webhook"]}
+        r = await self._call("POST", f"deployments/{dep}/create_flow_run", json=body)
+        if r.status_code == 404:
+            self._deployment_id = None  # deleted and re-registered: look it up again next time
+            raise Unavailable(f"deployment {self.deployment} is not registered; run `make deploy`")
+        if r.status_code in (400, 409, 422):
+            raise ValueError(_prefect_detail(r))
+        r.raise_for_status()
+        return r.json()["id"], r.status_code == 200
+
+    async def flow_run(self, flow_run_id: str) -> dict[str, Any] | None:
+        r = await self._call("GET", f"flow_runs/{flow_run_id}")
+        if r.status_code == 404:
+            return None
+        r.raise_for_status()
+        return r.json()
+
+    async def healthy(self) -> bool:
+        try:
+            return (await self._call("GET", "health")).status_code == 200
+        except Unavailable:
+            return False
+
+
+def _prefect_detail(r: httpx.Response) -> str:
+    try:
+        detail = r.json().get("detail", r.text)
+    except ValueError:
+        detail = r.text
+    return f"the audit deployment refused the parameters: {str(detail)[:300]}"
+
+
+def _prefect_headers() -> dict[str, str]:
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_KEY
+
+    if key := PREFECT_API_KEY.value():
+        return {"Authorization": f"Bearer {key.get_secret_value() if hasattr(key, 'get_secret_value') else key}"}
+    if auth := PREFECT_API_AUTH_STRING.value():
+        import base64
+
+        raw = auth.get_secret_value() if hasattr(auth, "get_secret_value") else auth
+        return {"Authorization": "Basic " + base64.b64encode(raw.encode()).decode()}
+    return {}
+
+
+def _verify(secrets: list[str], body: bytes, headers: dict[str, str]) -> str | None:
+    """None when one of the secrets signed this body at an acceptable time; else why not (for the log)."""
+    from standardwebhooks.webhooks import Webhook
+
+    if not all(headers.get(h) for h in ("webhook-id", "webhook-timestamp", "webhook-signature")):
+        return "missing webhook-id, webhook-timestamp or webhook-signature header"
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        return "body is not UTF-8"
+    reason = "signature does not match"
+    for secret in secrets:
+        try:
+            Webhook(secret).verify(text, headers, json_parse=False)
+            return None
+        except Exception as exc:  # noqa: BLE001 -- malformed headers raise ValueError, binascii.Error, ...: all mean "not signed"
+            msg = str(exc).lower()
+            reason = "timestamp too old or too new" if "timestamp" in msg else reason
+    return reason
+
+
+def _field_errors(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors()[:10])
+
+
+def create_app(prefect_url: str | None = None) -> FastAPI:
+    from prefect.settings import PREFECT_API_URL
+
+    s = get_settings()
+    secrets = s.webhook_secrets()
+    if not secrets:
+        raise ValueError("MICROSCOPE_WEBHOOK_SECRET is not set; create one with `microscope webhook secret`")
+    url = prefect_url or PREFECT_API_URL.value()
+    if not url:
+        raise ValueError("PREFECT_API_URL is not set; point it at the Prefect server that runs the audits")
+
+    registry = CollectorRegistry()
+    deliveries = Counter(
+        "microscope_webhook_deliveries", "Checkpoint deliveries by outcome.", ["outcome", "reason"], registry=registry
+    )
+    latency = Histogram("microscope_webhook_request_seconds", "Request latency.", ["path"], registry=registry)
+    api = PrefectApi(url, _prefect_headers(), s.audit_deployment)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await api.http.aclose()
+
+    app = FastAPI(title="Microscope webhook receiver", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.prefect = api
+
+    @app.middleware("http")
+    async def access_log(request: Request, call_next: Any) -> Response:
+        t0 = time.perf_counter()
+        request.state.log = {}
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.url.path)
+            response = _json(503, {"detail": "internal error; retry later"}, retry=True)
+        dt = time.perf_counter() - t0
+        route = request.scope.get("route")
+        latency.labels(getattr(route, "path", "unmatched")).observe(dt)
+        line = {"method": request.method, "path": request.url.path, "status": response.status_code}
+        line |= {"ms": round(dt * 1000, 1), "client": request.client.host if request.client else None}
+        log.info(json.dumps(line | request.state.log, separators=(",", ":")))
+        return response
+
+    def refuse(request: Request, status: int, reason: str, detail: str) -> JSONResponse:
+        deliveries.labels("refused", reason).inc()
+        request.state.log |= {"outcome": "refused", "reason": reason}
+        return _json(status, {"detail": detail}, retry=status == 503)
+
+    @app.post("/v1/checkpoints", status_code=202, response_model=Accepted)
+    async def checkpoint_ready(request: Request) -> Response:
+        request.state.log["webhook_id"] = request.headers.get("webhook-id", "")[:100]
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            return refuse(request, 413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+        body = bytearray()
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > MAX_BODY_BYTES:
+                return refuse(request, 413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+        if why := _verify(secrets, bytes(body), dict(request.headers)):
+            return refuse(request, 401, "signature", f"webhook signature refused: {why}")
+        try:
+            msg = CheckpointReady.model_validate_json(bytes(body))
+        except ValidationError as exc:
+            return refuse(request, 422, "body", _field_errors(exc))
+        request.state.log |= {"run_id": msg.run_id[:100], "step": msg.step}
+        try:
+            flow_run_id, duplicate = await api.start(msg)
+        except Unavailable as exc:
+            return refuse(request, 503, "unavailable", f"{exc}; retry later, nothing was lost")
+        except ValueError as exc:
+            return refuse(request, 422, "parameters", str(exc))
+        outcome = "duplicate" if duplicate else "accepted"
+        deliveries.labels(outcome, "").inc()
+        request.state.log |= {"outcome": outcome, "flow_run_id": flow_run_id}
+        out = Accepted(flow_run_id=flow_run_id, deployment=api.deployment, duplicate=duplicate)
+        return _json(202, out.model_dump())
+
+    @app.get("/v1/checkpoints/{flow_run_id}", response_model=AuditStatus)
+    async def checkpoint_status(flow_run_id: str, request: Request) -> Response:
+        """Signed like a delivery (over an empty body): figures and report locations are not public."""
+        if why := _verify(secrets, b"", dict(request.headers)):
+            return _json(401, {"detail": f"webhook signature refused: {why}"})
+        try:
+            uuid.UUID(flow_run_id)
+        except ValueError:
+            return _json(422, {"detail": "flow_run_id: not a UUID"})
+        try:
+            fr = await api.flow_run(flow_run_id)
+        except Unavailable as exc:
+            return _json(503, {"detail": f"{exc}; retry later"}, retry=True)
+        if fr is None:
+            return _json(404, {"detail": f"no flow run {flow_run_id}"})
+        state = (fr.get("state") or {}).get("type", "UNKNOWN")
+        out = AuditStatus(flow_run_id=flow_run_id, state=state, audit_id=fr.get("name"))
+        if state in FINAL:
+            out = _with_record(out, (fr.get("state") or {}).get("message"))
+        return _json(200, out.model_dump())
+
+    @app.get("/v1/schema")
+    async def schema() -> Response:
+        return _json(200, CheckpointReady.model_json_schema())
+
+    @app.get("/healthz")
+    async def healthz() -> Response:
+        return _json(200, {"status": "ok"})
+
+    @app.get("/readyz")
+    async def readyz() -> Response:
+        ok = await api.healthy()
+        return _json(200 if ok else 503, {"prefect": "ok" if ok else "unreachable"}, retry=not ok)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return PlainTextResponse(generate_latest(registry).decode(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _with_record(out: AuditStatus, message: str | None) -> AuditStatus:
+    """The finished audit's record from the store: its status, report and headline figures."""
+    from microscope import audits
+    from microscope.errors import InputError
+    from microscope.store import open_store
+
+    try:
+        rec = audits.load(open_store(None), out.audit_id or "")
+    except (InputError, OSError) as exc:
+        return out.model_copy(update={"error": message or f"no audit record yet ({exc})"})
+    return out.model_copy(
+        update={
+            "status": rec.status.value,
+            "report": rec.report_uri,
+            "figures": audits.headline(rec),
+            "error": rec.error,
+        }
+    )
+
+
+def _json(status: int, body: dict[str, Any], retry: bool = False) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers={"Retry-After": str(RETRY_AFTER_S)} if retry else None)
+
+
+def serve(host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Run the receiver on uvicorn (the access log is ours: one JSON line per request)."""
+    import uvicorn
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    app = create_app()
+    uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")

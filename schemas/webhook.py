@@ -1,0 +1,78 @@
+"""The "checkpoint ready" message a training job sends (webhook body, Prefect event payload, `microscope
+notify`), and the receiver's answers. Its JSON Schema is published at schemas/json/checkpoint-ready.json
+(and served by the receiver at GET /v1/schema)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+MAX_BODY_BYTES = 1 << 20  # 1 MiB: a checkpoint message is a few hundred bytes; anything near this is a mistake
+EVENT = "microscope.checkpoint.ready"  # the Prefect event name the checkpoint deployment's trigger expects
+
+
+class CheckpointReady(BaseModel):
+    """A checkpoint a training job has just written, to be audited once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, title="CheckpointReady")
+
+    checkpoint: str = Field(
+        min_length=1, max_length=2048, description="Where the checkpoint is: s3://bucket/path, or a path the pods see."
+    )
+    run_id: str = Field(min_length=1, max_length=256, description="The training run it belongs to.")
+    step: int = Field(ge=0, description="The training step it was saved at.")
+    dataset: str | None = Field(None, max_length=2048, description="Dataset URI (default: the config's).")
+    config: str | dict[str, Any] | None = Field(
+        None, description="Audit config: a name under examples/, a path, or an inline mapping."
+    )
+    stages: list[str] | None = Field(None, description="Stages to run (default: all), plus what they depend on.")
+    tags: dict[str, str] = Field(default_factory=dict, description="Free-form labels kept on the audit record.")
+    callback_url: str | None = Field(
+        None, max_length=2048, description="Where to POST the result, signed the same way, when the audit ends."
+    )
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _uri(cls, v: str) -> str:
+        if v != v.strip() or any(ord(c) < 32 for c in v):
+            raise ValueError("checkpoint must be a URI or path without whitespace at its ends or control characters")
+        return v
+
+    @field_validator("callback_url")
+    @classmethod
+    def _http(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("callback_url must be an http:// or https:// URL")
+        return v
+
+    def idempotency_key(self) -> str:
+        """Derived from the content: the same (run_id, step, checkpoint) is one audit, whichever delivery
+        id, receiver replica or restart it comes through."""
+        blob = json.dumps([self.run_id, self.step, self.checkpoint], separators=(",", ":")).encode()
+        return "microscope-checkpoint-" + hashlib.sha256(blob).hexdigest()[:40]
+
+    def flow_parameters(self) -> dict[str, Any]:
+        """The audit entry flow's parameters (flows/audit.py:audit)."""
+        params: dict[str, Any] = {"model": self.checkpoint, "run_id": self.run_id, "step": self.step}
+        params |= {"dataset": self.dataset, "config": self.config, "stages": self.stages}
+        params |= {"tags": dict(self.tags), "callback_url": self.callback_url}
+        return {k: v for k, v in params.items() if v is not None}
+
+
+class Accepted(BaseModel):
+    flow_run_id: str
+    deployment: str
+    duplicate: bool = Field(description="True when this delivery found the flow run an earlier one created.")
+
+
+class AuditStatus(BaseModel):
+    flow_run_id: str
+    state: str = Field(description="The flow run's state type: SCHEDULED, PENDING, RUNNING, COMPLETED, FAILED, ...")
+    audit_id: str | None = None
+    status: str | None = Field(None, description="The audit's status once finished: completed, partial, failed.")
+    report: str | None = None
+    figures: dict[str, Any] = Field(default_factory=dict, description="Headline figures of the finished audit.")
+    error: str | None = None

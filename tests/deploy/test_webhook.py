@@ -1,0 +1,281 @@
+"""The webhook receiver, for real: `microscope webhook serve` (uvicorn) in front of a real Prefect server
+with the deployments registered by `make deploy`. Signatures are made here with the `standardwebhooks`
+package itself, not with our sender, so the two sides are checked against the reference."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import REPO, VENV_BIN, free_port, prefect_server, wait_http
+
+SECRET_OLD = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
+SECRET_NEW = "whsec_" + "aGVsbG8gdGhpcyBpcyBhIG5ldyBzZWNyZXQ="
+
+
+def sign(body: str, secret: str = SECRET_OLD, msg_id: str | None = None, at: datetime | None = None) -> dict[str, str]:
+    from standardwebhooks.webhooks import Webhook
+
+    msg_id = msg_id or f"msg_{uuid.uuid4().hex}"
+    at = at or datetime.now(UTC)
+    return {
+        "webhook-id": msg_id,
+        "webhook-timestamp": str(int(at.timestamp())),
+        "webhook-signature": Webhook(secret).sign(msg_id, at, body),
+        "content-type": "application/json",
+    }
+
+
+def body_of(**fields: Any) -> str:
+    return json.dumps({"checkpoint": "s3://ckpts/run1/step-100", "run_id": "run1", "step": 100} | fields)
+
+
+def deploy(api_url: str, home: Path) -> None:
+    env = _env(api_url, home)
+    p = subprocess.run(
+        ["make", "-s", "deploy", "DEPLOY_ARGS=--pool-type process"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+
+
+def _env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
+    import os
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MICROSCOPE_", "PREFECT_", "MLFLOW_"))}
+    return (
+        base
+        | {
+            "PREFECT_API_URL": api_url,
+            "PREFECT_HOME": str(home / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MICROSCOPE_HOME": str(home / "ms"),
+            "MICROSCOPE_WEBHOOK_SECRET": f"{SECRET_OLD} {SECRET_NEW}",
+        }
+        | extra
+    )
+
+
+class Receiver:
+    def __init__(self, url: str, log: Path):
+        self.url = url
+        self.log = log
+        self.http = httpx.Client(base_url=url, timeout=30)
+
+    def post(self, body: str | bytes, headers: dict[str, str]) -> httpx.Response:
+        return self.http.post("/v1/checkpoints", content=body, headers=headers)
+
+    def access_log(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="module")
+def server_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("webhook")
+
+
+@pytest.fixture(scope="module")
+def prefect_port() -> int:
+    return free_port()
+
+
+def start_receiver(api_url: str, home: Path) -> tuple[subprocess.Popen, Receiver]:
+    port = free_port()
+    log = home / f"receiver-{port}.log"
+    proc = subprocess.Popen(
+        [str(VENV_BIN / "microscope"), "webhook", "serve", "--port", str(port)],
+        env=_env(api_url, home),
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/healthz", 60, proc)
+    return proc, Receiver(url, log)
+
+
+@pytest.fixture(scope="module")
+def receiver(server_home: Path, prefect_port: int) -> Iterator[Receiver]:
+    """The receiver, started while its Prefect server is still down (the first test sees the 503)."""
+    proc, rec = start_receiver(f"http://127.0.0.1:{prefect_port}/api", server_home)
+    yield rec
+    proc.terminate()
+    proc.wait(20)
+
+
+@pytest.fixture(scope="module")
+def prefect(server_home: Path, prefect_port: int, receiver: Receiver) -> Iterator[httpx.Client]:
+    """The Prefect server comes up after the receiver, on the port the receiver was told."""
+    with prefect_server(server_home, port=prefect_port) as url:
+        deploy(url, server_home)
+        yield httpx.Client(base_url=url, timeout=30)
+
+
+def flow_runs(prefect: httpx.Client) -> list[dict[str, Any]]:
+    r = prefect.post("/flow_runs/filter", json={"limit": 200})
+    r.raise_for_status()
+    return r.json()
+
+
+def test_prefect_down_is_503_then_the_retry_creates_the_run(receiver: Receiver, server_home: Path, request) -> None:
+    body = body_of(run_id="run-outage", step=7)
+    headers = sign(body)
+    r = receiver.post(body, headers)
+    assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+    assert "retry later" in r.json()["detail"]
+    prefect = request.getfixturevalue("prefect")  # the server comes back
+    r = receiver.post(body, sign(body, msg_id=headers["webhook-id"]))  # the sender's retry: same id, new signature
+    assert r.status_code == 202, r.text
+    assert r.json()["duplicate"] is False
+    runs = [fr for fr in flow_runs(prefect) if fr["parameters"].get("run_id") == "run-outage"]
+    assert [fr["id"] for fr in runs] == [r.json()["flow_run_id"]]
+
+
+def test_delivery_creates_one_flow_run_and_redelivery_finds_it(receiver: Receiver, prefect: httpx.Client) -> None:
+    body = body_of(tags={"lr": "3e-4"}, dataset="s3://data/val.txt", stages=["ingest"])
+    headers = sign(body)
+    r = receiver.post(body, headers)
+    assert r.status_code == 202, r.text
+    first = r.json()
+    assert first["deployment"] == "audit/checkpoint" and first["duplicate"] is False
+    fr = prefect.get(f"/flow_runs/{first['flow_run_id']}").json()
+    dep = prefect.get("/deployments/name/audit/checkpoint").json()
+    assert fr["deployment_id"] == dep["id"]
+    assert fr["parameters"] == {
+        "model": "s3://ckpts/run1/step-100",
+        "run_id": "run1",
+        "step": 100,
+        "dataset": "s3://data/val.txt",
+        "stages": ["ingest"],
+        "tags": {"lr": "3e-4"},
+    }
+    # the same delivery again (a sender's retry), and the same content under another id and secret
+    again = receiver.post(body, sign(body, msg_id=headers["webhook-id"]))
+    other = receiver.post(body_of(), sign(body_of(), secret=SECRET_NEW))
+    for resp in (again, other):
+        assert resp.status_code == 202, resp.text
+        assert resp.json() == {**first, "duplicate": True}
+    assert sum(1 for f in flow_runs(prefect) if f["parameters"].get("run_id") == "run1") == 1
+
+
+def test_refusals_create_nothing(receiver: Receiver, prefect: httpx.Client) -> None:
+    before = len(flow_runs(prefect))
+    body = body_of(run_id="refused", step=1)
+    stale = sign(body, at=datetime.now(UTC) - timedelta(minutes=6))
+    future = sign(body, at=datetime.now(UTC) + timedelta(minutes=6))
+    tampered = sign(body)
+    cases = {
+        "no signature": (receiver.post(body, {"content-type": "application/json"}), 401),
+        "wrong secret": (receiver.post(body, sign(body, secret="whsec_" + "d3Jvbmcgc2VjcmV0IGtleQ==")), 401),
+        "tampered": (receiver.post(body.replace('"step": 1', '"step": 2'), tampered), 401),
+        "stale": (receiver.post(body, stale), 401),
+        "from the future": (receiver.post(body, future), 401),
+        "garbage signature": (receiver.post(body, {**sign(body), "webhook-signature": "v1"}), 401),
+        "not JSON": (receiver.post("{not json", sign("{not json")), 422),
+        "step missing": (receiver.post(b := json.dumps({"checkpoint": "x", "run_id": "r"}), sign(b)), 422),
+        "negative step": (receiver.post(b := body_of(step=-1), sign(b)), 422),
+        "unknown field": (receiver.post(b := body_of(stpe=3), sign(b)), 422),
+        "oversized": (receiver.post(b := body_of(tags={"pad": "x" * (1 << 20)}), sign(b)), 413),
+    }
+    for name, (resp, status) in cases.items():
+        assert resp.status_code == status, (name, resp.status_code, resp.text)
+        assert "detail" in resp.json(), name
+    assert "timestamp" in cases["stale"][0].json()["detail"]
+    assert cases["step missing"][0].json()["detail"] == "step: Field required"
+    assert "stpe" in cases["unknown field"][0].json()["detail"]
+    assert len(flow_runs(prefect)) == before
+
+
+def test_status_schema_health_metrics_and_log(receiver: Receiver, prefect: httpx.Client) -> None:
+    body = body_of(run_id="status", step=3)
+    accepted = receiver.post(body, sign(body)).json()
+    path = f"/v1/checkpoints/{accepted['flow_run_id']}"
+    st = receiver.http.get(path, headers=sign(""))
+    assert st.status_code == 200 and st.json()["state"] == "SCHEDULED", st.text
+    assert receiver.http.get(path).status_code == 401  # figures and report locations are not public
+    assert receiver.http.get("/v1/checkpoints/not-a-uuid", headers=sign("")).status_code == 422
+    assert receiver.http.get(f"/v1/checkpoints/{uuid.uuid4()}", headers=sign("")).status_code == 404
+
+    from schemas.webhook import CheckpointReady
+
+    published = json.loads((REPO / "schemas/json/checkpoint-ready.json").read_text())
+    assert receiver.http.get("/v1/schema").json() == CheckpointReady.model_json_schema() == published
+    assert receiver.http.get("/healthz").json() == {"status": "ok"}
+    assert receiver.http.get("/readyz").status_code == 200
+
+    text = receiver.http.get("/metrics").text
+    counts = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in text.splitlines()
+        if line.startswith("microscope_webhook_deliveries_total")
+    }
+    assert counts['microscope_webhook_deliveries_total{outcome="accepted",reason=""}'] >= 3
+    assert counts['microscope_webhook_deliveries_total{outcome="duplicate",reason=""}'] >= 2
+    assert counts['microscope_webhook_deliveries_total{outcome="refused",reason="signature"}'] >= 6
+    assert counts['microscope_webhook_deliveries_total{outcome="refused",reason="unavailable"}'] >= 1
+
+    log = receiver.access_log()
+    posts = [line for line in log if line["path"] == "/v1/checkpoints"]
+    assert {line["status"] for line in posts} >= {202, 401, 413, 422, 503}
+    raw = receiver.log.read_text()
+    for secret_bit in (SECRET_OLD, SECRET_NEW, "MfKQ9r8G", '"checkpoint"', "s3://ckpts"):
+        assert secret_bit not in raw  # no secrets and no bodies in the log
+
+
+def test_cli_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
+    env = _env("http://127.0.0.1:9/api", tmp_path)
+    env.pop("MICROSCOPE_WEBHOOK_SECRET")
+    p = subprocess.run(
+        [str(VENV_BIN / "microscope"), "webhook", "serve", "--port", str(free_port())],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == (
+        "microscope: error: MICROSCOPE_WEBHOOK_SECRET is not set; create one with `microscope webhook secret`"
+    )
+    s = subprocess.run([str(VENV_BIN / "microscope"), "webhook", "secret"], capture_output=True, text=True, timeout=60)
+    secret = s.stdout.strip()
+    from standardwebhooks.webhooks import Webhook
+
+    assert secret.startswith("whsec_") and Webhook(secret)  # a valid secret for the library
+
+
+def test_notify_cli(receiver: Receiver, prefect: httpx.Client, tmp_path: Path) -> None:
+    """`microscope notify` for any other trainer: signed, retried, idempotent; one line when it gives up."""
+    env = _env("http://127.0.0.1:9/api", tmp_path, MICROSCOPE_WEBHOOK_URL=f"{receiver.url}/v1/checkpoints")
+    args = [str(VENV_BIN / "microscope"), "notify", "--checkpoint", "s3://ckpts/cli/step-5", "--run-id", "cli"]
+    args += ["--step", "5", "--tag", "source=cli", "--stages", "ingest,trace"]
+    first = subprocess.run([*args, "--json"], env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    accepted = json.loads(first.stdout)
+    assert accepted["duplicate"] is False
+    fr = prefect.get(f"/flow_runs/{accepted['flow_run_id']}").json()
+    assert fr["parameters"]["tags"] == {"source": "cli"} and fr["parameters"]["stages"] == ["ingest", "trace"]
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and again.stdout.strip() == f"already started: flow run {accepted['flow_run_id']}"
+
+    dead = subprocess.run(
+        [*args, "--url", "http://127.0.0.1:9/v1/checkpoints", "--timeout", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert dead.returncode == 1
+    assert dead.stderr.strip().splitlines()[-1].startswith("microscope: error: ")
+    bad = subprocess.run([*args[:-2], "--step", "-3"], env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--step" in bad.stderr.strip().splitlines()[-1]
