@@ -54,6 +54,12 @@ class CheckpointReady(BaseModel):
         blob = json.dumps([self.run_id, self.step, self.checkpoint], separators=(",", ":")).encode()
         return "microscope-checkpoint-" + hashlib.sha256(blob).hexdigest()[:40]
 
+    def event(self) -> dict[str, Any]:
+        """Keyword arguments of `prefect.events.emit_event` for users already on Prefect: the deployment
+        trigger of `audit/checkpoint` starts the same audit from it."""
+        resource = {"prefect.resource.id": f"microscope.checkpoint.{self.run_id}.{self.step}"}
+        return {"event": EVENT, "resource": resource, "payload": self.model_dump(mode="json")}
+
     def flow_parameters(self) -> dict[str, Any]:
         """The audit entry flow's parameters (flows/audit.py:audit)."""
         params: dict[str, Any] = {"model": self.checkpoint, "run_id": self.run_id, "step": self.step}

@@ -170,13 +170,11 @@ def test_checkpoint_ready_event_starts_one_audit(deployed: dict[str, Any], api: 
     """A training job on Prefect emits the event; the trigger starts the checkpoint deployment with the
     payload as parameters (typed: the step stays an integer; absent fields are null)."""
     dep = api.deployment("audit/checkpoint")
-    event = {
-        "occurred": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()),
-        "event": "microscope.checkpoint.ready",
-        "resource": {"prefect.resource.id": "microscope.checkpoint.run9-1200"},
-        "payload": {"checkpoint": "s3://ckpts/run9/step-1200", "run_id": "run9", "step": 1200, "tags": {"lr": "3e-4"}},
-        "id": str(uuid.uuid4()),
-    }
+    from schemas.webhook import CheckpointReady
+
+    msg = CheckpointReady(checkpoint="s3://ckpts/run9/step-1200", run_id="run9", step=1200, tags={"lr": "3e-4"})
+    # what `prefect.events.emit_event(**msg.event())` sends, posted as the events API receives it
+    event = msg.event() | {"occurred": time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime()), "id": str(uuid.uuid4())}
     api.post("/events", [event])
     deadline = time.monotonic() + 90
     runs: list[dict[str, Any]] = []
@@ -187,7 +185,7 @@ def test_checkpoint_ready_event_starts_one_audit(deployed: dict[str, Any], api: 
     assert len(runs) == 1, "the event started no audit"
     p = runs[0]["parameters"]
     assert p["model"] == "s3://ckpts/run9/step-1200" and p["step"] == 1200 and p["tags"] == {"lr": "3e-4"}
-    assert p["dataset"] is None and p["config"] is None
+    assert p["dataset"] is None and p["config"] is None and p["stages"] is None and p["callback_url"] is None
     api.post("/events", [event])  # the same event delivered again (same id): still one audit
     time.sleep(5)
     again = [r for r in api.flow_runs(deployment_id={"any_": [dep["id"]]}) if r["parameters"].get("run_id") == "run9"]
