@@ -352,3 +352,17 @@ def prefect_on_postgres(databases: list[str], tmp_path_factory: pytest.TempPathF
         PREFECT_REDIS_MESSAGING_URL=REDIS,
     ) as url:
         yield url
+
+
+def make_deploy(env: dict[str, str]) -> str:
+    """`make deploy` with process pools (the stand-in for Kubernetes pods here); returns its output."""
+    p = subprocess.run(
+        ["make", "-s", "deploy", "DEPLOY_ARGS=--pool-type process"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    return p.stdout

@@ -46,3 +46,22 @@ class ToyConvNet(nn.Module):
         for b in self.blocks:
             x = x + b(x)
         return x.transpose(1, 2)
+
+
+def tiny_lightning_module():
+    """A LightningModule around a 2-layer MLP at `.model` (what the Lightning callback exports)."""
+    import lightning.pytorch as pl
+
+    class Tiny(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+
+        def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.model(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    return Tiny()

@@ -18,19 +18,19 @@ from __future__ import annotations
 import glob
 import logging
 import os
-import threading
 from typing import Any
 
 from schemas.webhook import CheckpointReady
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from microscope.integrations.notify import Notifier, _one_line, _resolve
+from microscope.integrations.notify import _one_line
+from microscope.integrations.sender import CheckpointSender
 
 log = logging.getLogger("microscope.notify")
 
 
-class MicroscopeTrainerCallback(TrainerCallback):
+class MicroscopeTrainerCallback(CheckpointSender, TrainerCallback):
     """Notify Microscope of each checkpoint folder the Trainer saves (world process zero, after the write).
 
     url, secret: the receiver (default: MICROSCOPE_WEBHOOK_URL / MICROSCOPE_WEBHOOK_SECRET; checked here).
@@ -50,33 +50,8 @@ class MicroscopeTrainerCallback(TrainerCallback):
         callback_url: str | None = None,
         upload_to: str | None = None,
     ) -> None:
-        _resolve(url, secret)  # fail now, not at the first checkpoint
-        if upload_to is not None and not upload_to.startswith("s3://"):
-            raise ValueError(f"upload_to={upload_to!r} must be s3://bucket or s3://bucket/prefix")
-        self.url, self.secret = url, secret
-        self.run_id = run_id
-        self.fields: dict[str, Any] = {"dataset": dataset, "config": config, "stages": stages, "tags": tags or {}}
-        self.fields["callback_url"] = callback_url  # where the audit POSTs its signed result when it ends
-        self.upload_to = upload_to
-        self._notifier: Notifier | None = None
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_notifier"] = None
-        state["_lock"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    @property
-    def notifier(self) -> Notifier:
-        with self._lock:
-            if self._notifier is None:
-                self._notifier = Notifier(self.url, self.secret)
-            return self._notifier
+        fields = {"dataset": dataset, "config": config, "stages": stages, "tags": tags, "callback_url": callback_url}
+        self._init_sender(url, secret, run_id, fields, upload_to)
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if not state.is_world_process_zero:

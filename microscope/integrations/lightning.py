@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 import uuid
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +43,8 @@ from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch import Callback, LightningModule, Trainer
 from schemas.webhook import CheckpointReady
 
-from microscope.integrations.notify import Notifier, _one_line, _resolve
+from microscope.integrations.notify import _one_line
+from microscope.integrations.sender import CheckpointSender
 
 log = logging.getLogger("microscope.notify")
 
@@ -79,7 +79,7 @@ class _NotifyingCheckpointIO(CheckpointIO):
         return getattr(self.inner, name)
 
 
-class MicroscopeCallback(Callback):
+class MicroscopeCallback(CheckpointSender, Callback):
     """Notify Microscope of each checkpoint the Trainer writes (rank zero, after the write).
 
     url, secret: the receiver (default: MICROSCOPE_WEBHOOK_URL / MICROSCOPE_WEBHOOK_SECRET; checked here, so
@@ -106,36 +106,11 @@ class MicroscopeCallback(Callback):
     ) -> None:
         if export not in (None, "hf", "safetensors"):
             raise ValueError(f"export={export!r} must be 'hf', 'safetensors' or None")
-        _resolve(url, secret)  # fail now, not at the first checkpoint
-        if upload_to is not None and not upload_to.startswith("s3://"):
-            raise ValueError(f"upload_to={upload_to!r} must be s3://bucket or s3://bucket/prefix")
-        self.url, self.secret = url, secret
-        self.run_id = run_id
-        self.fields: dict[str, Any] = {"dataset": dataset, "config": config, "stages": stages, "tags": tags or {}}
-        self.fields["callback_url"] = callback_url  # where the audit POSTs its signed result when it ends
-        self.upload_to = upload_to
+        fields = {"dataset": dataset, "config": config, "stages": stages, "tags": tags, "callback_url": callback_url}
+        self._init_sender(url, secret, run_id, fields, upload_to)
         self.export = export
         self.module_attr = module_attr
-        self._notifier: Notifier | None = None
         self._notified_steps: set[int] = set()
-        self._lock = threading.Lock()
-
-    def __getstate__(self) -> dict[str, Any]:  # spawn launchers pickle callbacks: no threads or locks
-        state = dict(self.__dict__)
-        state["_notifier"] = None
-        state["_lock"] = None
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._lock = threading.Lock()
-
-    @property
-    def notifier(self) -> Notifier:
-        with self._lock:
-            if self._notifier is None:
-                self._notifier = Notifier(self.url, self.secret)
-            return self._notifier
 
     # ---- hooks ---------------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import NEEDS_PG_REDIS, REPO, VENV_BIN, make_bucket
+from tests.conftest import NEEDS_PG_REDIS, REPO, VENV_BIN, make_bucket, make_deploy
 
 pytestmark = NEEDS_PG_REDIS
 
@@ -125,19 +125,7 @@ def checkpoints(tiny_gpt2_dir: Path, s3_endpoint: str) -> list[str]:
 @pytest.fixture(scope="module")
 def deployed(env: dict[str, str], api: Api) -> dict[str, Any]:
     """`make deploy` twice: the second run must change nothing."""
-    outs = []
-    for _ in range(2):
-        p = subprocess.run(
-            ["make", "-s", "deploy", "DEPLOY_ARGS=--pool-type process"],
-            cwd=REPO,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
-        outs.append(p.stdout)
-    return {"first": outs[0], "second": outs[1]}
+    return {"first": make_deploy(env), "second": make_deploy(env)}
 
 
 def _cancel(api: Api, run_id: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, VENV_BIN, free_port, prefect_server, wait_http
+from tests.conftest import REPO, VENV_BIN, free_port, make_deploy, prefect_server, wait_http
 
 SECRET_OLD = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 SECRET_NEW = "whsec_" + "aGVsbG8gdGhpcyBpcyBhIG5ldyBzZWNyZXQ="
@@ -39,16 +39,7 @@ def body_of(**fields: Any) -> str:
 
 
 def deploy(api_url: str, home: Path) -> None:
-    env = _env(api_url, home)
-    p = subprocess.run(
-        ["make", "-s", "deploy", "DEPLOY_ARGS=--pool-type process"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    make_deploy(_env(api_url, home))
 
 
 def _env(api_url: str, home: Path, **extra: str) -> dict[str, str]:

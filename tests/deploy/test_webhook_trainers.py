@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import REPO, VENV_BIN, prefect_server
 from tests.deploy.test_webhook import SECRET_NEW, SECRET_OLD, _env, deploy, start_receiver
+from tests.toy_models import tiny_lightning_module
 
 
 class ResultSink:
@@ -78,18 +79,6 @@ def test_lightning_fit_starts_one_audit_per_checkpoint(stack: dict[str, Any], tm
 
     from microscope.integrations import MicroscopeCallback
 
-    class Tiny(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            return torch.nn.functional.mse_loss(self.model(x), y)
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     torch.manual_seed(0)
     cb = MicroscopeCallback(
         url=f"{stack['receiver'].url}/v1/checkpoints", secret=SECRET_NEW, run_id="lit-run", export="safetensors"
@@ -104,7 +93,7 @@ def test_lightning_fit_starts_one_audit_per_checkpoint(stack: dict[str, Any], tm
         default_root_dir=tmp_path,
     )
     data = TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
-    trainer.fit(Tiny(), DataLoader(data, batch_size=4))
+    trainer.fit(tiny_lightning_module(), DataLoader(data, batch_size=4))
     cb.notifier.close(timeout_s=30)
     runs = runs_of(stack["api"], "lit-run")
     assert [fr["parameters"]["step"] for fr in runs] == [2, 4, 6]  # one flow run per checkpoint

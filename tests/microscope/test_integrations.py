@@ -24,6 +24,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from microscope.integrations import Notifier, NotifyError, notify_checkpoint, signed_headers
 from schemas.webhook import Accepted, CheckpointReady
 from tests.conftest import REPO, free_port, make_bucket
+from tests.toy_models import tiny_lightning_module
 
 LOGGER = "microscope.notify"
 
@@ -292,20 +293,8 @@ def _fit_lightning(
     from lightning.pytorch.plugins.io import AsyncCheckpointIO
     from torch.utils.data import DataLoader, TensorDataset
 
-    class Tiny(pl.LightningModule):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            x, y = batch
-            return torch.nn.functional.mse_loss(self.model(x), y)
-
-        def configure_optimizers(self) -> torch.optim.Optimizer:
-            return torch.optim.SGD(self.parameters(), lr=0.1)
-
     torch.manual_seed(0)
-    module = Tiny() if module is None else module
+    module = tiny_lightning_module() if module is None else module
     data = (
         module.train_data() if hasattr(module, "train_data") else TensorDataset(torch.randn(32, 4), torch.randn(32, 1))
     )
