@@ -231,9 +231,9 @@ def cmd_webhook_secret(_args: argparse.Namespace) -> int:
 
 
 def cmd_notify(args: argparse.Namespace) -> int:
-    from microscope.integrations.notify import Notifier, NotifyError
     from pydantic import ValidationError
 
+    from microscope.integrations.notify import Notifier, NotifyError
     from schemas.webhook import CheckpointReady
 
     fields = {"checkpoint": args.checkpoint, "run_id": args.run_id, "step": args.step, "dataset": args.dataset}
