@@ -152,18 +152,25 @@ def test_hf_trainer_checkpoints_are_audited_and_the_result_called_back(
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    try:
+    final = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+    def states() -> dict[int, dict[str, Any]]:
+        return {fr["parameters"]["step"]: stack["api"].get(f"/flow_runs/{fr['id']}").json() for fr in runs}
+
+    try:  # the result is POSTed just before the flow run ends: wait for both
         deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and len(sink.results) < 2:
+        while time.monotonic() < deadline and (
+            len(sink.results) < 2 or any(s["state"]["type"] not in final for s in states().values())
+        ):
             time.sleep(1)
     finally:
         worker.terminate()
         worker.wait(30)
         log.close()
     assert len(sink.results) == 2, (tmp_path / "worker.log").read_text()[-3000:]
-    states = {fr["parameters"]["step"]: stack["api"].get(f"/flow_runs/{fr['id']}").json() for fr in runs}
+    finished = states()
     for result in sorted(sink.results, key=lambda r: r["step"]):
-        fr = states[result["step"]]
+        fr = finished[result["step"]]
         assert fr["state"]["type"] == "COMPLETED"
         assert result["event"] == "microscope.audit.finished" and result["status"] == "completed"
         assert result["audit_id"] == fr["name"] and result["flow_run_id"] == fr["id"]
