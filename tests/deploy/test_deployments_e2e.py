@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import NEEDS_PG_REDIS, REPO, VENV_BIN, make_bucket, make_deploy
+from tests.conftest import NEEDS_PG_REDIS, REPO, VENV_BIN, make_bucket, make_deploy, stop
 
 pytestmark = NEEDS_PG_REDIS
 
@@ -228,11 +228,7 @@ def workers(env: dict[str, str], deployed: dict[str, Any], tmp_path: Path) -> It
         )
     yield
     for proc, log in procs:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import REPO, VENV_BIN, prefect_server
+from tests.conftest import REPO, VENV_BIN, prefect_server, stop
 from tests.deploy.test_webhook import SECRET_NEW, SECRET_OLD, _env, deploy, start_receiver
 from tests.toy_models import tiny_lightning_module
 
@@ -164,8 +164,7 @@ def test_hf_trainer_checkpoints_are_audited_and_the_result_called_back(
         ):
             time.sleep(1)
     finally:
-        worker.terminate()
-        worker.wait(30)
+        stop(worker)
         log.close()
     assert len(sink.results) == 2, (tmp_path / "worker.log").read_text()[-3000:]
     finished = states()

@@ -66,34 +66,34 @@ def test_s3_prefix_and_fetch(s3_env: str, tmp_path: Path, monkeypatch: pytest.Mo
     import boto3
 
     monkeypatch.setenv("MICROSCOPE_HOME", str(tmp_path / "home"))
-    make_bucket(s3_env, "ckpts")
+    make_bucket(s3_env, "ckpts-unit")
     s3 = boto3.client("s3", endpoint_url=s3_env)
     files = {"config.json": b'{"model_type": "gpt2"}', "model.safetensors": b"w" * 64, "tok/vocab.json": b"{}"}
     for name, body in files.items():
-        s3.put_object(Bucket="ckpts", Key=f"run7/step-40/{name}", Body=body)
-        s3.put_object(Bucket="ckpts", Key=f"run7/step-400/{name}", Body=body)
-    s3.put_object(Bucket="ckpts", Key="run7/step-4.safetensors", Body=b"x" * 8)
-    s3.put_object(Bucket="ckpts", Key="run7/readme.md", Body=b"hi")
+        s3.put_object(Bucket="ckpts-unit", Key=f"run7/step-40/{name}", Body=body)
+        s3.put_object(Bucket="ckpts-unit", Key=f"run7/step-400/{name}", Body=body)
+    s3.put_object(Bucket="ckpts-unit", Key="run7/step-4.safetensors", Body=b"x" * 8)
+    s3.put_object(Bucket="ckpts-unit", Key="run7/readme.md", Body=b"hi")
 
-    found = find_checkpoints("s3://ckpts/run7/")
+    found = find_checkpoints("s3://ckpts-unit/run7/")
     assert [(c.uri, c.step) for c in found] == [
-        ("s3://ckpts/run7/step-4.safetensors", 4),
-        ("s3://ckpts/run7/step-40", 40),
-        ("s3://ckpts/run7/step-400", 400),
+        ("s3://ckpts-unit/run7/step-4.safetensors", 4),
+        ("s3://ckpts-unit/run7/step-40", 40),
+        ("s3://ckpts-unit/run7/step-400", 400),
     ]
     assert found[1].digest == found[2].digest  # same files, same ETags
 
     # a folder: every file, in its layout (step-40 is not confused with its sibling step-400)
-    local = fetch_s3("s3://ckpts/run7/step-40")
+    local = fetch_s3("s3://ckpts-unit/run7/step-40")
     assert sorted(p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()) == sorted(files)
     assert all((local / n).read_bytes() == b for n, b in files.items())
-    assert locate("s3://ckpts/run7/step-40") == local  # the model path a stage resolves
-    single = fetch_s3("s3://ckpts/run7/step-4.safetensors")
+    assert locate("s3://ckpts-unit/run7/step-40") == local  # the model path a stage resolves
+    single = fetch_s3("s3://ckpts-unit/run7/step-4.safetensors")
     assert single.name == "step-4.safetensors" and single.read_bytes() == b"x" * 8
     with pytest.raises(InputError, match="does not exist"):
-        fetch_s3("s3://ckpts/run7/step-5")
+        fetch_s3("s3://ckpts-unit/run7/step-5")
     with pytest.raises(InputError, match="names no object"):
-        fetch_s3("s3://ckpts")
+        fetch_s3("s3://ckpts-unit")
 
 
 def test_trainer_state_beside_the_model_is_never_opened(tiny_gpt2_dir: Path, tmp_path: Path) -> None:

@@ -26,13 +26,15 @@ def test_environment_names_and_changes_are_seen(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setenv("MICROSCOPE_HOME", str(tmp_path / "h"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "postgresql+psycopg2://u@db/mlflow")
     monkeypatch.setenv("QDRANT_URL", "http://qdrant:6333")
-    monkeypatch.setenv("QDRANT_API_KEY", "secret")
+    monkeypatch.setenv("QDRANT_API_KEY", "qk-7f3a9e")
+    monkeypatch.setenv("MICROSCOPE_WEBHOOK_SECRET", "whsec_b2xkIG9uZQ== whsec_bmV3IG9uZQ==")
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
     monkeypatch.setenv("MICROSCOPE_REDIS_URL", "redis://r:6379/0")
     s = get_settings()
     assert s.mlflow_uri == "postgresql+psycopg2://u@db/mlflow" and s.qdrant_url == "http://qdrant:6333"
     assert s.s3_endpoint_url == "http://minio:9000" and s.redis_url == "redis://r:6379/0"
-    assert "secret" not in repr(s) and s.qdrant_api_key.get_secret_value() == "secret"
+    assert "qk-7f3a9e" not in repr(s) and s.qdrant_api_key.get_secret_value() == "qk-7f3a9e"
+    assert "b2xkIG9uZQ" not in repr(s) and s.webhook_secrets() == ["whsec_b2xkIG9uZQ==", "whsec_bmV3IG9uZQ=="]
     monkeypatch.setenv("MICROSCOPE_STORE", "s3://bucket/audits")
     assert get_settings().store_uri == "s3://bucket/audits"  # read anew when the environment changes
 
