@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 DEMO   := .microscope/demo
 
-.PHONY: install demo test lint bench clean deploy image
+.PHONY: install demo test lint bench clean deploy image view
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# make view: the results viewer on the demo's audits (http://127.0.0.1:8501)
+view: $(STAMP)
+	$(BIN)/microscope view
 
 # make deploy: with PREFECT_API_URL set, create/update the work pools and register every deployment
 #              (idempotent; DEPLOY_ARGS="--pool-type process" for a laptop's process pools)

@@ -214,6 +214,23 @@ def cmd_schema(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_view(args: argparse.Namespace) -> int:
+    """The Streamlit viewer on the store (`--store`, else the settings'): reads finished results only."""
+    import importlib.util
+    import subprocess
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("dashboard")
+    if spec is None or spec.origin is None:
+        raise ValueError("the viewer (dashboard/) is not installed here; reinstall microscope with `make install`")
+    app = Path(spec.origin).parent / "app.py"
+    env = {**os.environ, **({"MICROSCOPE_STORE": args.store} if getattr(args, "store", None) else {})}
+    env.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")
+    cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host]
+    cmd += ["--server.port", str(args.port), "--server.headless", "true"]
+    return subprocess.call(cmd, env=env)
+
+
 def cmd_webhook_serve(args: argparse.Namespace) -> int:
     from deployments.webhook import create_app, serve
 
@@ -297,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     sc = sub.add_parser("schema", help="print the JSON Schema of the config, the audit record or the webhook body")
     sc.add_argument("which", choices=["config", "audit", "webhook"])
     sc.set_defaults(fn=cmd_schema)
+
+    v = sub.add_parser("view", help="open the results viewer (Streamlit) on the store")
+    v.add_argument("--store", default=argparse.SUPPRESS, help="a folder or s3://bucket/prefix (default: the settings')")
+    v.add_argument("--host", default="127.0.0.1")
+    v.add_argument("--port", type=int, default=8501)
+    v.set_defaults(fn=cmd_view)
 
     wh = sub.add_parser("webhook", help="the receiver training jobs POST 'checkpoint ready' to")
     whs = wh.add_subparsers(dest="webhook_command", required=True)

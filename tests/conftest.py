@@ -376,3 +376,41 @@ def stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(10)
+
+
+# ---- finished audits: what the results API and the viewer read -----------------------------------------
+
+SMALL_AUDIT = """
+dataset: {seq_len: 32, max_tokens: 2048}
+quantize: {formats: [int8]}
+trace: {layers: all, hooks: [resid], batch_size: 8, part_tokens: 512}
+sae: {hooks: [blocks.1.hook_resid_post], expansion: 2, k: 4, batch_size: 128, epochs: 2, buffer_tokens: 1024}
+metrics: {sensitivity_windows: 1, hutchinson_probes: 2, cka_tokens: 256}
+"""
+FINISHED_RUN = "run-finished"
+
+
+@pytest.fixture(scope="session")
+def finished_audits(
+    tmp_path_factory: pytest.TempPathFactory, prefect_api: str, tiny_gpt2_dir: Path, corpus_file: Path
+) -> dict[str, dict]:
+    """Real audits in one store, made once per session: steps 1 and 2 of training run FINISHED_RUN (every
+    stage but robustness) and a partial audit (ingest, metrics) of another run; their records by name."""
+    import json
+
+    root = tmp_path_factory.mktemp("finished")
+    (root / "audit.yaml").write_text(SMALL_AUDIT)
+    env = cli_env(root, prefect_api)
+
+    def audit(stages: str, *extra: str) -> dict:
+        args = ["run", "--model", str(tiny_gpt2_dir), "--dataset", str(corpus_file), "--config", "audit.yaml"]
+        p = run_cli([*args, "--stages", stages, "--json", *extra], env, root)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return json.loads(p.stdout)
+
+    full = "ingest,quantize,trace,sae,metrics,report"
+    return {
+        "step1": audit(full, "--run-id", FINISHED_RUN, "--step", "1"),
+        "step2": audit(full, "--run-id", FINISHED_RUN, "--step", "2"),
+        "partial": audit("ingest,metrics", "--run-id", "other"),
+    }

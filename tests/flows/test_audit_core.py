@@ -15,15 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, VENV_BIN, build_model, cli_env, corpus_lines, run_cli
+from tests.conftest import REPO, SMALL_AUDIT, VENV_BIN, build_model, cli_env, corpus_lines, run_cli
 
-SMALL = """
-dataset: {seq_len: 32, max_tokens: 2048}
-quantize: {formats: [int8]}
-trace: {layers: all, hooks: [resid], batch_size: 8, part_tokens: 512}
-sae: {hooks: [blocks.1.hook_resid_post], expansion: 2, k: 4, batch_size: 128, epochs: 2, buffer_tokens: 1024}
-metrics: {sensitivity_windows: 1, hutchinson_probes: 2, cka_tokens: 256}
-"""
+SMALL = SMALL_AUDIT  # a fast text audit: every stage but robustness in seconds
 NO_ROBUSTNESS = "ingest,quantize,trace,sae,metrics,report"
 
 

@@ -5,7 +5,6 @@ features Parquet, or the weights themselves."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -15,40 +14,15 @@ import pytest
 from microscope import results
 from microscope.errors import InputError
 from microscope.store import ArtifactStore, open_store
-from tests.conftest import cli_env, run_cli
+from tests.conftest import FINISHED_RUN
 
-SMALL = """
-dataset: {seq_len: 32, max_tokens: 2048}
-quantize: {formats: [int8]}
-trace: {layers: all, hooks: [resid], batch_size: 8, part_tokens: 512}
-sae: {hooks: [blocks.1.hook_resid_post], expansion: 2, k: 4, batch_size: 128, epochs: 2, buffer_tokens: 1024}
-metrics: {sensitivity_windows: 1, hutchinson_probes: 2, cka_tokens: 256}
-"""
+RUN = FINISHED_RUN
 HOOK = "blocks.1.hook_resid_post"
-RUN = "run-results"
-
-
-def _audit(model: Path, dataset: Path, env: dict[str, str], cwd: Path, stages: str, *extra: str) -> dict:
-    args = ["run", "--model", str(model), "--dataset", str(dataset), "--config", str(cwd / "audit.yaml")]
-    p = run_cli([*args, "--stages", stages, "--json", *extra], env, cwd)
-    assert p.returncode == 0, p.stderr[-3000:]
-    return json.loads(p.stdout)
 
 
 @pytest.fixture(scope="module")
-def audits(
-    tmp_path_factory: pytest.TempPathFactory, prefect_api: str, tiny_gpt2_dir: Path, corpus_file: Path
-) -> tuple[ArtifactStore, dict[str, dict]]:
-    root = tmp_path_factory.mktemp("results")
-    (root / "audit.yaml").write_text(SMALL)
-    env = cli_env(root, prefect_api)
-    full = "ingest,quantize,trace,sae,metrics,report"
-    recs = {
-        "step1": _audit(tiny_gpt2_dir, corpus_file, env, root, full, "--run-id", RUN, "--step", "1"),
-        "step2": _audit(tiny_gpt2_dir, corpus_file, env, root, full, "--run-id", RUN, "--step", "2"),
-        "partial": _audit(tiny_gpt2_dir, corpus_file, env, root, "ingest,metrics", "--run-id", "other"),
-    }
-    return open_store(recs["step1"]["store_uri"]), recs
+def audits(finished_audits: dict[str, dict]) -> tuple[ArtifactStore, dict[str, dict]]:
+    return open_store(finished_audits["step1"]["store_uri"]), finished_audits
 
 
 def test_list_audits_filters(audits) -> None:

@@ -1,0 +1,60 @@
+"""Microscope's viewer of finished audits: `streamlit run dashboard/app.py` (or `python -m dashboard
+[--store URI]`). The sidebar chooses the store and the audit; `st.navigation` runs the page."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import streamlit as st
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # `streamlit run` puts dashboard/ on the path, not the repository root
+    sys.path.insert(0, str(ROOT))
+
+from dashboard import state  # noqa: E402
+
+PAGES = Path(__file__).resolve().parent / "pages"
+
+st.set_page_config(page_title="Microscope", page_icon="🔬", layout="wide")
+state.restore_params()
+
+
+def _store_changed() -> None:
+    uri = st.session_state["_microscope_store_input"].strip()
+    state.set_param("store", None if uri in ("", state.default_store_uri()) else uri)
+    state.set_param("audit", None)  # the old store's audit means nothing in the new one
+    state.set_param("compare", None)
+    state.set_param("run", None)
+
+
+with st.sidebar:
+    st.title("🔬 Microscope")
+    st.session_state["_microscope_store_input"] = state.store_uri()
+    st.text_input(
+        "Store",
+        key="_microscope_store_input",
+        on_change=_store_changed,
+        help="A folder or s3://bucket/prefix (default: the settings' store, from MICROSCOPE_HOME or MICROSCOPE_STORE).",
+    )
+    if st.button("Reload", help="Read the store again (new audits, finished stages)."):
+        st.cache_data.clear()
+    uri = state.store_uri()
+    refs = []
+    if not state._local_missing(uri):
+        try:
+            refs = state.audit_index(uri)
+        except state.READ_ERRORS as e:  # the page says what is wrong; the sidebar only stays quiet
+            st.caption(f"Cannot list the audits: {e}")
+    if refs:
+        state.audit_picker(refs, widget=st.selectbox, key="_microscope_pick.sidebar_audit")
+        st.caption(f"{len(refs)} audit(s) in the store")
+
+pages = [
+    st.Page(str(PAGES / "audits.py"), title="Audits", icon="🗂️", default=True),
+    st.Page(str(PAGES / "overview.py"), title="Overview", icon="📋"),
+    st.Page(str(PAGES / "layers.py"), title="Layers", icon="🧱"),
+    st.Page(str(PAGES / "evolution.py"), title="Evolution", icon="📈"),
+    st.Page(str(PAGES / "compare.py"), title="Compare", icon="⚖️"),
+]
+st.navigation(pages).run()

@@ -1,0 +1,279 @@
+"""What every page shares: the selection (kept in the URL's query parameters, so a link reopens the same
+view), the store, the cached loaders and the "what is missing, and how to produce it" notices.
+
+Selection parameters: `store` (only when it differs from the settings' store), `audit`, `compare`,
+`run`, `step`, `layer` (a weight matrix's `name` in the layer table). A parameter the URL lacks is taken
+from this session's last choice (page switches may drop the query string), then from a default.
+
+Caching: records and tables go through `st.cache_data` keyed by (store URI, audit id, manifest digest),
+so a recomputed stage invalidates them; the audit index and records live 10 s (a running audit's record
+changes); the per-layer series of a whole run (large, read-only) through `st.cache_resource`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import streamlit as st
+
+from microscope import results
+from microscope.errors import InputError
+from microscope.settings import get_settings
+from microscope.store import ArtifactStore, open_store
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from schemas.records import AuditRecord
+
+T = TypeVar("T")
+
+
+def _read_errors() -> tuple[type[BaseException], ...]:
+    """What reading a store can raise: a bad URI or key, I/O, an invalid record, S3 (botocore)."""
+    errors: tuple[type[BaseException], ...] = (InputError, OSError, ValueError, KeyError)
+    try:
+        from botocore.exceptions import BotoCoreError, ClientError
+    except ImportError:
+        return errors
+    return (*errors, BotoCoreError, ClientError)
+
+
+READ_ERRORS = _read_errors()
+PARAMS = ("store", "audit", "compare", "run", "step", "layer")
+INDEX_TTL_S = 10
+PRODUCE = (
+    "Produce one with `microscope run --model PATH_OR_HUB_ID --dataset FILE` (add `--run-id RUN --step N` "
+    "for a checkpoint of a training run; `make demo` audits the demo models), or point the sidebar's store "
+    "at the folder or `s3://` prefix that holds the audits (`MICROSCOPE_HOME` / `MICROSCOPE_STORE`)."
+)
+
+
+# ---- the selection ----------------------------------------------------------------------------
+
+
+def _remembered(name: str) -> str:
+    return f"_microscope_sel.{name}"
+
+
+def param(name: str) -> str | None:
+    """The selection `name`: the URL's, else this session's last choice."""
+    value = st.query_params.get(name)
+    if value is None or value == "":
+        value = st.session_state.get(_remembered(name))
+    return value or None
+
+
+def set_param(name: str, value: Any) -> None:
+    """Select `value` (None clears it) in the URL and in this session."""
+    if value is None:
+        st.query_params.pop(name, None)
+        st.session_state.pop(_remembered(name), None)
+        return
+    st.query_params[name] = str(value)
+    st.session_state[_remembered(name)] = str(value)
+
+
+def restore_params() -> None:
+    """Put this session's choices back into a URL that lost them (a page switch), so links stay whole."""
+    for name in PARAMS:
+        if name not in st.query_params and (value := st.session_state.get(_remembered(name))):
+            st.query_params[name] = value
+
+
+def choose(
+    label: str,
+    options: Sequence[T],
+    name: str,
+    *,
+    default: T | None = None,
+    widget: Callable[..., Any] | None = None,
+    key: str | None = None,
+    format_func: Callable[[T], str] = str,
+    **kwargs: Any,
+) -> T:
+    """A picker (`st.selectbox` unless `widget` says otherwise, e.g. `st.sidebar.selectbox` or
+    `st.select_slider`) whose value is the query parameter `name`: the URL's value when it is among
+    `options`, else `default`, else the first option. The choice is written back to the URL."""
+    if not options:
+        raise ValueError(f"no options to choose {name} from")
+    wanted = param(name)
+    current = next((o for o in options if str(o) == wanted), None)
+    if current is None:
+        current = default if default is not None and default in options else options[0]
+    key = key or f"_microscope_pick.{name}"
+    st.session_state[key] = current  # the URL is the source of truth; the widget shows it
+
+    def changed() -> None:
+        set_param(name, st.session_state[key])
+
+    (widget or st.selectbox)(label, options, key=key, on_change=changed, format_func=format_func, **kwargs)
+    set_param(name, current)
+    return current
+
+
+# ---- the store --------------------------------------------------------------------------------
+
+
+def default_store_uri() -> str:
+    return get_settings().store_uri
+
+
+def store_uri() -> str:
+    return param("store") or default_store_uri()
+
+
+@st.cache_resource(show_spinner=False)
+def _open(uri: str) -> ArtifactStore:
+    return open_store(uri)
+
+
+def _local_missing(uri: str) -> bool:
+    return "://" not in uri.removeprefix("file://") and not Path(uri.removeprefix("file://")).expanduser().is_dir()
+
+
+def store() -> ArtifactStore | None:
+    """The selected store, or None (with a notice on the page) when it cannot be opened. A local folder
+    that does not exist is not created: the viewer only reads."""
+    uri = store_uri()
+    if _local_missing(uri):
+        st.info(f"There is no store at `{uri}` yet: no audit has been written there. {PRODUCE}")
+        return None
+    try:
+        return _open(uri)
+    except READ_ERRORS as e:  # a bad URI or unreachable S3: say so, never raise into the page
+        st.error(f"Cannot open the store `{uri}`: {e}")
+        return None
+
+
+@st.cache_data(ttl=INDEX_TTL_S, show_spinner=False)
+def audit_index(uri: str) -> list[results.AuditRef]:
+    """Every audit in the store, oldest first (the records' JSON only)."""
+    return results.list_audits(_open(uri))
+
+
+def index_or_stop() -> tuple[ArtifactStore, list[results.AuditRef]]:
+    """The store and its audits; on an unusable or empty store, a notice saying how to produce an audit,
+    and the page stops there."""
+    s = store()
+    if s is None:
+        st.stop()
+    try:
+        refs = audit_index(s.uri)
+    except READ_ERRORS as e:  # an unreadable record in the index
+        st.error(f"Cannot list the audits in `{s.uri}`: {e}")
+        st.stop()
+    if not refs:
+        st.info(f"No audit in the store `{s.uri}` yet. {PRODUCE}")
+        st.stop()
+    return s, refs
+
+
+def describe(ref: results.AuditRef) -> str:
+    run = f" · {ref.run_id}@{ref.step}" if ref.run_id else ""
+    return f"{ref.audit_id}{run} · {ref.status}"
+
+
+def selected_audit(refs: Sequence[results.AuditRef], name: str = "audit") -> results.AuditRef:
+    """The audit the URL names (a unique id prefix is enough), else the latest."""
+    wanted = param(name)
+    by_id = {r.audit_id: r for r in refs}
+    if wanted and wanted not in by_id:
+        matches = [r for r in refs if r.audit_id.startswith(wanted)]
+        if len(matches) == 1:
+            return matches[0]
+        st.warning(f"No audit `{wanted}` in this store: showing the latest instead.")
+    return by_id.get(wanted or "", refs[-1])
+
+
+def audit_picker(refs: Sequence[results.AuditRef], *, widget: Callable[..., Any], key: str) -> results.AuditRef:
+    """A picker over `refs` (newest first) bound to the `audit` parameter."""
+    current = selected_audit(refs)
+    newest_first = [r.audit_id for r in reversed(refs)]
+    by_id = {r.audit_id: r for r in refs}
+    if current.audit_id not in by_id:
+        current = refs[-1]
+    chosen = choose(
+        "Audit", newest_first, "audit", default=current.audit_id, widget=widget, key=key,
+        format_func=lambda i: describe(by_id[i]),
+    )  # fmt: skip
+    return by_id[chosen]
+
+
+# ---- cached loaders ---------------------------------------------------------------------------
+
+
+@st.cache_data(ttl=INDEX_TTL_S, show_spinner=False)
+def record(uri: str, audit_id: str) -> AuditRecord:
+    return results.load_audit(_open(uri), audit_id)
+
+
+def record_or_stop(s: ArtifactStore, audit_id: str) -> AuditRecord:
+    try:
+        return record(s.uri, audit_id)
+    except READ_ERRORS as e:  # a record that no longer validates: say which, do not raise
+        st.error(f"Cannot read the record of audit `{audit_id}` in `{s.uri}`: {e}")
+        st.stop()
+
+
+def digest(s: ArtifactStore, rec: AuditRecord) -> str:
+    return results.manifest_digest(s, rec)
+
+
+@st.cache_data(max_entries=64, show_spinner="Joining the layer table…")
+def _layer_table(uri: str, audit_id: str, manifest_digest: str, _rec: AuditRecord) -> pd.DataFrame:
+    del audit_id, manifest_digest  # the cache key: a recomputed stage changes the digest
+    return results.layer_table(_open(uri), _rec)
+
+
+def layer_table(s: ArtifactStore, rec: AuditRecord) -> pd.DataFrame:
+    """`results.layer_table`, cached by (store, audit id, manifest digest); `attrs` kept."""
+    return _layer_table(s.uri, rec.audit_id, digest(s, rec), rec)
+
+
+def _run_key(s: ArtifactStore, refs: Sequence[results.AuditRef]) -> tuple[tuple[str, str], ...]:
+    return tuple((r.audit_id, digest(s, record(s.uri, r.audit_id))) for r in refs)
+
+
+@st.cache_data(max_entries=16, show_spinner="Reading the run…")
+def _run_series(uri: str, run_id: str, key: tuple[tuple[str, str], ...]) -> pd.DataFrame:
+    del key
+    return results.run_series(_open(uri), run_id)
+
+
+def run_series(s: ArtifactStore, run_id: str, refs: Sequence[results.AuditRef]) -> pd.DataFrame:
+    """The run's headline series, cached by (store, run, its audits' ids and manifest digests)."""
+    return _run_series(s.uri, run_id, _run_key(s, refs))
+
+
+@st.cache_resource(max_entries=4, show_spinner="Reading the run's layer tables…")
+def _run_layers(uri: str, run_id: str, key: tuple[tuple[str, str], ...]) -> pd.DataFrame:
+    del key
+    return results.run_series(_open(uri), run_id, layers=True)
+
+
+def run_layers(s: ArtifactStore, run_id: str, refs: Sequence[results.AuditRef]) -> pd.DataFrame:
+    """Every audit's layer table of the run, stacked (large and read-only: shared, never copied; do not
+    modify it)."""
+    return _run_layers(s.uri, run_id, _run_key(s, refs))
+
+
+# ---- notices ----------------------------------------------------------------------------------
+
+
+def notices(missing: dict[str, str]) -> None:
+    """One notice per missing part: a warning where something failed, else an info; each says how to
+    produce it (the texts come from `microscope.results`)."""
+    for part, why in missing.items():
+        (st.warning if "failed" in why else st.info)(f"**{part}**: {why}")
+
+
+def numeric_columns(df: pd.DataFrame, exclude: Sequence[str] = ()) -> list[str]:
+    import pandas as pd
+
+    return [
+        c for c in df.columns
+        if c not in exclude and pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
+    ]  # fmt: skip
