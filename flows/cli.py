@@ -217,7 +217,6 @@ def cmd_schema(args: argparse.Namespace) -> int:
 def cmd_view(args: argparse.Namespace) -> int:
     """The Streamlit viewer on the store (`--store`, else the settings'): reads finished results only."""
     import importlib.util
-    import subprocess
     from pathlib import Path
 
     spec = importlib.util.find_spec("dashboard")
@@ -228,7 +227,8 @@ def cmd_view(args: argparse.Namespace) -> int:
     env.setdefault("STREAMLIT_BROWSER_GATHER_USAGE_STATS", "false")
     cmd = [sys.executable, "-m", "streamlit", "run", str(app), "--server.address", args.host]
     cmd += ["--server.port", str(args.port), "--server.headless", "true"]
-    return subprocess.call(cmd, env=env)
+    os.execve(sys.executable, cmd, env)  # streamlit replaces this process: a signal to it stops the viewer
+    return 0
 
 
 def cmd_webhook_serve(args: argparse.Namespace) -> int:
