@@ -53,8 +53,13 @@ with st.sidebar:
 pages = [
     st.Page(str(PAGES / "audits.py"), title="Audits", icon="🗂️", default=True),
     st.Page(str(PAGES / "overview.py"), title="Overview", icon="📋"),
+    st.Page(str(PAGES / "architecture.py"), title="Architecture", icon="🏗️"),
     st.Page(str(PAGES / "layers.py"), title="Layers", icon="🧱"),
-    st.Page(str(PAGES / "evolution.py"), title="Evolution", icon="📈"),
+    st.Page(str(PAGES / "sae.py"), title="SAE features", icon="🧬"),
+    st.Page(str(PAGES / "quantization.py"), title="Quantization", icon="🗜️"),
+    st.Page(str(PAGES / "robustness.py"), title="Robustness", icon="🛡️"),
     st.Page(str(PAGES / "compare.py"), title="Compare", icon="⚖️"),
+    st.Page(str(PAGES / "evolution.py"), title="Evolution", icon="📈"),
+    st.Page(str(PAGES / "search.py"), title="Search", icon="🔎"),
 ]
 st.navigation(pages).run()

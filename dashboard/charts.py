@@ -71,3 +71,108 @@ def paired_bars(df: pd.DataFrame, column: str, labels: tuple[str, str]) -> alt.C
 def _field(column: str) -> str:
     """A column name as a Vega-Lite field (dots and brackets escaped)."""
     return column.replace(".", "\\.").replace("[", "\\[").replace("]", "\\]")
+
+
+def memory_bars(memory: pd.DataFrame, formats: list[str]) -> alt.Chart:
+    """Weight MiB per block, one bar per format side by side (block -1: outside the blocks)."""
+    import pandas as pd
+
+    long = pd.concat(
+        [pd.DataFrame({"layer": memory["layer"], "format": f, "MiB": memory[f"bytes[{f}]"] / 2**20}) for f in formats]
+    )
+    return (
+        alt.Chart(long.head(MAX_POINTS), title="weight memory per block")
+        .mark_bar()
+        .encode(
+            x=alt.X("layer:O", title="block (-1: outside the blocks)"),
+            xOffset=alt.XOffset("format:N", sort=formats),
+            y=alt.Y("MiB:Q"),
+            color=alt.Color("format:N", sort=formats),
+            tooltip=["layer", "format", alt.Tooltip("MiB:Q", format=".3f")],
+        )
+        .properties(height=240)
+    )
+
+
+def by_layer(df: pd.DataFrame, column: str, title: str, color: str = "variant") -> alt.Chart:
+    """`column` against the block index, one line per `color` value (and dash per hook kind)."""
+    data = df.head(MAX_POINTS)
+    enc = {"strokeDash": alt.StrokeDash("kind:N", title="hook")} if "kind" in data.columns else {}
+    return (
+        alt.Chart(data, title=title)
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("layer:O", title="block"),
+            y=alt.Y(f"{_field(column)}:Q", title=column, scale=alt.Scale(zero=False)),
+            color=alt.Color(f"{color}:N", title=None),
+            tooltip=[color, "layer", alt.Tooltip(f"{_field(column)}:Q", title=column, format=".4g")],
+            **enc,
+        )
+        .properties(height=220)
+    )
+
+
+def eps_curves(curves: pd.DataFrame, attack: str) -> alt.Chart:
+    """Accuracy against ε for one attack, one line per variant."""
+    data = curves[curves["attack"] == attack].head(MAX_POINTS)
+    return (
+        alt.Chart(data, title=f"{attack}: accuracy vs ε")
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("eps:Q", title="ε (box units)"),
+            y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
+            color=alt.Color("variant:N", title=None),
+            tooltip=["variant", alt.Tooltip("eps:Q", format=".4g"), alt.Tooltip("accuracy:Q", format=".3f")],
+        )
+        .properties(height=240)
+    )
+
+
+def projection(points: pd.DataFrame, step: int, domains: dict[str, list[float]], trail: int = 3) -> alt.LayerChart:
+    """The run's matrices on its first two principal components at `step`, on axes fixed for the whole run
+    (so motion is change), with each matrix's last `trail` positions as a fading path."""
+    steps = sorted(points["step"].unique())
+    i = steps.index(step)
+    window = points[points["step"].isin(steps[max(0, i - trail) : i + 1])].head(MAX_POINTS)
+    now = window[window["step"] == step]
+    x = alt.X("pc1:Q", scale=alt.Scale(domain=domains["pc1"]), title="PC 1")
+    y = alt.Y("pc2:Q", scale=alt.Scale(domain=domains["pc2"]), title="PC 2")
+    paths = (
+        alt.Chart(window)
+        .mark_line(opacity=0.35)
+        .encode(x=x, y=y, detail="name:N", order="step:Q", color=alt.Color("layer:O", legend=None))
+    )
+    dots = (
+        alt.Chart(now, title=f"layer statistics, step {step}")
+        .mark_circle(size=70)
+        .encode(
+            x=x,
+            y=y,
+            color=alt.Color("layer:O", title="block"),
+            tooltip=["name", "layer", "role", alt.Tooltip("pc1:Q", format=".3f"), alt.Tooltip("pc2:Q", format=".3f")],
+        )
+    )
+    return alt.layer(paths, dots).properties(height=360)
+
+
+OUTCOME_COLORS = {"pass": "#2ca02c", "warn": "#e6a700", "fail": ANOMALY, "skipped": "#c7c7c7"}
+
+
+def gate_strip(history: pd.DataFrame) -> alt.Chart:
+    """One row per rule, one cell per gated step, coloured by the rule's outcome there."""
+    data = history.head(MAX_POINTS)
+    return (
+        alt.Chart(data, title="gate outcome per rule and step")
+        .mark_rect(stroke="white")
+        .encode(
+            x=alt.X("step:O", title="step"),
+            y=alt.Y("rule:N", title=None, sort=None),
+            color=alt.Color(
+                "outcome:N",
+                scale=alt.Scale(domain=list(OUTCOME_COLORS), range=list(OUTCOME_COLORS.values())),
+                title=None,
+            ),
+            tooltip=["step", "rule", "outcome", alt.Tooltip("compared:Q", format=".4g"), "offenders", "audit_id"],
+        )
+        .properties(height=max(80, 22 * data["rule"].nunique()))
+    )

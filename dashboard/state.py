@@ -42,7 +42,7 @@ def _read_errors() -> tuple[type[BaseException], ...]:
 
 
 READ_ERRORS = _read_errors()
-PARAMS = ("store", "audit", "compare", "run", "step", "layer")
+PARAMS = ("store", "audit", "compare", "run", "step", "layer", "hook", "feature", "what")
 INDEX_TTL_S = 10
 PRODUCE = (
     "Produce one with `microscope run --model PATH_OR_HUB_ID --dataset FILE` (add `--run-id RUN --step N` "
@@ -277,3 +277,134 @@ def numeric_columns(df: pd.DataFrame, exclude: Sequence[str] = ()) -> list[str]:
         c for c in df.columns
         if c not in exclude and pd.api.types.is_numeric_dtype(df[c]) and not pd.api.types.is_bool_dtype(df[c])
     ]  # fmt: skip
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _module_table(uri: str, audit_id: str, manifest_digest: str, _rec: AuditRecord) -> pd.DataFrame:
+    del uri, audit_id, manifest_digest
+    return results.module_table(_rec)
+
+
+def module_table(s: ArtifactStore, rec: AuditRecord) -> pd.DataFrame:
+    """`results.module_table`, cached like the layer table."""
+    return _module_table(s.uri, rec.audit_id, digest(s, rec), rec)
+
+
+# ---- SAE features and vectors ------------------------------------------------------------------
+
+
+@st.cache_resource(max_entries=8, show_spinner="Reading the features table…")
+def _features(uri: str, audit_id: str, manifest_digest: str, hook: str, _rec: AuditRecord) -> pd.DataFrame:
+    del audit_id, manifest_digest
+    return results.features(_open(uri), _rec, hook)
+
+
+def features(s: ArtifactStore, rec: AuditRecord, hook: str) -> pd.DataFrame:
+    """`results.features` (large, read-only: shared, never copied; do not modify it)."""
+    return _features(s.uri, rec.audit_id, digest(s, rec), hook, rec)
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def feature_contexts(
+    uri: str, audit_id: str, manifest_digest: str, hook: str, feature: int, _rec: AuditRecord
+) -> list[dict]:
+    del audit_id, manifest_digest
+    return results.feature_contexts(_open(uri), _rec, hook, feature)
+
+
+@st.cache_resource(max_entries=2, show_spinner="Opening the vector index…")
+def _vector_index(version: float | None) -> Any:
+    import tempfile
+
+    from microscope.vectors import reader_index
+
+    del version  # the cache key: a newer local folder means a new snapshot
+    return reader_index(tempfile.mkdtemp(prefix="microscope-qdrant-"))
+
+
+def vector_index() -> Any:
+    """The Qdrant index to read: the server (QDRANT_URL), else a snapshot of the local folder, refreshed
+    when the folder changes; None when nothing is indexed (the page says how to index)."""
+    from microscope.vectors import local_version
+
+    return _vector_index(local_version())
+
+
+@st.cache_data(ttl=INDEX_TTL_S, max_entries=256, show_spinner=False)
+def similar(version: float | None, collection: str, key: tuple, k: int) -> list[dict]:
+    index = _vector_index(version)
+    return index.similar(collection, key, k) if index is not None else []
+
+
+def nearest(collection: str, key: tuple, k: int) -> list[dict]:
+    """`VectorIndex.similar` through the reader index, cached per (snapshot, key, k)."""
+    from microscope.vectors import local_version
+
+    return similar(local_version(), collection, key, k)
+
+
+NOT_INDEXED = (
+    "Nothing is indexed in Qdrant yet: the metrics stage indexes the layers and SAE features of every audit "
+    "(local folder `$MICROSCOPE_HOME/qdrant`, or the server named by `QDRANT_URL`)."
+)
+
+
+def choose_int(label: str, name: str, *, max_value: int, default: int = 0) -> int:
+    """A number input in [0, max_value] bound to the query parameter `name` (like `choose`)."""
+    wanted = param(name)
+    value = int(wanted) if wanted and wanted.isdigit() and int(wanted) <= max_value else default
+    key = f"_microscope_pick.{name}"
+    st.session_state[key] = value  # the URL is the source of truth; the widget shows it
+
+    def changed() -> None:
+        set_param(name, st.session_state[key])
+
+    st.number_input(label, min_value=0, max_value=max_value, step=1, key=key, on_change=changed)
+    set_param(name, value)
+    return value
+
+
+def display(table: pd.DataFrame) -> pd.DataFrame:
+    """A layer table for st.dataframe: list columns as text (exports keep the lists)."""
+    shown = table.copy()
+    for col in ("anomalies", "anomaly_reasons"):
+        if col in shown.columns:
+            shown[col] = shown[col].map(lambda v: "; ".join(v) if isinstance(v, list) else v)
+    return shown
+
+
+@st.cache_resource(max_entries=4, show_spinner=False)
+def _run_projection(uri: str, run_id: str, key: tuple[tuple[str, str], ...]) -> pd.DataFrame:
+    return results.run_projection(_run_layers(uri, run_id, key), dims=3)
+
+
+def run_projection(s: ArtifactStore, run_id: str, refs: Sequence[results.AuditRef]) -> pd.DataFrame:
+    """The run's layers on its principal components (`results.run_projection`, 3 components), cached."""
+    return _run_projection(s.uri, run_id, _run_key(s, refs))
+
+
+def projection_3d(points: pd.DataFrame, step: int) -> Any:
+    """A plotly 3-D scatter of the matrices at `step`, axes fixed over the run (Vega-Lite has no 3-D)."""
+    import plotly.graph_objects as go
+
+    now = points[points["step"] == step]
+    rng = {c: [float(points[c].min()), float(points[c].max())] for c in ("pc1", "pc2", "pc3")}
+    fig = go.Figure(
+        go.Scatter3d(
+            x=now["pc1"], y=now["pc2"], z=now["pc3"], mode="markers", text=now["name"],
+            marker={"size": 4, "color": now["layer"], "colorscale": "Viridis", "colorbar": {"title": "block"}},
+        )
+    )  # fmt: skip
+    fig.update_layout(
+        height=380, margin={"l": 0, "r": 0, "t": 30, "b": 0}, title=f"step {step}",
+        scene={"xaxis": {"range": rng["pc1"], "title": "PC 1"}, "yaxis": {"range": rng["pc2"], "title": "PC 2"},
+               "zaxis": {"range": rng["pc3"], "title": "PC 3"}},
+    )  # fmt: skip
+    return fig
+
+
+def current_audit() -> tuple[ArtifactStore, list[results.AuditRef], AuditRecord]:
+    """What most pages start from: the store, its audits and the selected audit's record (or a notice and
+    a stop when there is none)."""
+    s, refs = index_or_stop()
+    return s, refs, record_or_stop(s, selected_audit(refs).audit_id)

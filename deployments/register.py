@@ -42,6 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--watch-prefix", default=os.environ.get("MICROSCOPE_WATCH_PREFIX", "s3://checkpoints"))
     p.add_argument("--wait", type=float, default=300, help="seconds to wait for the Prefect API")
     p.add_argument("--skip-deploy", action="store_true", help="pools (and the results block) only")
+    p.add_argument(
+        "--gate-notify-block",
+        default=None,
+        help="notification block <type>/<name> that failed gates are sent to (default: MICROSCOPE_GATE_NOTIFY_BLOCK)",
+    )
     return p.parse_args(argv)
 
 
@@ -127,6 +132,61 @@ def ensure_results_block() -> None:
     print(f"result storage: s3-bucket/{RESULTS_BLOCK} -> s3://{bucket}/{block.bucket_folder}")
 
 
+GATE_AUTOMATION = "microscope-gate-failed"
+GATE_SUBJECT = "Microscope: gate failed for {{ event.resource['microscope.run_id'] or 'audit' }} step {{ event.resource['microscope.step'] }}"
+GATE_BODY = """{{ event.payload.summary }}
+
+Audit: {{ event.resource['microscope.audit_id'] }} (run {{ event.resource['microscope.run_id'] }}, step {{ event.resource['microscope.step'] }})
+Baseline: {{ event.payload.baseline_audit_id or 'none' }}
+Failed rules: {{ event.payload.failed | join(', ') }}
+Report: {{ event.payload.report or 'none' }}"""
+
+
+def ensure_gate_automation(block: str | None) -> str:
+    """The automation that sends `block`'s message on every `microscope.gate.failed` event (created, or
+    updated in place); without a block, one line saying how to name one. Returns what it did."""
+    from microscope.settings import get_settings
+
+    block = block or get_settings().gate_notify_block
+    if not block:
+        return "gate alerts: off (name a notification block with MICROSCOPE_GATE_NOTIFY_BLOCK=<type>/<name>)"
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.events.actions import SendNotification
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    kind, _, name = block.partition("/")
+    with get_client(sync_client=True) as client:
+        try:
+            doc = client.read_block_document_by_name(name=name, block_type_slug=kind)
+        except Exception:  # noqa: BLE001 -- ObjectNotFound and friends: the message says what to do
+            sys.exit(
+                f"error: no notification block {block!r} in Prefect; create it (prefect block create {kind}) first"
+            )
+    wanted = Automation(
+        name=GATE_AUTOMATION,
+        description="Microscope: tell the training team when a checkpoint fails its regression gates.",
+        trigger=EventTrigger(
+            expect={"microscope.gate.failed"},
+            match={"prefect.resource.id": "microscope.audit.*"},
+            posture=Posture.Reactive,
+            threshold=1,
+        ),
+        actions=[SendNotification(block_document_id=doc.id, subject=GATE_SUBJECT, body=GATE_BODY)],
+    )
+    try:
+        found = Automation.read(name=GATE_AUTOMATION)
+    except ValueError:
+        wanted.create()
+        return f"gate alerts: automation {GATE_AUTOMATION} created, sending to {block}"
+    same = found.model_dump(exclude={"id", "owner_resource"}) == wanted.model_dump(exclude={"id", "owner_resource"})
+    if same:
+        return f"gate alerts: automation {GATE_AUTOMATION} unchanged"
+    wanted.id = found.id
+    wanted.update()
+    return f"gate alerts: automation {GATE_AUTOMATION} updated, sending to {block}"
+
+
 def deploy(args: argparse.Namespace) -> None:
     default_dir = "/opt/microscope" if args.pool_type == "kubernetes" else str(ROOT)
     env = {
@@ -155,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
     ensure_results_block()
     if not args.skip_deploy:
         deploy(args)
+    print(ensure_gate_automation(args.gate_notify_block))
 
 
 if __name__ == "__main__":

@@ -266,6 +266,7 @@ def _with_record(out: AuditStatus, message: str | None) -> AuditStatus:
     """The finished audit's record from the store: its status, report and headline figures."""
     from microscope import audits
     from microscope.errors import InputError
+    from microscope.result_callback import gate_of
     from microscope.store import open_store
 
     try:
@@ -277,6 +278,7 @@ def _with_record(out: AuditStatus, message: str | None) -> AuditStatus:
             "status": rec.status.value,
             "report": rec.report_uri,
             "figures": audits.headline(rec),
+            "gate": gate_of(rec),
             "error": rec.error,
         }
     )

@@ -17,11 +17,15 @@ from prefect import flow, get_run_logger
 from prefect.context import get_run_context
 from prefect.states import Failed
 
+from flows.gate import emit as emit_gate_event
+from flows.gate import run_gate
 from flows.settle import Settler, one_line
 from flows.stages import expand_stages
 from flows.tracker import OK, AuditTracker
 from microscope import audits
 from microscope.errors import InputError
+from microscope.feature_matching import describe, match_run_previous
+from microscope.gates import load_rules
 from microscope.models.loading import resolve
 from microscope.result_callback import failed_payload, post_result, result_payload
 from microscope.stages.ingest import dataset_fingerprint, load_outputs
@@ -68,6 +72,8 @@ def audit(
         cfg = resolve_config(config, {"model.source": model, "dataset.path": dataset})
         ref = resolve(cfg.model)
         st = open_store(store)
+        if cfg.gate.rules is not None:  # bad rules are the caller's error: refuse before anything runs
+            load_rules(cfg.gate.rules)
         req = AuditRequest(
             audit_id=audit_id or ctx.flow_run.name,
             run_id=run_id,
@@ -126,8 +132,12 @@ def run_pipeline(
         _index(t, ing)
         if "robustness" in req.stages:
             _robustness(t, s, ing, produced)
+        verdict = run_gate(t) if cfg.gate.rules is not None else None
         if "report" in req.stages:
             _report(t, s)
+        if verdict is not None:  # after the report, so that the alert can link it
+            emit_gate_event(verdict, flow_run_id, t.rec.report_uri)
+        _match_previous(t)
     if not cfg.quantize.formats:
         why["quantize"] = "no quantize.formats configured"
     if not cfg.sae.hooks:
@@ -267,6 +277,24 @@ def _report(t: AuditTracker, s: Settler) -> None:
     r = t.stage(s.run(report_task, "report", "report", **kw), "report")
     if _ok(r):
         t.rec.report_uri = r.artifacts["report"]
+
+
+def _match_previous(t: AuditTracker) -> None:
+    """SAE features matched against the run's previous checkpoint, stored under matches/ before the audit
+    ends (the viewer reads them); a failure here is one log line, never a failed audit."""
+    if not t.rec.saes:
+        return
+    log = get_run_logger()
+    try:
+        outcomes = match_run_previous(t.store, t.rec)
+    except Exception as exc:  # noqa: BLE001 -- matching is a bonus on top of the audit
+        log.warning("feature matching failed: %s", one_line(exc))
+        return
+    for o in outcomes:
+        if o.matches is not None:
+            log.info("features matched %s → %s: %s", o.audit_a, o.audit_b, describe(o.matches))
+        else:
+            log.info("features on %s not matched: %s", o.hook, o.reason)
 
 
 def _compare_traces(store: ArtifactStore, audit_ids: list[str]) -> dict[str, StageRecord]:

@@ -98,6 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             stages=stages,
             store=store.uri,
             audit_id=audit_id,
+            callback_url=args.callback_url,
             return_state=True,
         )
     try:
@@ -206,12 +207,66 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_schema(args: argparse.Namespace) -> int:
     from schemas.config import AuditConfig
+    from schemas.gates import GateRules
     from schemas.records import AuditRecord
     from schemas.webhook import CheckpointReady
 
-    model = {"config": AuditConfig, "audit": AuditRecord, "webhook": CheckpointReady}[args.which]
+    model = {"config": AuditConfig, "audit": AuditRecord, "webhook": CheckpointReady, "gates": GateRules}[args.which]
     print(json.dumps(model.model_json_schema(), indent=2))
     return 0
+
+
+def cmd_match(args: argparse.Namespace) -> int:
+    """SAE features of AUDIT_A matched one to one to AUDIT_B's (stored once per pair under matches/)."""
+    from microscope import audits
+    from microscope.errors import InputError
+    from microscope.feature_matching import describe, match_features
+    from microscope.store import open_store
+
+    store = open_store(args.store)
+    rec_a, rec_b = audits.load(store, args.audit_a), audits.load(store, args.audit_b)
+    hooks = [args.hook] if args.hook else sorted(set(rec_a.saes) & set(rec_b.saes))
+    if not hooks:
+        raise InputError(
+            f"audits {rec_a.audit_id} and {rec_b.audit_id} have no SAE on a common hook "
+            f"({', '.join(sorted(rec_a.saes)) or 'none'} vs {', '.join(sorted(rec_b.saes)) or 'none'})"
+        )
+    found = {h: match_features(store, rec_a, rec_b, h) for h in hooks}
+    if args.json:
+        print(json.dumps({h: m.summary for h, m in found.items()}, indent=2))
+        return 0
+    print(f"{rec_a.audit_id} → {rec_b.audit_id}")
+    for m in found.values():
+        print(f"  {describe(m)}  ({store.uri_for(m.summary['key'])})")
+    return 0
+
+
+def cmd_gate(args: argparse.Namespace) -> int:
+    """Judge a finished audit against gate rules and a baseline, without recomputing anything: exit 0
+    (pass or warn), 1 (fail), 2 (the rules, the audit or the baseline cannot be used)."""
+    from microscope import audits, gates
+    from microscope.store import open_store
+
+    store = open_store(args.store)
+    rec = audits.load(store, args.audit)
+    source = args.rules or (rec.config.get("gate") or {}).get("rules") or "gates"
+    rules, where = gates.load_rules(source)
+    verdict = gates.judge(store, rec, rules, baseline=args.baseline, source=where)
+    if args.save:
+        from microscope import tracking
+        from schemas.records import StageRecord, StageStatus
+
+        rec.stages["gate"] = StageRecord(
+            stage="gate", status=StageStatus.completed, details=verdict.model_dump(mode="json")
+        )
+        audits.save(store, rec)
+        if rec.mlflow_run_id:
+            tracking.log_gate(rec.mlflow_run_id, verdict)
+    if args.json:
+        print(verdict.model_dump_json(indent=2))
+    else:
+        print(gates.text(verdict))
+    return gates.EXIT[verdict.verdict]
 
 
 def cmd_view(args: argparse.Namespace) -> int:
@@ -291,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--run-id", help="the training run this checkpoint belongs to (microscope list --run)")
     r.add_argument("--step", type=int, help="the checkpoint's training step within --run-id")
     r.add_argument("--tag", action="append", metavar="KEY=VALUE", help="a tag on the audit (repeatable)")
+    r.add_argument("--callback-url", help="POST the audit's signed result (and gate verdict) here when it ends")
     r.add_argument("--json", action="store_true", help="print the audit record as JSON on stdout")
     r.set_defaults(fn=cmd_run)
 
@@ -311,9 +367,33 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--json", action="store_true")
     se.set_defaults(fn=cmd_search)
 
-    sc = sub.add_parser("schema", help="print the JSON Schema of the config, the audit record or the webhook body")
-    sc.add_argument("which", choices=["config", "audit", "webhook"])
+    sc = sub.add_parser(
+        "schema", help="print the JSON Schema of the config, the audit record, the webhook body or gates.yaml"
+    )
+    sc.add_argument("which", choices=["config", "audit", "webhook", "gates"])
     sc.set_defaults(fn=cmd_schema)
+
+    m = sub.add_parser("match", help="match two audits' SAE features one to one (survived, drifted, split, lost, new)")
+    m.add_argument("audit_a", metavar="AUDIT_A", help="the earlier audit (its features are labelled)")
+    m.add_argument("audit_b", metavar="AUDIT_B", help="the later audit (its unmatched features are new)")
+    m.add_argument("--hook", help="one SAE hook (default: every hook both audits trained an SAE on)")
+    m.add_argument("--store", default=argparse.SUPPRESS, help="a folder or s3://bucket/prefix (default: the settings')")
+    m.add_argument("--json", action="store_true", help="print the summary per hook as JSON")
+    m.set_defaults(fn=cmd_match)
+
+    g = sub.add_parser(
+        "gate", help="judge a finished audit against gate rules and a baseline (exit 0 pass/warn, 1 fail, 2 error)"
+    )
+    g.add_argument("audit", help="the audit id (a unique prefix is enough)")
+    g.add_argument(
+        "--rules", help="gates.yaml, or a name under examples/ (default: the audit's gate.rules, else gates)"
+    )
+    g.add_argument(
+        "--baseline", help="previous | first | none | AUDIT_ID | tag:KEY[=VALUE] (default: the rules' baseline)"
+    )
+    g.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    g.add_argument("--save", action="store_true", help="store the verdict in the audit's record and its MLflow run")
+    g.set_defaults(fn=cmd_gate)
 
     v = sub.add_parser("view", help="open the results viewer (Streamlit) on the store")
     v.add_argument("--store", default=argparse.SUPPRESS, help="a folder or s3://bucket/prefix (default: the settings')")

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from schemas.records import Architecture, DatasetSummary, StageRecord
+from schemas.gates import GateVerdict
+from schemas.records import Architecture, DatasetSummary, StageRecord, StageStatus
 
 from microscope import charts
 from microscope.figures import is_number
@@ -219,6 +220,13 @@ def _sae_view(saes: dict[str, StageRecord]) -> dict[str, Any]:
     return {"sae_rows": rows, "sae_charts": [_svg(charts.feature_density(hists))] if hists else []}
 
 
+def _gate_view(rec: StageRecord | None) -> GateVerdict | None:
+    """The gate stage's verdict (its details), shown first."""
+    if rec is None or rec.status == StageStatus.skipped or not rec.details.get("results"):
+        return None
+    return GateVerdict.model_validate(rec.details)
+
+
 def _role(name: str) -> str:
     """The matrix's name inside its block: 'transformer.h.3.mlp.c_fc.weight' -> 'mlp.c_fc'."""
     return re.sub(r"^.*?\.\d+\.", "", name).removesuffix(".weight")
@@ -414,6 +422,7 @@ def render(
     causal = bool(arch and arch.is_causal and arch.has_unembedding)
     context = {
         **_header(stages, arch, title),
+        "gate": _gate_view(stages.get("gate")),
         **_model_view(arch, max_modules),
         "data": data,
         **_trace_view(stages.get("trace")),

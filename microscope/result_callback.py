@@ -10,7 +10,7 @@ import random
 import time
 from typing import Any
 
-from schemas.records import AuditRecord
+from schemas.records import AuditRecord, StageStatus
 
 from microscope import audits
 
@@ -30,13 +30,24 @@ def result_payload(rec: AuditRecord, checkpoint: str, flow_run_id: str | None) -
         "error": rec.error,
         "report": rec.report_uri,
         "figures": audits.headline(rec),
+        "gate": gate_of(rec),
     }
+
+
+def gate_of(rec: AuditRecord) -> dict[str, Any] | None:
+    """The gate's verdict (the record's `gate` stage) when the audit has rules; None otherwise."""
+    g = rec.stages.get("gate")
+    if g is None or g.status == StageStatus.skipped:
+        return None
+    if g.status == StageStatus.failed:
+        return {"verdict": "error", "error": g.error}
+    return g.details
 
 
 def failed_payload(head: dict[str, Any], checkpoint: str, flow_run_id: str | None, error: str) -> dict[str, Any]:
     """An audit refused before it started (a bad config, a missing checkpoint): no record, the reason."""
     base = {"event": EVENT, "flow_run_id": flow_run_id, "checkpoint": checkpoint, **head}
-    return base | {"status": "failed", "error": error, "report": None, "figures": {}}
+    return base | {"status": "failed", "error": error, "report": None, "figures": {}, "gate": None}
 
 
 def post_result(url: str, payload: dict[str, Any], secret: str, give_up_after_s: float = 120.0) -> str | None:

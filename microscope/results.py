@@ -33,7 +33,9 @@ Columns (stable names; `<hook>` is resid | mlp | attn, `<v>` a quantized variant
 - metrics, per matrix: `l1`, `frobenius`, `spectral_norm`, `condition_number`, `effective_rank`,
   `stable_rank`, `sparsity`, `alpha`, `alpha_weighted`, `xmin`, `ks_distance`, `mp_spikes`,
   `n_singular_values`, `spectrum` (exact | randomized); `anomaly` (bool), `anomalies` (list of the flagged
-  columns: alpha, effective_rank, condition_number), `anomaly_reasons` (the record's flag texts).
+  columns: alpha, effective_rank, condition_number), `anomaly_reasons` (the record's flag texts); what the
+  flags test, as numbers: `effective_rank_share` (effective rank / min(rows, cols)) and `condition_z` (the
+  robust z-score of log10 condition number across the model's matrices).
 - metrics sensitivity, per matrix: `grad_norm`, `fisher_trace`, `fisher_max`, `hessian_trace`,
   `hessian_trace_se` (NaN, with the reason, on a tied matrix such as GPT-2's lm_head: the sensitivity
   table names it by the parameter it is tied to).
@@ -62,6 +64,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from schemas.config import canonical_hash
+from schemas.gates import GateVerdict
 from schemas.records import AuditRecord, StageRecord, StageStatus
 
 from microscope import audits
@@ -374,10 +377,28 @@ def layer_table(store: ArtifactStore, record: AuditRecord) -> pd.DataFrame:
                     if row["layer"] == layer:
                         undefined.setdefault(row["name"], {})[f"sae_{fig}.{hook}"] = reason
     df = pd.DataFrame(rows, columns=list(dict.fromkeys(c for row in rows for c in row)) or ["name", "layer", "role"])
+    _derived(df)
     df.attrs["missing"] = missing
     df.attrs["undefined"] = undefined
     df.attrs["audit_id"] = record.audit_id
     return df
+
+
+def _derived(df: pd.DataFrame) -> None:
+    """The quantities the metrics stage's anomaly flags test, as columns (so gate rules can state them):
+    `effective_rank_share` = effective rank / min(rows, cols), and `condition_z`, the robust z-score
+    0.6745·(x − median)/MAD of x = log10 max(condition number, 1) across the model's matrices."""
+    import numpy as np
+
+    if "effective_rank" in df.columns:
+        idx = df.columns.get_loc("effective_rank") + 1
+        df.insert(idx, "effective_rank_share", df["effective_rank"] / np.minimum(df["rows"], df["cols"]))
+    if "condition_number" in df.columns:
+        x = np.log10(np.maximum(df["condition_number"].astype(float), 1.0))
+        finite = x[np.isfinite(x)]
+        med = float(np.median(finite)) if len(finite) else 0.0
+        mad = float(np.median(np.abs(finite - med))) if len(finite) else 0.0
+        df.insert(df.columns.get_loc("condition_number") + 1, "condition_z", 0.6745 * (x - med) / (mad or 1e-12))
 
 
 _GROUPS = ("act_", "quant_", "sae_", "cka", "attack_")
@@ -422,7 +443,10 @@ def features(store: ArtifactStore, record: AuditRecord, hook: str) -> pd.DataFra
     """The SAE's features table, one row per latent: `feature`, `density` (firing fraction over every
     traced token), `mean_activation` (mean when firing), `max_activation` and `top_context` (its best
     context as `left[token]right`), and where the model has an unembedding `top_logits`/`bottom_logits`
-    (tokens its decoder direction raises/lowers). The contexts themselves: `feature_contexts`."""
+    (tokens its decoder direction raises/lowers); per quantized variant `v` the feature's firing density on
+    the variant's activations `density[v]` and the correlation of its activations with full precision's on
+    the same tokens `corr[v]` (audits made before these were recorded lack them). The contexts themselves:
+    `feature_contexts`."""
     import numpy as np
     import pandas as pd
     import pyarrow.parquet as pq
@@ -451,7 +475,10 @@ def features(store: ArtifactStore, record: AuditRecord, hook: str) -> pd.DataFra
     for col in ("top_logits", "bottom_logits"):
         if col in table.column_names:
             out[col] = table.column(col).to_pylist()
-    df = pd.DataFrame(out, columns=[c for c in FEATURE_COLUMNS if c in out])
+    fate = [c for c in table.column_names if c.startswith(("density[", "corr["))]  # per quantized variant
+    for col in fate:
+        out[col] = table.column(col).to_numpy()
+    df = pd.DataFrame(out, columns=[c for c in FEATURE_COLUMNS if c in out] + fate)
     df.attrs["missing"] = {} if "top_logits" in out else {"sae.top_logits": "the model has no unembedding"}
     df.attrs["hook"] = hook
     return df
@@ -459,8 +486,10 @@ def features(store: ArtifactStore, record: AuditRecord, hook: str) -> pd.DataFra
 
 def feature_contexts(store: ArtifactStore, record: AuditRecord, hook: str, feature: int) -> list[dict[str, Any]]:
     """The feature's top-activating contexts, best first: `left`, `token`, `right` (text), `activation` (at
-    the token), `window` and `position` (where in the ingested token windows). Empty when the audit has no
-    such SAE. Per-token activations across a context are not stored by the sae stage, so none are given."""
+    the token), `window` and `position` (where in the ingested token windows), and, from audits whose sae
+    stage recorded them, `tokens` (each token of the context), `activations` (the feature's activation at
+    each, NaN where a token was not traced) and `center` (the index of the top token). Empty when the audit
+    has no such SAE."""
     import pyarrow.parquet as pq
 
     key, _ = _sae_features_key(store, record, hook)
@@ -524,4 +553,477 @@ def run_series(store: ArtifactStore, run_id: str, layers: bool = False) -> pd.Da
         for stage, found in lacking.items()
     }
     df.attrs["run_id"] = run_id
+    return df
+
+
+# ---- architecture and memory ------------------------------------------------------------------
+
+BYTES = {"float32": 4.0, "float64": 8.0, "float16": 2.0, "bfloat16": 2.0}
+
+
+def module_table(record: AuditRecord) -> pd.DataFrame:
+    """The architecture's modules as a tree: `name`, `parent` (the enclosing listed module, "" at the
+    top), `depth`, `type`, `params`, `share` (of the model's parameters). Empty, with `attrs["missing"]`,
+    when ingest did not record an architecture."""
+    import pandas as pd
+
+    arch = record.architecture
+    if arch is None:
+        df = pd.DataFrame(columns=["name", "parent", "depth", "type", "params", "share"])
+        df.attrs["missing"] = {"ingest": _why(record, "ingest") or "ingest recorded no architecture"}
+        return df
+    names = {m.name for m in arch.modules}
+    rows = []
+    for m in arch.modules:
+        parts = m.name.split(".")
+        parent = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in names), "")
+        rows.append({"name": m.name, "parent": parent, "type": m.type, "params": m.params})
+    depth: dict[str, int] = {}
+    for r in rows:  # parents come before their children in the architecture's module list
+        r["depth"] = depth[r["name"]] = depth.get(r["parent"], -1) + 1 if r["parent"] else 0
+        r["share"] = r["params"] / arch.n_params if arch.n_params else math.nan
+    df = pd.DataFrame(rows, columns=["name", "parent", "depth", "type", "params", "share"])
+    df.attrs["missing"] = {}
+    return df
+
+
+def memory_table(record: AuditRecord, table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Weight memory per block (`layer`, -1 for everything outside the blocks) in full precision and in each
+    quantized variant the audit made, in bytes: `bytes[fp]`, `bytes[<v>]`. A matrix inside a block is stored
+    in the variant's format (its bytes per weight from `microscope.quantization.FORMATS`, scales included);
+    matrices outside the blocks (embeddings, heads) stay at the model's dtype, as transformers' quantizers
+    leave them. Biases and norms are not in the table (`metrics` measures 2-D weights only), so the column
+    sums are a lower bound of the quantize stage's `measured_bytes`, kept in `attrs["measured"]`."""
+    import pandas as pd
+
+    from microscope.quantization import FORMATS
+
+    t = table if table is not None else layer_table(None, record)  # type: ignore[arg-type]
+    if "rows" not in t.columns or t.empty or t["rows"].isna().all():
+        df = pd.DataFrame(columns=["layer", "matrices", "params", "bytes[fp]"])
+        df.attrs["missing"] = {"metrics": t.attrs.get("missing", {}).get("metrics", HOW["metrics"])}
+        df.attrs["measured"] = {}
+        return df
+    fp_bytes = BYTES.get(record.architecture.dtype if record.architecture else "float32", 4.0)
+    produced = {
+        v: recs["quantize"].details.get("produced", v)
+        for v, recs in sorted(record.variants.items())
+        if "quantize" in recs and recs["quantize"].status != StageStatus.failed
+    }
+    rows = []
+    for layer, g in t.groupby("layer", sort=True):
+        n = (g["rows"] * g["cols"]).astype(float)
+        row: dict[str, Any] = {"layer": int(layer), "matrices": len(g), "params": int(n.sum())}
+        row["bytes[fp]"] = float(n.sum() * fp_bytes)
+        for v, fmt in produced.items():
+            f = FORMATS.get(fmt)
+            if f is None or layer < 0:
+                row[f"bytes[{v}]"] = float(n.sum() * (f.other_bytes if f and fp_bytes > f.other_bytes else fp_bytes))
+            else:
+                row[f"bytes[{v}]"] = float(
+                    sum(o * i * f.quantized_bytes(int(i)) for o, i in zip(g["rows"], g["cols"], strict=True))
+                )
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df.attrs["missing"] = {}
+    df.attrs["measured"] = {
+        v: recs["quantize"].metrics.get("measured_bytes")
+        for v, recs in record.variants.items()
+        if "quantize" in recs and "measured_bytes" in recs["quantize"].metrics
+    }
+    if record.variants:
+        fp = next(iter(record.variants.values())).get("quantize")
+        if fp is not None and "fp_bytes" in fp.metrics:
+            df.attrs["measured"]["fp"] = fp.metrics["fp_bytes"]
+    return df
+
+
+# ---- quantization -----------------------------------------------------------------------------
+
+QUANT_FIGURES = ("kl_mean", "kl_p99", "top1_agreement", "delta_ppl", "ppl_fp", "ppl_q", "accuracy_fp", "accuracy_q")
+
+
+def quantization_table(record: AuditRecord) -> pd.DataFrame:
+    """One row per quantized variant: `variant`, `status`, `requested`, `produced`, `fell_back`, the
+    fidelity figures the stage recorded (KL, top-1 agreement, Δ perplexity, or accuracy for classifiers;
+    each column present only where some variant has it, undefined ones NaN with their reasons in
+    `attrs["undefined"]`), memory (`measured_bytes`, `fp_bytes`, `memory_ratio`), `most_drifting_hook`
+    and `error`. `attrs["missing"]` says why there is no variant."""
+    import pandas as pd
+
+    missing: dict[str, str] = {}
+    if (why := _why(record, "quantize")) is not None:
+        missing["quantize"] = why
+    elif not record.variants:
+        missing["quantize"] = f"quantize made no variant: {HOW['quantize']}"
+    undefined: dict[str, dict[str, str]] = {}
+    rows = []
+    for v, recs in sorted(record.variants.items()):
+        q = recs.get("quantize")
+        if q is None:
+            continue
+        row: dict[str, Any] = {
+            "variant": v,
+            "status": q.status.value,
+            "requested": q.details.get("requested", v),
+            "produced": q.details.get("produced"),
+            "fell_back": bool(q.details.get("fell_back", False)),
+        }
+        row |= {k: float(x) for k, x in q.metrics.items() if k not in ("estimated_bytes", "on_disk_bytes")}
+        if row.get("fp_bytes") and row.get("measured_bytes"):
+            row["memory_ratio"] = row["measured_bytes"] / row["fp_bytes"]
+        row["most_drifting_hook"] = q.details.get("most_drifting_hook")
+        row["error"] = q.error
+        if q.undefined:
+            undefined[v] = dict(q.undefined)
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df.attrs["missing"] = missing
+    df.attrs["undefined"] = undefined
+    return df
+
+
+def drift_table(record: AuditRecord) -> pd.DataFrame:
+    """Activation drift of each variant against full precision, per traced point: `variant`, `hook`,
+    `layer`, `kind` (resid | mlp | attn), `cosine`, `rel_error`; sorted by variant and layer."""
+    import pandas as pd
+
+    rows = []
+    for v, recs in sorted(record.variants.items()):
+        q = recs.get("quantize")
+        for hook_name, d in ((q.details.get("drift") or {}) if q else {}).items():
+            layer, kind = _hook_parts(hook_name)
+            rows.append(
+                {
+                    "variant": v,
+                    "hook": hook_name,
+                    "layer": layer,
+                    "kind": kind,
+                    "cosine": _num(d.get("cosine")),
+                    "rel_error": _num(d.get("rel_error")),
+                }
+            )
+    df = pd.DataFrame(rows, columns=["variant", "hook", "layer", "kind", "cosine", "rel_error"])
+    return df.sort_values(["variant", "layer", "kind"], kind="stable").reset_index(drop=True)
+
+
+# ---- robustness -------------------------------------------------------------------------------
+
+SWEEP_ATTACKS = ("pgd", "fgsm", "noise")
+
+
+def _robustness_records(record: AuditRecord) -> dict[str, StageRecord]:
+    out = {"fp": record.stages["robustness"]} if "robustness" in record.stages else {}
+    return out | {v: recs["robustness"] for v, recs in sorted(record.variants.items()) if "robustness" in recs}
+
+
+def robustness_curves(record: AuditRecord) -> pd.DataFrame:
+    """Accuracy against ε, long form: `variant` (fp or a quantized variant), `attack` (pgd | fgsm | noise),
+    `eps` (the sweep's, in box units), `accuracy`. `attrs["missing"]` says why a part is absent."""
+    import pandas as pd
+
+    missing: dict[str, str] = {}
+    if (why := _why(record, "robustness")) is not None:
+        missing["robustness"] = why
+    missing |= _variant_why(record, "robustness")
+    rows = []
+    for v, r in _robustness_records(record).items():
+        c = r.details.get("curves")
+        if not c:
+            continue
+        for attack in SWEEP_ATTACKS:
+            rows += [
+                {"variant": v, "attack": attack, "eps": float(e), "accuracy": _num(a)}
+                for e, a in zip(c["eps"], c.get(attack) or [], strict=False)
+            ]
+    df = pd.DataFrame(rows, columns=["variant", "attack", "eps", "accuracy"])
+    df.attrs["missing"] = missing
+    return df
+
+
+def autoattack_table(record: AuditRecord) -> pd.DataFrame:
+    """The AutoAttack results: one row per (variant, norm): `variant`, `norm`, `eps`, `clean_accuracy`,
+    `robust_accuracy`, `samples`, `version`, `attacks`, `flags` (pyautoattack's warnings, e.g. gradient
+    masking), and `delta_vs_fp` (robust accuracy minus full precision's at that norm)."""
+    import pandas as pd
+
+    rows = []
+    for v, r in _robustness_records(record).items():
+        c = r.details.get("curves") or {}
+        for a in r.details.get("autoattack") or []:
+            rows.append(
+                {
+                    "variant": v,
+                    "norm": a.get("norm"),
+                    "eps": _num(a.get("eps")),
+                    "clean_accuracy": _num((c.get("clean") or [math.nan])[0]),
+                    "robust_accuracy": _num(a.get("robust")),
+                    "samples": int(r.metrics.get("samples", 0)),
+                    "version": a.get("version"),
+                    "attacks": ", ".join(a.get("attacks") or []),
+                    "flags": "; ".join(a.get("flags") or []),
+                }
+            )
+    cols = ["variant", "norm", "eps", "clean_accuracy", "robust_accuracy", "samples", "version", "attacks", "flags"]
+    df = pd.DataFrame(rows, columns=cols)
+    fp = {n: x for v, n, x in zip(df["variant"], df["norm"], df["robust_accuracy"], strict=True) if v == "fp"}
+    df["delta_vs_fp"] = [x - fp.get(n, math.nan) for n, x in zip(df["norm"], df["robust_accuracy"], strict=True)]
+    return df
+
+
+def brittle_features(record: AuditRecord) -> pd.DataFrame:
+    """SAE features whose activation moves most under attack (full precision): `hook`, `feature`,
+    `mean_abs_shift`, `clean_mean`, `attacked_mean`, `density`, `top_context`; largest shift first."""
+    import pandas as pd
+
+    r = record.stages.get("robustness")
+    rows = [
+        {
+            "hook": hook,
+            "feature": int(f["feature"]),
+            "mean_abs_shift": _num(f.get("mean_abs_shift")),
+            "clean_mean": _num(f.get("clean_mean")),
+            "attacked_mean": _num(f.get("attacked_mean")),
+            "density": _num(f.get("density")),
+            "top_context": (f.get("top_contexts") or [None])[0],
+        }
+        for hook, feats in ((r.details.get("feature_shifts") or {}) if r else {}).items()
+        for f in feats
+    ]
+    cols = ["hook", "feature", "mean_abs_shift", "clean_mean", "attacked_mean", "density", "top_context"]
+    df = pd.DataFrame(rows, columns=cols).sort_values("mean_abs_shift", ascending=False, kind="stable")
+    df.attrs["missing"] = (
+        {}
+        if rows
+        else {
+            "robustness.features": "no brittle-feature list: it needs an SAE (trace,sae in --stages) and "
+            "robustness.feature_shifts > 0"
+        }
+    )
+    return df.reset_index(drop=True)
+
+
+def variant_fate(density_fp: float, density_v: float, corr: float) -> str:
+    """A feature's fate on a quantized variant's activations (same SAE, same tokens): `survived` (its
+    activations correlate ≥ 0.9 with full precision's), `drifted` (≥ 0.5), `lost` (it stops firing, or
+    fires unrelated to where it fired); `dead` when it never fires in full precision either."""
+    if not density_fp > 0:
+        return "dead"
+    if not density_v > 0 or not math.isfinite(corr):
+        return "lost"
+    from microscope.feature_matching import RELATED, SURVIVED  # the bounds of the matches across checkpoints
+
+    return "survived" if corr >= SURVIVED else "drifted" if corr >= RELATED else "lost"
+
+
+def feature_fate(store: ArtifactStore, record: AuditRecord, hook: str, feature: int) -> pd.DataFrame:
+    """`feature` of the SAE on `hook` followed through its training run, by the one-to-one decoder matches
+    stored between consecutive checkpoints (each audit matches itself against the run's previous one when
+    it ends; `microscope match A B` makes any other pair). One row per step, in step order: `step`,
+    `audit_id`, `feature` (its counterpart there), `cosine` (to the counterpart one step closer to this
+    audit), `label` (survived | drifted | split | lost | new, seen from the earlier step; `this audit` on
+    its own row). Following stops where the feature is lost (going forward) or new (going back), or where
+    no match was stored (`attrs["missing"]` says which pair and how to make it)."""
+    import pandas as pd
+
+    from microscope import feature_matching as fm
+
+    cols = ["step", "audit_id", "feature", "cosine", "label", "split_into"]
+    missing: dict[str, str] = {}
+    refs = [r for r in list_audits(store, run_id=record.run_id) if r.step is not None] if record.run_id else []
+    by_step = {r.step: r for r in refs}  # the latest audit of a step stands for it
+    if record.step is not None:
+        by_step[record.step] = next(r for r in refs if r.audit_id == record.audit_id)
+    chain = [by_step[s] for s in sorted(by_step)]
+    here = next((i for i, r in enumerate(chain) if r.audit_id == record.audit_id), None)
+    rows: list[dict[str, Any]] = []
+    if here is None or len(chain) < 2:
+        df = pd.DataFrame(rows, columns=cols)
+        df.attrs["missing"] = {"run": f"audit {record.audit_id} has no other checkpoint of its run with a step"}
+        return df
+    rows.append(
+        {
+            "step": record.step,
+            "audit_id": record.audit_id,
+            "feature": feature,
+            "cosine": 1.0,
+            "label": "this audit",
+            "split_into": [],
+        }
+    )
+
+    def lacking(a: AuditRef, b: AuditRef) -> None:
+        missing[f"matches {a.step}→{b.step}"] = (
+            f"no stored feature matches between audits {a.audit_id} (step {a.step}) and {b.audit_id} (step "
+            f"{b.step}) on {hook}: `microscope match {a.audit_id} {b.audit_id} --hook {hook}` makes them"
+        )
+
+    cur: int | None = feature
+    for a, b in zip(chain[here:], chain[here + 1 :], strict=False):  # forward: what it became
+        m = fm.load_matches(store, a.audit_id, b.audit_id, hook)
+        if m is None:
+            lacking(a, b)
+            break
+        t = m.features.to_pandas().set_index("feature_a")
+        r = t.loc[cur]
+        partner = int(r["feature_b"])
+        split = [int(x) for x in (r["split_into"] if r["split_into"] is not None else [])]
+        rows.append(
+            {
+                "step": b.step,
+                "audit_id": b.audit_id,
+                "feature": partner if partner >= 0 else None,
+                "cosine": float(r["cosine"]),
+                "label": str(r["label"]),
+                "split_into": split,
+            }
+        )
+        if r["label"] in ("lost", "split") or partner < 0:
+            break
+        cur = partner
+    cur = feature
+    for a, b in reversed(list(zip(chain[:here], chain[1 : here + 1], strict=False))):  # back: where it came from
+        m = fm.load_matches(store, a.audit_id, b.audit_id, hook)
+        if m is None:
+            lacking(a, b)
+            break
+        t = m.features.to_pandas()
+        hit = t[t["feature_b"] == cur]
+        if hit.empty or hit.iloc[0]["label"] == "lost":
+            rows.append(
+                {
+                    "step": a.step,
+                    "audit_id": a.audit_id,
+                    "feature": None,
+                    "cosine": math.nan,
+                    "label": f"new at step {b.step}",
+                    "split_into": [],
+                }
+            )
+            break
+        r = hit.iloc[0]
+        rows.append(
+            {
+                "step": a.step,
+                "audit_id": a.audit_id,
+                "feature": int(r["feature_a"]),
+                "cosine": float(r["cosine"]),
+                "label": str(r["label"]),
+                "split_into": [],
+            }
+        )
+        cur = int(r["feature_a"])
+    df = pd.DataFrame(rows, columns=cols).sort_values("step", kind="stable").reset_index(drop=True)
+    df.attrs["missing"] = missing
+    return df
+
+
+# ---- a run's layers in one aligned projection --------------------------------------------------
+
+PROJECTION_FEATURES = (
+    "log_frobenius",
+    "log_spectral_norm",
+    "rel_effective_rank",
+    "rel_stable_rank",
+    "alpha",
+    "sparsity",
+    "log_condition",
+)
+
+
+def layer_features(layers: pd.DataFrame) -> pd.DataFrame:
+    """The scale-aware description of each weight matrix the projection uses (the statistics part of the
+    Qdrant layer embedding, from the layer table): log norms, ranks relative to the matrix size, α,
+    sparsity, log condition number. Rows as in `layers`; NaN where a statistic is undefined."""
+    import numpy as np
+    import pandas as pd
+
+    def col(name: str) -> pd.Series:
+        return layers[name].astype(float) if name in layers.columns else pd.Series(np.nan, index=layers.index)
+
+    size = np.minimum(col("rows"), col("cols"))
+    return pd.DataFrame(
+        {
+            "log_frobenius": np.log10(col("frobenius") + 1e-12),
+            "log_spectral_norm": np.log10(col("spectral_norm") + 1e-12),
+            "rel_effective_rank": col("effective_rank") / size,
+            "rel_stable_rank": col("stable_rank") / size,
+            "alpha": col("alpha"),
+            "sparsity": col("sparsity"),
+            "log_condition": np.log10(col("condition_number")),
+        },
+        index=layers.index,
+    )
+
+
+def run_projection(layers: pd.DataFrame, dims: int = 2) -> pd.DataFrame:
+    """Every (step, matrix) of a run (`run_series(..., layers=True)`) projected on the run's principal
+    components: one basis for all steps (each feature z-scored over the whole run, then PCA by SVD), so a
+    matrix that did not change sits still and distance moved is change in its statistics. Columns: `step`,
+    `audit_id`, `name`, `layer`, `role`, `pc1`..`pc<dims>`; `attrs["explained"]`: each component's share of
+    the variance; `attrs["features"]`: the features used (constant or all-undefined ones are dropped)."""
+    import numpy as np
+
+    keep = ["step", "audit_id", "name", "layer", "role"]
+    base = layers[[c for c in keep if c in layers.columns]].copy()
+    if layers.empty or "frobenius" not in layers.columns:
+        out = base.assign(**{f"pc{i + 1}": np.nan for i in range(dims)})
+        out.attrs["explained"], out.attrs["features"] = [], []
+        out.attrs["missing"] = {"metrics": "the projection needs weight statistics: " + HOW["metrics"]}
+        return out
+    feats = layer_features(layers)
+    feats = feats.loc[:, feats.notna().any() & (feats.std(skipna=True) > 1e-12)]
+    x = feats.to_numpy(dtype=np.float64)
+    mean = np.nanmean(x, axis=0)
+    x = np.where(np.isnan(x), mean, x)  # an undefined statistic sits at the run's mean
+    z = (x - mean) / x.std(axis=0)
+    k = min(dims, z.shape[1], max(len(z) - 1, 1))
+    _, s, vt = np.linalg.svd(z, full_matrices=False)
+    vt = vt * np.where(vt[np.arange(len(vt)), np.abs(vt).argmax(axis=1)] < 0, -1.0, 1.0)[:, None]  # sign: stable
+    coords = z @ vt[:k].T
+    for i in range(dims):
+        base[f"pc{i + 1}"] = coords[:, i] if i < k else 0.0
+    var = s**2
+    base.attrs["explained"] = (var[:k] / var.sum()).tolist() if var.sum() > 0 else []
+    base.attrs["features"] = list(feats.columns)
+    base.attrs["missing"] = {}
+    return base
+
+
+# ---- gates ------------------------------------------------------------------------------------
+
+
+def gate_verdict(record: AuditRecord) -> GateVerdict | None:
+    """The verdict the audit's gate stage recorded (None without one: no `gate.rules`, or it failed)."""
+    g = record.stages.get("gate")
+    if g is None or g.status not in (StageStatus.completed, StageStatus.cached) or not g.details.get("results"):
+        return None
+    return GateVerdict.model_validate(g.details)
+
+
+def gate_history(store: ArtifactStore, run_id: str) -> pd.DataFrame:
+    """Every gated audit of a run, long form: `step`, `audit_id`, `rule`, `outcome`, `compared`, `offenders`
+    (the first five keys), in step order; `attrs["first_failed"]`: rule -> the first step it failed at."""
+    import pandas as pd
+
+    rows = []
+    for rec in audits.list_all(store, run_id=run_id):
+        v = gate_verdict(rec)
+        if v is None or rec.step is None:
+            continue
+        rows += [
+            {
+                "step": rec.step,
+                "audit_id": rec.audit_id,
+                "rule": r.rule,
+                "outcome": r.outcome,
+                "compared": r.compared,
+                "offenders": ", ".join(o.key for o in r.offenders[:5]),
+            }
+            for r in v.results
+        ]
+    df = pd.DataFrame(rows, columns=["step", "audit_id", "rule", "outcome", "compared", "offenders"])
+    df = df.sort_values(["step", "rule"], kind="stable").reset_index(drop=True)
+    failed = df[df["outcome"] == "fail"]
+    df.attrs["first_failed"] = {str(r): int(g["step"].min()) for r, g in failed.groupby("rule")}
     return df

@@ -65,6 +65,11 @@ class Settings(BaseSettings):
         None, description="Where senders (callbacks, `microscope notify`) POST checkpoints."
     )
     audit_deployment: str = Field("audit/checkpoint", description="The deployment a received checkpoint starts.")
+    gate_notify_block: str | None = Field(
+        None,
+        description="The Prefect notification block (`<block type>/<name>`, e.g. slack-webhook/ml-team) that the "
+        "automation `make deploy` registers sends a message with when a gate fails.",
+    )
 
     def webhook_secrets(self) -> list[str]:
         return self.webhook_secret.get_secret_value().split() if self.webhook_secret else []

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
+from schemas.gates import GateVerdict
 from schemas.records import AuditRecord, StageRecord
 
 from microscope.settings import get_settings
@@ -238,3 +240,36 @@ def log_eps_curves(run_id: str, curves: dict[str, list[float]]) -> None:
     for attack in ("pgd", "fgsm", "noise"):
         metrics += [Metric(f"{attack}_accuracy", float(v), now, i) for i, v in enumerate(curves.get(attack, []))]
     mlflow.MlflowClient().log_batch(run_id, metrics=metrics)
+
+
+def metric_key(name: str) -> str:
+    """A rule name as an MLflow key (alphanumerics, _ - . space / only)."""
+    import re
+
+    return re.sub(r"[^\w\-. /]", "_", name).strip() or "rule"
+
+
+def log_gate(run_id: str, verdict: GateVerdict) -> None:
+    """The verdict on the audit's run: tag `gate` = pass | warn | fail (and the baseline), one metric per
+    judged rule `gate.<rule>` (what its check compared), `gate.failed` and `gate.warned` counts."""
+    mlflow = _mlflow()
+    from mlflow.entities import Metric, RunTag
+
+    client = mlflow.MlflowClient()
+    now = int(time.time() * 1000)
+    tags = [
+        RunTag("gate", verdict.verdict),
+        RunTag("gate.baseline", verdict.baseline_audit_id or "none"),
+        RunTag("gate.rules_digest", verdict.rules_digest),
+    ]
+    metrics = [
+        Metric(f"gate.{metric_key(r.rule)}", float(r.compared), now, 0)
+        for r in verdict.results
+        if r.compared is not None
+    ]
+    metrics += [
+        Metric("gate.failed", float(len(verdict.failed)), now, 0),
+        Metric("gate.warned", float(len(verdict.warned)), now, 0),
+    ]
+    for i in range(0, max(len(metrics), 1), 100):
+        client.log_batch(run_id, metrics=metrics[i : i + 100], tags=tags if i == 0 else [])

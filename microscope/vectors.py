@@ -159,3 +159,29 @@ class VectorIndex:
             return []
         hits = self.client.query_points(collection, query=found[0].vector, limit=k, with_payload=True).points
         return [{"score": float(h.score), **(h.payload or {})} for h in hits]
+
+
+def reader_index(copy_to: str) -> VectorIndex | None:
+    """An index for a process that only reads (the viewer): the Qdrant server when the settings name one;
+    else a snapshot, a copy of the local-mode folder in `copy_to` (local mode admits one process, so the
+    viewer never opens the folder an audit writes to). None when no audit has indexed anything yet."""
+    import shutil
+
+    s = get_settings()
+    if s.qdrant_url:
+        return VectorIndex(url=s.qdrant_url)
+    src = s.qdrant_dir
+    if not (src / "collection").is_dir():
+        return None
+    shutil.rmtree(copy_to, ignore_errors=True)
+    shutil.copytree(src, copy_to, ignore=shutil.ignore_patterns(".lock"))
+    return VectorIndex(path=copy_to)
+
+
+def local_version() -> float | None:
+    """When the local-mode folder last changed (the newest file's mtime): a snapshot older than this is
+    stale. None with a server (always current) or without a folder."""
+    s = get_settings()
+    if s.qdrant_url or not s.qdrant_dir.is_dir():
+        return None
+    return max((p.stat().st_mtime for p in s.qdrant_dir.rglob("*") if p.is_file()), default=0.0)

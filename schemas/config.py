@@ -297,6 +297,18 @@ class ReportConfig(Section):
     max_modules: int = Field(60, ge=1, description="Rows of the parameters-per-module table.")
 
 
+class GateConfig(Section):
+    rules: str | list[dict[str, Any]] | None = Field(
+        None,
+        description="Gate rules judged at the end of the audit: a gates.yaml path, a name under examples/ "
+        "(gates: the shipped defaults) or a list of rules; None: no gate.",
+    )
+    baseline: str | None = Field(
+        None,
+        description="Overrides the rules' baseline: previous, first, none, an audit id or tag:KEY[=VALUE].",
+    )
+
+
 class AuditConfig(Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     dataset: DatasetConfig = Field(default_factory=DatasetConfig)
@@ -306,6 +318,7 @@ class AuditConfig(Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    gate: GateConfig = Field(default_factory=GateConfig)
     seed: int = Field(0, description="Seed for anything random in the audit.")
 
 

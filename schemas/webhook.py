@@ -81,4 +81,5 @@ class AuditStatus(BaseModel):
     status: str | None = Field(None, description="The audit's status once finished: completed, partial, failed.")
     report: str | None = None
     figures: dict[str, Any] = Field(default_factory=dict, description="Headline figures of the finished audit.")
+    gate: dict[str, Any] | None = Field(None, description="The gate's verdict when the audit had rules (gate.rules).")
     error: str | None = None

@@ -414,3 +414,31 @@ def finished_audits(
         "step2": audit(full, "--run-id", FINISHED_RUN, "--step", "2"),
         "partial": audit("ingest,metrics", "--run-id", "other"),
     }
+
+
+VISION_AUDIT = """
+model:
+  module: microscope.models.vision:DigitsCNN
+quantize:
+  formats: [torch-int8]
+metrics:
+  sensitivity_windows: 1
+  hutchinson_probes: 2
+robustness:
+  samples: 16
+  batch_size: 16
+  version: custom
+  attacks: [apgd-ce]
+  norms: [Linf]
+  eps: {Linf: 0.0627}
+  sweep: [0.0, 0.0627, 0.251]
+  pgd_steps: 5
+"""
+
+
+@pytest.fixture(scope="session")
+def finished_vision(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, digits_cnn: tuple[Path, Path]) -> dict:
+    """A real finished audit of the digits CNN with a quantized variant and robustness (AutoAttack APGD-CE
+    on 16 images), in a store of its own; its record."""
+    root = tmp_path_factory.mktemp("finished-vision")
+    return audit_json(digits_cnn[0], digits_cnn[1], VISION_AUDIT, cli_env(root, prefect_api), root)

@@ -1,5 +1,7 @@
-"""A training run's audits ordered by step: one step slider drives every panel (the headline figures
-against step with a rule at the step, a matrix's figure across steps, that step's layer table)."""
+"""A training run's audits ordered by step. One step slider drives every panel (the headline figures
+against step with a rule at the step, a matrix's figure across steps, the aligned projection of the
+layers, that step's layer table); ▶ plays the run. The panels live in one `st.fragment`, so a step
+change (or a playback tick) reruns them alone, not the page."""
 
 from __future__ import annotations
 
@@ -7,6 +9,9 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, state
+from microscope import results
+
+SPEEDS = (1, 2, 4, 8)  # steps per second
 
 store, refs = state.index_or_stop()
 runs = sorted({r.run_id for r in refs if r.run_id})
@@ -33,47 +38,105 @@ if stepped.empty:
 stepped["step"] = stepped["step"].astype(int)
 stepped = stepped.drop_duplicates("step", keep="last")  # the latest audit of a step stands for it
 steps = stepped["step"].tolist()
+layers = state.run_layers(store, run, members)
 
-default_step = current.step if current.run_id == run and current.step in steps else steps[-1]
-step = state.choose("Step", steps, "step", default=default_step, widget=st.select_slider)
-at = stepped[stepped["step"] == step].iloc[0]
-st.caption(f"Run `{run}`: {len(steps)} step(s) · step {step} is audit `{at['audit_id']}` ({at['status']})")
-
-# ---- headline figures against step ------------------------------------------------------------
+# ---- what the panels show (choices outside the fragment: changing them reruns the page) -------
 figures = state.numeric_columns(stepped, exclude=("step",))
 preferred = [c for c in figures if c in ("metrics.alpha_mean", "metrics.effective_rank_mean")]
 preferred += [c for c in figures if c.startswith("sae[") and c.endswith(".fvu")][:1]
 preferred += [c for c in figures if c.startswith("quantize[") and c.endswith(".kl_mean")][:1]
+preferred += [c for c in figures if c.startswith("robustness") and c.endswith("_min")][:1]
 chosen = st.multiselect("Figures", figures, default=preferred or figures[:3])
-cols = st.columns(3)
-for i, col in enumerate(chosen):
-    cols[i % 3].altair_chart(charts.step_lines(stepped, col, step), width="stretch")
+names = list(dict.fromkeys(layers["name"])) if "name" in layers.columns else []
+per_matrix = state.numeric_columns(layers, exclude=("step", "layer", "rows", "cols")) if names else []
+c1, c2, c3 = st.columns([3, 2, 1])
+with c1:
+    name = state.choose("Matrix", names, "layer") if names else None
+with c2:
+    column = (
+        st.selectbox("Its figure", per_matrix, index=per_matrix.index("alpha") if "alpha" in per_matrix else 0)
+        if per_matrix
+        else None
+    )
+with c3:
+    dims = st.radio("Projection", ("2-D", "3-D"), horizontal=True)
+projection = state.run_projection(store, run, members)
+matrix_series = None
+if name is not None and column is not None:
+    one = layers.loc[layers["name"] == name, ["step", column]].dropna(subset=["step"])
+    matrix_series = pd.DataFrame({"step": one["step"].astype(int), column: one[column]})
+
+# ---- playback ---------------------------------------------------------------------------------
+PLAYING = "_microscope_playing"
+p1, p2, _ = st.columns([1, 2, 6])
+playing = bool(st.session_state.get(PLAYING))
+if p1.button("⏸ Pause" if playing else "▶ Play", disabled=len(steps) < 2):
+    playing = not playing
+    st.session_state[PLAYING] = playing
+    if playing and state.param("step") == str(steps[-1]):
+        state.set_param("step", steps[0])  # play from the start when at the end
+speed = p2.select_slider("Steps per second", SPEEDS, value=4, key="_microscope_speed")
+
+
+@st.fragment(run_every=1 / speed if playing else None)
+def panels() -> None:
+    if st.session_state.get(PLAYING):
+        at_now = state.param("step")
+        i = steps.index(int(at_now)) if at_now and at_now.lstrip("-").isdigit() and int(at_now) in steps else -1
+        if i + 1 < len(steps):
+            state.set_param("step", steps[i + 1])
+        else:
+            st.session_state[PLAYING] = False  # the last step: stop, and rerun the page so that the
+            st.rerun()  # button says ▶ again and the fragment's timer ends
+    default_step = current.step if current.run_id == run and current.step in steps else steps[-1]
+    step = state.choose("Step", steps, "step", default=default_step, widget=st.select_slider)
+    at = stepped[stepped["step"] == step].iloc[0]
+    st.caption(f"Run `{run}`: {len(steps)} step(s) · step {step} is audit `{at['audit_id']}` ({at['status']})")
+
+    cols = st.columns(3)
+    for i, col in enumerate(chosen):
+        cols[i % 3].altair_chart(charts.step_lines(stepped, col, step), width="stretch")
+    left, right = st.columns(2)
+    with left:
+        if matrix_series is not None:
+            st.altair_chart(charts.step_lines(matrix_series, column, step), width="stretch")
+            st.caption(f"`{column}` of `{name}` across the run")
+    with right:
+        if projection.attrs.get("missing"):
+            state.notices(projection.attrs["missing"])
+        elif len(projection):
+            explained = projection.attrs.get("explained", [])
+            if dims == "3-D":
+                st.plotly_chart(state.projection_3d(projection, step), width="stretch")
+            else:
+                domains = {c: [float(projection[c].min()), float(projection[c].max())] for c in ("pc1", "pc2")}
+                st.altair_chart(charts.projection(projection, step, domains), width="stretch")
+            st.caption(
+                "Layers on the run's principal components (one basis for every step: motion is change); "
+                f"variance explained {', '.join(f'{e:.0%}' for e in explained)}."
+            )
+    with st.expander(f"Layer table at step {step}", expanded=not st.session_state.get(PLAYING)):
+        rec = state.record_or_stop(store, str(at["audit_id"]))
+        table = state.layer_table(store, rec)
+        state.notices(table.attrs.get("missing", {}))
+        st.dataframe(state.display(table), hide_index=True, width="stretch", height=320)
+
+
+panels()
+
+# ---- the gate across the run ------------------------------------------------------------------
+history = results.gate_history(store, run)
+if not history.empty:
+    st.subheader("Gate across the run")
+    first = history.attrs.get("first_failed", {})
+    if first:
+        st.error(
+            " · ".join(
+                f"**{rule}** first failed at step {step}" for rule, step in sorted(first.items(), key=lambda kv: kv[1])
+            )
+        )
+    else:
+        st.success(f"No rule failed at any of the {history['step'].nunique()} gated step(s).")
+    st.altair_chart(charts.gate_strip(history), width="stretch")
 with st.expander("The run's headline table"):
     st.dataframe(stepped, hide_index=True, width="stretch")
-
-# ---- one matrix across steps ------------------------------------------------------------------
-layers = state.run_layers(store, run, members)
-if "name" in layers.columns and not layers.empty:
-    st.subheader("One matrix across steps")
-    names = list(dict.fromkeys(layers["name"]))
-    c1, c2 = st.columns(2)
-    with c1:
-        name = state.choose("Matrix", names, "layer")
-    per_matrix = state.numeric_columns(layers, exclude=("step", "layer", "rows", "cols"))
-    if per_matrix:
-        with c2:
-            column = st.selectbox("Figure", per_matrix, index=per_matrix.index("alpha") if "alpha" in per_matrix else 0)
-        one = layers.loc[layers["name"] == name, ["step", column]].dropna(subset=["step"])
-        one = pd.DataFrame({"step": one["step"].astype(int), column: one[column]})
-        st.altair_chart(charts.step_lines(one, column, step), width="stretch")
-
-# ---- that step's layer table ------------------------------------------------------------------
-st.subheader(f"Layer table at step {step}")
-rec = state.record_or_stop(store, str(at["audit_id"]))
-table = state.layer_table(store, rec)
-state.notices(table.attrs.get("missing", {}))
-shown = table.copy()
-for col in ("anomalies", "anomaly_reasons"):
-    if col in shown.columns:
-        shown[col] = shown[col].map(lambda v: "; ".join(v) if isinstance(v, list) else v)
-st.dataframe(shown, hide_index=True, width="stretch", height=360)

@@ -7,9 +7,7 @@ import streamlit as st
 
 from dashboard import charts, exports, state
 
-store, refs = state.index_or_stop()
-ref = state.selected_audit(refs)
-rec = state.record_or_stop(store, ref.audit_id)
+store, refs, rec = state.current_audit()
 
 st.header(f"Layers · {rec.audit_id}")
 table = state.layer_table(store, rec)
@@ -28,10 +26,7 @@ else:
     st.caption(f"{len(table)} blocks (no weight statistics: the metrics stage did not run)")
 
 # Lists become text for display; the exports keep the table as it is.
-shown = table.copy()
-for col in ("anomalies", "anomaly_reasons"):
-    if col in shown.columns:
-        shown[col] = shown[col].map(lambda v: "; ".join(v) if isinstance(v, list) else v)
+shown = state.display(table)
 if "anomaly" in shown.columns and shown.size <= 200_000:
     highlight = "background-color: rgba(214, 39, 40, 0.18)"
     styled = shown.style.apply(lambda row: [highlight if row["anomaly"] else ""] * len(row), axis=1)

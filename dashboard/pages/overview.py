@@ -12,9 +12,7 @@ import streamlit as st
 from dashboard import state
 from microscope import audits, results
 
-store, refs = state.index_or_stop()
-ref = state.selected_audit(refs)
-rec = state.record_or_stop(store, ref.audit_id)
+store, refs, rec = state.current_audit()
 
 st.header(f"Audit {rec.audit_id}")
 run = f"run `{rec.run_id}` step {rec.step} · " if rec.run_id else ""
@@ -27,6 +25,37 @@ if rec.status.value == "failed":
     st.error(
         f"This audit failed: {rec.error or 'no error recorded'}. Each failed stage below names its error; "
         f"fix it and run the audit again (stages that finished are cached and not recomputed)."
+    )
+
+# ---- the gate's verdict -----------------------------------------------------------------------
+verdict = results.gate_verdict(rec)
+if verdict is not None:
+    say = {"fail": st.error, "warn": st.warning, "pass": st.success}[verdict.verdict]
+    say(f"**Gate {verdict.verdict.upper()}** · {verdict.summary()}")
+    st.dataframe(
+        pd.DataFrame(
+            [
+                {
+                    "rule": r.rule,
+                    "outcome": r.outcome,
+                    "value": r.value,
+                    "baseline": r.baseline_value,
+                    "compared": r.compared,
+                    "check": f"{r.metric} {r.check} ({r.aggregate})",
+                    "offenders / note": ", ".join(o.key for o in r.offenders[:5]) or (r.reason or ""),
+                }
+                for r in verdict.results
+            ]
+        ),
+        hide_index=True,
+        width="stretch",
+    )
+elif (g := rec.stages.get("gate")) is not None and g.status.value == "failed":
+    st.warning(f"**gate** failed: {g.error}")
+else:
+    st.caption(
+        f"No gate verdict: judge this audit with `microscope gate {rec.audit_id} --rules gates` (add `--save` to "
+        "keep it), or set `gate: {rules: gates}` in the audit config."
     )
 
 # ---- anomalies first --------------------------------------------------------------------------

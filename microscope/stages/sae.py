@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from microscope.sae.evaluate import downstream, reconstruction
 from microscope.stages.runner import finished, publish, stage_lock, stage_prefix, timed
 from microscope.store import ArtifactStore
 
-VERSION = "1"
+VERSION = "2"  # 2: contexts carry per-token activations; features.parquet has each variant's fate
 SAMPLE_ROWS = 16384
 
 
@@ -286,6 +287,11 @@ def _finalize(
         )
     )
     variant_metrics = {}
+    # Each variant's fate per latent (density on its activations, correlation with full precision) is
+    # measured on the held-out rows variant_metrics uses: the same tokens for every variant, and the fp
+    # density on them is density_eval.npy, so `density[<variant>]` compares with that file.
+    fate: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    fate_skipped: dict[str, str] = {}
     for name, vt in (variant_traces or {}).items():
         vds = vt.details.get("datasets", {}).get(hook)
         if vds is None:
@@ -298,13 +304,22 @@ def _finalize(
             "fvu_shift": vm["fvu"] - metrics["fvu"],
             "l0_shift": vm["l0"] - metrics["l0"],
         }
+        try:
+            v_density, corr, _ = feat.variant_fate(
+                loaded.encode, _rows_in(plan.paths, held), _rows_in(vpaths, held), plan.d_sae
+            )
+            fate[name] = (v_density, corr)
+        except feat.Misaligned as e:  # the fp and variant traces must hold the same tokens in the same order
+            fate_skipped[name] = f"the variant's trace is not row-aligned with full precision's: {e}"
     tokenizer = loading.load_tokenizer(ref)
     vals, wins, poss, fires, sums = feat.top_activations(
         loaded.encode, parquet_rows(plan.paths), plan.d_sae, c.top_contexts
     )
     all_density = fires / max(1, _rows(plan.paths))
     mean_act = np.divide(sums, fires, out=np.zeros_like(sums), where=fires > 0)
-    ctx = feat.contexts(tokenizer, ids, vals, wins, poss, c.context_tokens)
+    grid = feat.context_grid(vals, wins, poss, ids.shape[1], c.context_tokens)  # 3 × [d_sae, k, 2span+1]
+    token_acts = feat.activations_at(loaded.encode, parquet_rows(plan.paths), *grid)
+    ctx = feat.contexts(tokenizer, ids, vals, wins, poss, c.context_tokens, token_acts)
     pos_l = neg_l = None
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if out_emb is not None:
@@ -314,7 +329,7 @@ def _finalize(
             tokenizer,
             c.top_logits,
         )
-    table = feat.table(all_density, mean_act, ctx, pos_l, neg_l)
+    table = feat.table(all_density, mean_act, ctx, pos_l, neg_l, fate)
     import pyarrow.parquet as pq
 
     tmp_f = store.staging_path(f"{prefix}/features.parquet")
@@ -339,6 +354,7 @@ def _finalize(
             "activation_scale": plan.scale,
             "density_hist": hist,
             "variants": variant_metrics,
+            "variant_fate_skipped": fate_skipped,
             "resumed_from_step": result.resumed_from_step,
             "train_tokens_per_epoch": steps * c.batch_size // c.epochs,
             "trained_with": trained_with,
@@ -359,6 +375,15 @@ def _sample(chunks: Any, n: int) -> np.ndarray:
     return np.concatenate(out)[:n] if out else np.zeros((0, 0), np.float32)
 
 
+def _rows_in(paths: list[Path], windows: set[int]) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`parquet_rows` restricted to `windows`, in stored order."""
+    keep = np.fromiter(sorted(windows), dtype=np.int64)
+    for x, win, pos in parquet_rows(paths):
+        mask = np.isin(win, keep)
+        if mask.any():
+            yield x[mask], win[mask], pos[mask]
+
+
 def _rows(paths: list[Path]) -> int:
     import pyarrow.parquet as pq
 
@@ -374,9 +399,17 @@ def _npy(a: np.ndarray) -> bytes:
 
 
 def _top_features(table: Any, n: int) -> list[dict[str, Any]]:
-    """The densest non-dense features with their best contexts: the report's showcase."""
+    """The densest non-dense features with their best contexts: the report's showcase. Contexts keep only
+    their text and activation (what the report shows): the per-token lists stay in features.parquet, so
+    the record stays small and holds no NaN."""
     rows = table.to_pylist()
     rows = [r for r in rows if 0 < r["density"] <= 0.1 and r["top_contexts"]]
     rows.sort(key=lambda r: -r["top_contexts"][0]["activation"])
     keep = ("feature", "density", "mean_activation", "top_contexts", "top_logits", "bottom_logits")
-    return [json.loads(json.dumps({k: r.get(k) for k in keep}, default=float)) for r in rows[:n]]
+    per_token = ("tokens", "activations", "center")
+    out = []
+    for r in rows[:n]:
+        row = {k: r.get(k) for k in keep}
+        row["top_contexts"] = [{k: v for k, v in c.items() if k not in per_token} for c in r["top_contexts"]]
+        out.append(json.loads(json.dumps(row, default=float)))
+    return out

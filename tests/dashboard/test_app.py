@@ -19,7 +19,7 @@ from microscope.store import open_store
 from tests.conftest import FINISHED_RUN
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
-PAGES = ("audits", "overview", "layers", "evolution", "compare")
+PAGES = tuple(p.stem for p in sorted((APP.parent / "pages").glob("*.py")))
 RUN = FINISHED_RUN
 
 
@@ -126,7 +126,19 @@ def test_evolution_lists_both_steps_and_follows_the_slider(stores: dict) -> None
     slider.set_value(1).run()
     assert not at.exception and at.query_params["step"] == "1"
     assert stores["recs"][1]["audit_id"] in _texts(at.caption)
-    assert "Layer table at step 1" in _texts(at.subheader)
+    assert any("Layer table at step 1" in e.label for e in at.expander)
+
+
+def test_evolution_plays_the_run(stores: dict) -> None:
+    at = _page(stores["full"], "evolution", run=RUN, step="1")
+    assert at.select_slider(key="_microscope_pick.step").value == 1
+    at.button[0].click().run()  # ▶ Play: the step panel advances on each tick (a rerun of its fragment)
+    assert not at.exception and at.query_params["step"] == "2"
+    assert at.session_state["_microscope_playing"]
+    at.run()  # the next tick finds the last step: playback stops there
+    assert at.query_params["step"] == "2" and not at.session_state["_microscope_playing"]
+    assert at.button[0].label == "▶ Play"
+    assert "variance explained" in _texts(at.caption)  # the aligned projection is drawn
 
 
 @pytest.mark.parametrize("page", PAGES)
@@ -181,3 +193,82 @@ def test_microscope_view_serves_the_viewer(stores: dict, tmp_path: Path) -> None
         wait_http(f"http://127.0.0.1:{port}/_stcore/health", 60, proc)
     finally:
         stop(proc)
+
+
+@pytest.fixture
+def indexed(stores: dict, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The settings of the workspace that made the audits (its Qdrant folder, read as a snapshot)."""
+    monkeypatch.setenv("MICROSCOPE_HOME", str(Path(stores["full"]).parent))
+    monkeypatch.delenv("QDRANT_URL", raising=False)
+    return stores["full"]
+
+
+def test_architecture_shows_the_modules_and_memory(stores: dict) -> None:
+    rec = stores["recs"][1]
+    at = _page(stores["full"], "architecture", audit=rec["audit_id"])
+    assert not at.exception
+    arch = rec["architecture"]
+    assert any(m.label == "parameters" and m.value == f"{arch['n_params']:,}" for m in at.metric)
+    modules = at.dataframe[0].value
+    assert list(modules["name"]) == [m["name"] for m in arch["modules"]]
+    assert list(modules["params"]) == [m["params"] for m in arch["modules"]]
+    assert any("MiB[int8]" in d.value.columns for d in at.dataframe)
+
+
+def test_sae_page_shows_a_feature_and_its_fate(stores: dict, indexed: str) -> None:
+    rec = stores["recs"][2]
+    hook = "blocks.1.hook_resid_post"
+    store = open_store(indexed)
+    record = results.load_audit(store, rec["audit_id"])
+    table = results.features(store, record, hook)
+    feature = int(table.loc[table["density"] > 0, "feature"].iloc[0])
+    at = _page(indexed, "sae", audit=rec["audit_id"], hook=hook, feature=str(feature))
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.query_params["hook"] == hook and at.query_params["feature"] == str(feature)
+    shown = at.dataframe[0].value
+    assert set(shown["feature"]) == set(table.loc[table["density"] > 0, "feature"])
+    contexts = results.feature_contexts(store, record, hook, feature)
+    page = "\n".join(str(h.proto.body) for h in at.get("html"))
+    assert contexts and all(t.replace("<", "&lt;").replace(">", "&gt;") in page for t in contexts[0]["tokens"])
+    assert f"{contexts[0]['activations'][contexts[0]['center']]:.4g}" in page  # the top token's shade title
+    tables = [d.value for d in at.dataframe]
+    fate_v = next(t for t in tables if "fate" in t.columns)
+    assert fate_v.iloc[0]["variant"] == "int8" and fate_v.iloc[0]["fate"] in ("survived", "drifted", "lost")
+    fate_run = next(t for t in tables if "split_into" in t.columns)
+    assert list(fate_run["step"]) == [1, 2]  # followed back to step 1 through the stored matches
+    near = next(t for t in tables if "top tokens" in t.columns)  # Qdrant, through a snapshot of its folder
+    assert len(near) and (near["cosine"] <= 1 + 1e-6).all()
+    at.number_input(key="_microscope_pick.feature").set_value(feature + 1).run()
+    assert not at.exception and at.query_params["feature"] == str(feature + 1)
+
+
+def test_quantization_page_shows_the_variants(stores: dict) -> None:
+    rec = stores["recs"][1]
+    at = _page(stores["full"], "quantization", audit=rec["audit_id"])
+    assert not at.exception
+    kl = rec["variants"]["int8"]["quantize"]["metrics"]["kl_mean"]
+    assert any(m.label == "kl_mean" and m.value == f"{kl:.4g}" for m in at.metric)
+    drift = next(d.value for d in at.dataframe if "rel_error" in d.value.columns)
+    assert set(drift["hook"]) == set(rec["variants"]["int8"]["quantize"]["details"]["drift"])
+
+
+def test_robustness_page_on_a_vision_audit(finished_vision: dict) -> None:
+    at = _page(finished_vision["store_uri"], "robustness")
+    assert not at.exception, [e.value for e in at.exception]
+    aa = next(d.value for d in at.dataframe if "robust_accuracy" in d.value.columns)
+    fp = finished_vision["stages"]["robustness"]["details"]["autoattack"][0]["robust"]
+    assert aa.set_index("variant").loc["fp", "robust_accuracy"] == fp
+    assert "SAE" in _texts(at.info)  # no brittle features without an SAE: says how to get them
+    for page in ("overview", "architecture", "layers", "quantization", "sae"):  # a CNN: nothing raises
+        other = _page(finished_vision["store_uri"], page)
+        assert not other.exception, (page, [e.value for e in other.exception])
+
+
+def test_search_finds_the_same_matrix_in_the_other_checkpoint(stores: dict, indexed: str) -> None:
+    rec = stores["recs"][2]
+    name = rec["stages"]["metrics"]["details"]["weights"][0]["name"]
+    at = _page(indexed, "search", audit=rec["audit_id"], what="layers", layer=name)
+    assert not at.exception, [e.value for e in at.exception]
+    hits = at.dataframe[0].value
+    twin = hits[(hits["audit"] == stores["recs"][1]["audit_id"]) & (hits["matrix"] == name)]
+    assert len(twin) == 1 and twin.iloc[0]["similarity"] == pytest.approx(1.0, abs=1e-5)  # same weights

@@ -49,9 +49,7 @@ def production_values() -> dict[str, Any]:
     return yaml.safe_load(PRODUCTION.read_text())
 
 
-# The viewer is off by default until its command lands (the viewer issue); the "default" release here
-# turns it on so that its manifests are checked too.
-WITH_UIS = {"viewer": {"enabled": True}}
+WITH_UIS: dict[str, Any] = {}  # the viewer and the webhook are both on by default
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +57,13 @@ def default() -> list[Doc]:
     return render(WITH_UIS)[0]
 
 
-def test_viewer_is_off_by_default_and_the_webhook_on() -> None:
+def test_viewer_and_webhook_are_on_by_default_and_can_be_turned_off() -> None:
     docs, notes = render()
     names = {d["metadata"]["name"] for d in docs}
-    assert "mic-microscope-viewer" not in names and "mic-microscope-webhook" in names
-    assert "port-forward svc/mic-microscope-prefect-server 4200:4200" in notes and "viewer" not in notes
+    assert {"mic-microscope-viewer", "mic-microscope-webhook"} <= names
+    assert "port-forward svc/mic-microscope-prefect-server 4200:4200" in notes and "viewer" in notes
+    off, notes_off = render({"viewer": {"enabled": False}})
+    assert "mic-microscope-viewer" not in {d["metadata"]["name"] for d in off} and "viewer" not in notes_off
 
 
 @pytest.fixture(scope="module")
@@ -490,6 +490,7 @@ def test_image_tags_follow_the_app_version_and_can_be_pinned() -> None:
         ({"pools": {"gpu": {"gpuCount": "one"}}}, "want integer"),
         ({"pools": {"gpu": {"gpuCount": 0}}}, "minimum"),
         ({"postgres": {"enabled": "yes"}}, "want boolean"),
+        ({"register": {"gateNotifyBlock": "slack webhook"}}, "does not match pattern"),
     ],
 )
 def test_schema_rejects_typos_and_wrong_types(values: dict[str, Any], message: str) -> None:
@@ -547,6 +548,14 @@ def test_register_hook_job_registers_pools_and_deployments(default: list[Doc]) -
     assert volume["configMap"]["name"] == "mic-microscope-pools"
     (wait,) = spec["initContainers"]
     assert "http://mic-microscope-prefect-server:4200/api/health" in wait["command"]
+
+
+def test_gate_alerts_name_their_notification_block() -> None:
+    docs, _ = render({"register": {"gateNotifyBlock": "slack-webhook/ml-team"}})
+    (register,) = one(docs, "Job", "mic-microscope-register")["spec"]["template"]["spec"]["containers"]
+    assert env_of(register)["MICROSCOPE_GATE_NOTIFY_BLOCK"]["value"] == "slack-webhook/ml-team"
+    (register,) = one(render()[0], "Job", "mic-microscope-register")["spec"]["template"]["spec"]["containers"]
+    assert "MICROSCOPE_GATE_NOTIFY_BLOCK" not in env_of(register)  # off unless a block is named
 
 
 def test_minio_bucket_hook_creates_the_bucket(default: list[Doc]) -> None:

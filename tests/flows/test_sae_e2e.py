@@ -60,6 +60,15 @@ def test_sae_stage_end_to_end(prefect_api: str, tiny_gpt2_dir: Path, corpus_file
     lively = [f for f in features if f["top_contexts"]]
     assert lively and all(len(f["top_logits"]) == 8 for f in features)
     assert all(c["activation"] > 0 for c in lively[0]["top_contexts"])
+    # Each context token by token, its centre the top token (float32 storage on both sides).
+    for c in (c for f in lively for c in f["top_contexts"]):
+        assert len(c["tokens"]) == len(c["activations"]) and c["tokens"][c["center"]] == c["token"]
+        assert abs(c["activations"][c["center"]] - c["activation"]) <= 1e-5 * max(1.0, c["activation"])
+    # The int8 variant's fate per latent; a latent that fires keeps most of its identity under int8.
+    assert sae["details"]["variant_fate_skipped"] == {}
+    assert {"density[torch-int8]", "corr[torch-int8]"} <= set(features[0])
+    corr = [f["corr[torch-int8]"] for f in features if f["corr[torch-int8]"] == f["corr[torch-int8]"]]
+    assert corr and all(-1 <= r <= 1 for r in corr) and sorted(corr)[len(corr) // 2] > 0.5
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
     child = client.get_run(sae["mlflow_run_id"])

@@ -1,0 +1,496 @@
+"""Judging a finished audit against its rules and a baseline audit (`schemas.gates`): reads records and
+the joined layer table through `microscope.results`, never recomputes a stage.
+
+Metric paths (a `*` or any glob matches several elements; each element is judged, or aggregated):
+
+    layers.<matrix glob>.<column>        a column of the joined layer table (`results.layer_table`), per
+                                         weight matrix: layers.*.spectral_norm, layers.*attn*.alpha,
+                                         layers.*.sae_fvu.resid, layers.*.quant_cosine[int8].resid
+    metrics.<figure>                     the metrics stage's summary: metrics.alpha_mean, metrics.flagged
+    quantize.<variant glob>.<figure>     a variant's fidelity: quantize.nf4.kl_mean, quantize.*.delta_ppl
+    sae.<hook glob>.<figure>             an SAE's figures: sae.*.fvu, sae.*.dead_frac
+    robustness.<variant glob>.<figure>   fp or a variant: robustness.fp.autoattack_Linf, robustness.*.pgd_min
+    robustness.<variant>.<attack>@eps=x  an attack's accuracy at a swept ε (pgd | fgsm | noise;
+                                         robust_accuracy = pgd): robustness.fp.robust_accuracy@eps=0.01
+
+A path whose namespace or figure does not exist is an error listing the valid ones; a path whose stage did
+not run in this audit is `skipped` with the reason (so is a relative rule without a baseline).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from schemas.config import EXAMPLES, canonical_hash
+from schemas.gates import Check, GateRules, GateVerdict, Offender, Rule, RuleResult
+from schemas.records import AuditRecord, StageStatus
+
+from microscope import results
+from microscope.errors import InputError
+from microscope.store import ArtifactStore
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+NAMESPACES = ("layers", "metrics", "quantize", "sae", "robustness")
+EPS_FIGURES = {"pgd": "pgd", "fgsm": "fgsm", "noise": "noise", "robust_accuracy": "pgd"}
+MAX_OFFENDERS = 20
+IDENTITY = ("name", "layer", "role", "rows", "cols", "spectrum", "anomaly", "anomalies", "anomaly_reasons")
+
+
+class GateError(InputError):
+    """Rules that cannot be read or applied (a bad file, an unknown metric path, an unknown baseline)."""
+
+
+class Skip(Exception):  # a control-flow signal, not an error: the rule is skipped
+    """The path is valid but this audit has nothing there (its stage did not run)."""
+
+
+# ---- rules ------------------------------------------------------------------------------------
+
+
+def load_rules(source: str | Path | dict[str, Any] | list[Any]) -> tuple[GateRules, str]:
+    """Rules from a YAML file, a name under examples/ (`gates` → examples/gates.yaml), or an inline mapping
+    ({baseline, rules}) or list of rules; and a label saying where they came from."""
+    import yaml
+    from pydantic import ValidationError
+
+    if isinstance(source, dict | list):
+        data, label = source, "the inline gate rules"
+    else:
+        path = Path(source)
+        if not path.is_file() and "/" not in str(source) and (EXAMPLES / f"{source}.yaml").is_file():
+            path = EXAMPLES / f"{source}.yaml"
+        if not path.is_file():
+            raise GateError(f"gate rules {source} not found; pass a YAML file or a name under examples/ (gates)")
+        label = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            raise GateError(f"{path} is not valid YAML{f' at line {mark.line + 1}' if mark else ''}; fix it") from None
+    if isinstance(data, list):
+        data = {"rules": data}
+    if not isinstance(data, dict):
+        raise GateError(f"{label} must be a mapping with `rules:` (and optionally `baseline:`)")
+    try:
+        return GateRules.model_validate(data), label
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        msg = first["msg"].removeprefix("Value error, ")
+        raise GateError(f"{label}: {where}: {msg}") from None
+
+
+# ---- baselines --------------------------------------------------------------------------------
+
+
+def resolve_baseline(store: ArtifactStore, record: AuditRecord, spec: str) -> tuple[AuditRecord | None, str | None]:
+    """The baseline audit `spec` names for `record`, or (None, why there is none). An explicit audit id or
+    tag that matches nothing is an error; `previous`/`first` of a checkpoint without predecessor are not."""
+    if spec == "none":
+        return None, "no baseline requested (baseline: none)"
+    if spec in ("previous", "first") or spec.startswith("tag:"):
+        if not record.run_id:
+            return None, f"audit {record.audit_id} belongs to no training run (--run-id), so it has no {spec} audit"
+        refs = [
+            r
+            for r in results.list_audits(store, run_id=record.run_id)
+            if r.audit_id != record.audit_id and r.status != StageStatus.failed.value and r.step is not None
+        ]
+        if spec.startswith("tag:"):
+            key, _, value = spec[4:].partition("=")
+            tagged = [r for r in refs if _tagged(store, r.audit_id, key, value)]
+            if not tagged:
+                raise GateError(f"no audit of run {record.run_id} carries the tag {spec[4:]!r}; tag one with --tag")
+            return results.load_audit(store, tagged[-1].audit_id), None
+        if record.step is None:
+            return None, f"audit {record.audit_id} has no step, so it has no {spec} audit in run {record.run_id}"
+        earlier = [r for r in refs if r.step is not None and r.step < record.step]
+        if not earlier:
+            return None, f"step {record.step} is the first audited checkpoint of run {record.run_id}"
+        if spec == "first":
+            pick = min(earlier, key=lambda r: (r.step, r.created_at))
+        else:  # the highest lower step; its latest audit
+            pick = max(earlier, key=lambda r: (r.step, r.created_at))
+        return results.load_audit(store, pick.audit_id), None
+    try:
+        return results.load_audit(store, spec), None
+    except InputError:
+        raise GateError(
+            f"baseline {spec!r} is no audit in {store.uri}; use previous, first, none, an audit id or tag:KEY"
+        ) from None
+
+
+def _tagged(store: ArtifactStore, audit_id: str, key: str, value: str) -> bool:
+    tags = results.load_audit(store, audit_id).tags
+    return key in tags and (not value or tags[key] == value)
+
+
+# ---- metric paths -----------------------------------------------------------------------------
+
+
+class _Sources:
+    """What paths read from one record, loaded once (the layer table is the expensive part)."""
+
+    def __init__(self, store: ArtifactStore, record: AuditRecord):
+        self.store, self.record = store, record
+        self._table: pd.DataFrame | None = None
+
+    @property
+    def table(self) -> pd.DataFrame:
+        if self._table is None:
+            self._table = results.layer_table(self.store, self.record)
+        return self._table
+
+    def layer_columns(self) -> list[str]:
+        return [c for c in self.table.columns if c not in IDENTITY]
+
+
+def _finished(record: AuditRecord, stage: str) -> None:
+    if (why := results._why(record, stage)) is not None:
+        raise Skip(why)
+
+
+def _figure_map(record: AuditRecord, ns: str) -> dict[str, dict[str, float]]:
+    """Element -> its figures, for the record-level namespaces."""
+    if ns == "metrics":
+        _finished(record, "metrics")
+        return {"metrics": dict(record.stages["metrics"].metrics)}
+    if ns == "quantize":
+        _finished(record, "quantize")
+        return {v: dict(r["quantize"].metrics) for v, r in record.variants.items() if "quantize" in r}
+    if ns == "sae":
+        _finished(record, "sae")
+        return {h: dict(r.metrics) for h, r in record.saes.items() if r.status != StageStatus.failed}
+    _finished(record, "robustness")
+    recs = {"fp": record.stages["robustness"]} | {
+        v: r["robustness"] for v, r in record.variants.items() if "robustness" in r
+    }
+    return {v: dict(r.metrics) for v, r in recs.items()}
+
+
+def _split(path: str) -> tuple[str, str, float | None]:
+    base, _, eps = path.partition("@eps=")
+    ns, _, rest = base.partition(".")
+    return ns, rest, float(eps) if eps else None
+
+
+def elements(src: _Sources, path: str) -> dict[str, float]:
+    """Element key -> value (NaN where undefined) for a metric path; `Skip` when its stage did not run,
+    `GateError` (listing the valid paths) when the path cannot exist."""
+    ns, rest, eps = _split(path)
+    rec = src.record
+    if ns not in NAMESPACES:
+        raise GateError(f"unknown metric namespace {ns!r} in {path!r}; {valid_paths(src)}")
+    if ns == "layers":
+        return _layer_elements(src, rest, path)
+    pattern, _, figure = rest.rpartition(".")
+    if not pattern:
+        pattern, figure = (figure, "") if ns != "metrics" else ("metrics", figure)
+    if ns == "metrics":
+        pattern = "metrics" if pattern in ("", "metrics") else pattern
+    if ns == "robustness" and eps is not None:
+        return _at_eps(src, pattern, figure, eps, path)
+    figures = _figure_map(rec, ns)
+    matched = {k: f for k, f in figures.items() if fnmatch.fnmatchcase(k, pattern)}
+    if not matched:
+        raise GateError(f"{pattern!r} matches no {ns} element of audit {rec.audit_id} ({', '.join(figures)}); "
+                        f"{valid_paths(src)}")  # fmt: skip
+    known = set().union(*(f.keys() for f in matched.values())) | _undefined_names(rec, ns)
+    if figure not in known:
+        raise GateError(f"{ns} has no figure {figure!r} ({', '.join(sorted(known))}); {valid_paths(src)}")
+    return {k: _float(f.get(figure)) for k, f in matched.items()}
+
+
+def _glob(pattern: str) -> re.Pattern[str]:
+    """A column glob: only `*` is a wildcard (column names hold brackets: quant_cosine[int8].resid)."""
+    return re.compile(".*".join(re.escape(p) for p in pattern.split("*")) + r"\Z")
+
+
+def _layer_elements(src: _Sources, rest: str, path: str) -> dict[str, float]:
+    """`<matrix glob>.<column glob>`: a column name holds at most one dot (`sae_fvu.resid`), so the column
+    part is the last two segments when they match a column, else the last one. With several matching
+    columns each element is `matrix:column`."""
+    parts = rest.split(".")
+    # a per-block column is `<figure>.<hook>` (act_…, quant_…[v], sae_…, cka…, attack_…): two segments
+    k = 2 if len(parts) > 2 and _PER_BLOCK.search("." + ".".join(parts[-2:])) else 1
+    rx = _glob(".".join(parts[-k:]))
+    matched = [c for c in src.layer_columns() if rx.match(c)] if len(parts) > k else []
+    matrix_glob = ".".join(parts[:-k])
+    if not matched:
+        _absent_column(src, rest, path)
+    t = src.table
+    picked = t[[fnmatch.fnmatchcase(n, matrix_glob) for n in t["name"]]]
+    if picked.empty:
+        raise GateError(
+            f"{matrix_glob!r} matches no weight matrix of audit {src.record.audit_id} (e.g. {t['name'].iloc[0]})"
+        )
+    if len(matched) == 1:
+        return {str(n): _float(v) for n, v in zip(picked["name"], picked[matched[0]], strict=True)}
+    return {f"{n}:{c}": _float(v) for c in matched for n, v in zip(picked["name"], picked[c], strict=True)}
+
+
+_PER_BLOCK = re.compile(
+    r"\.(act_\w+|quant_\w+\[[^\]]+\]|sae_\w+(?:\[[^\]]+\])?|cka_(?:prev|next)|cka\[[^\]]+\]|attack_shift(?:\[[^\]]+\])?)"
+    r"\.(resid|mlp|attn|\*)$"
+)
+_STAGE_OF = {"act_": "trace", "quant_": "quantize", "sae_": "sae", "cka": "metrics.cka", "attack_": "robustness"}
+
+
+def _absent_column(src: _Sources, rest: str, path: str) -> NoReturn:
+    """A layer column this audit lacks: `Skip` when a stage that did not run would have made it (saying
+    why), else `GateError` listing the columns there are."""
+    missing = src.table.attrs.get("missing", {})
+    for c in (*results.WEIGHT_COLUMNS, *results.SENSITIVITY_COLUMNS):
+        if rest.endswith("." + c):
+            raise Skip(missing.get("metrics") or missing.get("metrics.sensitivity") or f"no {c} in this audit")
+    m = _PER_BLOCK.search(rest)
+    if m:
+        stage = next(v for k, v in _STAGE_OF.items() if m[1].startswith(k))
+        raise Skip(missing.get(stage) or f"audit {src.record.audit_id} has no {m[1]} at its {m[2]} hooks")
+    raise GateError(f"no layer-table column ends {path!r}; {valid_paths(src)}")
+
+
+def _undefined_names(rec: AuditRecord, ns: str) -> set[str]:
+    """Figures a stage recorded as undefined (absent from its metrics, but valid names)."""
+    if ns == "metrics":
+        return set(rec.stages["metrics"].undefined) if "metrics" in rec.stages else set()
+    if ns == "sae":
+        return {k for r in rec.saes.values() for k in r.undefined}
+    stage = "quantize" if ns == "quantize" else "robustness"
+    out = {k for r in rec.variants.values() if stage in r for k in r[stage].undefined}
+    return out | (
+        set(rec.stages["robustness"].undefined) if ns == "robustness" and "robustness" in rec.stages else set()
+    )
+
+
+def _at_eps(src: _Sources, pattern: str, figure: str, eps: float, path: str) -> dict[str, float]:
+    if figure not in EPS_FIGURES:
+        raise GateError(f"{path!r}: at an ε the figure is one of {', '.join(EPS_FIGURES)}")
+    curves = results.robustness_curves(src.record)
+    if curves.empty:
+        raise Skip(next(iter(curves.attrs["missing"].values()), "robustness did not run"))
+    out = {}
+    for variant, g in curves[curves["attack"] == EPS_FIGURES[figure]].groupby("variant"):
+        if not fnmatch.fnmatchcase(str(variant), pattern):
+            continue
+        hit = g[(g["eps"] - eps).abs() <= 1e-9 * max(1.0, abs(eps))]
+        if hit.empty:
+            swept = ", ".join(f"{e:g}" for e in g["eps"])
+            raise GateError(f"{path!r}: ε={eps:g} was not swept (robustness.sweep: {swept})")
+        out[str(variant)] = float(hit["accuracy"].iloc[0])
+    if not out:
+        raise GateError(f"{pattern!r} matches no robustness variant of audit {src.record.audit_id}")
+    return out
+
+
+def _float(v: Any) -> float:
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def valid_paths(src: _Sources) -> str:
+    """The metric paths this audit offers, for an error message."""
+    rec = src.record
+    parts = []
+    cols = src.layer_columns()
+    if cols:
+        parts.append(f"layers.*.{{{','.join(cols[:12])}{',...' if len(cols) > 12 else ''}}}")
+    for ns in ("metrics", "quantize", "sae", "robustness"):
+        try:
+            figs = _figure_map(rec, ns)
+        except Skip:
+            continue
+        names = sorted(set().union(*(f.keys() for f in figs.values())) | _undefined_names(rec, ns)) if figs else []
+        if not names:
+            continue
+        where = "" if ns == "metrics" else "{" + ",".join(figs) + "}."
+        parts.append(f"{ns}.{where}{{{','.join(names)}}}")
+    if "robustness" in rec.stages and rec.stages["robustness"].details.get("curves"):
+        parts.append("robustness.fp.robust_accuracy@eps=<a swept ε>")
+    return "valid paths here: " + ("; ".join(parts) if parts else "none (no stage produced figures)")
+
+
+# ---- judging ----------------------------------------------------------------------------------
+
+
+def _compare(check: Check, value: float, base: float | None) -> float | None:
+    if check.kind == "value":
+        return value
+    if base is None or not math.isfinite(base):
+        return None
+    if check.kind == "delta":
+        return value - base
+    return value / base if base != 0 else None
+
+
+def judge_rule(rule: Rule, src: _Sources, base: _Sources | None, base_reason: str | None) -> RuleResult:
+    check = rule.parsed
+    head = {
+        "rule": rule.label,
+        "metric": rule.metric,
+        "check": rule.check,
+        "aggregate": rule.aggregate,
+        "severity": rule.severity,
+    }
+    try:
+        now = elements(src, rule.metric)
+    except Skip as s:
+        return RuleResult(**head, outcome="skipped", reason=str(s))
+    if check.relative and base is None:
+        return RuleResult(
+            **head, outcome="skipped", elements=len(now), reason=f"relative check without a baseline: {base_reason}"
+        )
+    then: dict[str, float] = {}
+    if base is not None:
+        try:
+            then = elements(base, rule.metric)
+        except Skip as s:
+            if check.relative:
+                return RuleResult(**head, outcome="skipped", elements=len(now), reason=f"the baseline lacks it: {s}")
+        except GateError as e:
+            if check.relative:
+                return RuleResult(**head, outcome="skipped", elements=len(now), reason=f"the baseline lacks it: {e}")
+    rows = []
+    undefined = unmatched = 0
+    for key, v in now.items():
+        b = then.get(key)
+        if not math.isfinite(v):
+            undefined += 1
+            continue
+        c = _compare(check, v, b)
+        if c is None:
+            unmatched += 1
+            continue
+        rows.append(Offender(key=key, value=v, baseline_value=b, compared=c))
+    notes = []
+    if undefined:
+        notes.append(f"{undefined} of {len(now)} value(s) undefined in this audit")
+    if unmatched:
+        notes.append(f"{unmatched} element(s) without a usable baseline value")
+    if not rows:
+        return RuleResult(**head, outcome="skipped", elements=len(now), reason="; ".join(notes) or "no value")
+    worst_first = sorted(rows, key=lambda o: -check.excess(o.compared))
+    bad = [o for o in worst_first if not check.holds(o.compared)]
+    if rule.aggregate in ("any", "all"):
+        breached = bool(bad) if rule.aggregate == "any" else len(bad) == len(rows)
+        shown = worst_first[0]
+        value, base_value, compared, offenders = shown.value, shown.baseline_value, shown.compared, bad
+    else:
+        import numpy as np
+
+        cs = np.array([o.compared for o in rows])
+        vs = np.array([o.value for o in rows])
+        pick = {"max": int(cs.argmax()), "min": int(cs.argmin())}.get(rule.aggregate)
+        compared = float({"max": cs.max(), "min": cs.min(), "mean": cs.mean()}[rule.aggregate])
+        value = float(vs[pick]) if pick is not None else float(vs.mean())
+        bvs = [o.baseline_value for o in rows if o.baseline_value is not None]
+        base_value = rows[pick].baseline_value if pick is not None else (float(np.mean(bvs)) if bvs else None)
+        breached = not check.holds(compared)
+        offenders = [rows[pick]] if breached and pick is not None else []
+    outcome = rule.severity if breached else "pass"
+    return RuleResult(
+        **head,
+        outcome=outcome,
+        value=value,
+        baseline_value=base_value,
+        compared=compared,
+        elements=len(now),
+        offenders=offenders[:MAX_OFFENDERS],
+        reason="; ".join(notes) or None,
+    )
+
+
+def judge(
+    store: ArtifactStore,
+    record: AuditRecord,
+    rules: GateRules,
+    *,
+    baseline: str | None = None,
+    source: str = "",
+) -> GateVerdict:
+    """The verdict on `record`: every rule's outcome against the baseline (`baseline` overrides the rules'
+    own). fail if any fail-severity rule broke, else warn if any warn-severity rule did, else pass."""
+    spec = baseline or rules.baseline
+    base_rec, base_reason = resolve_baseline(store, record, spec)
+    src = _Sources(store, record)
+    base = _Sources(store, base_rec) if base_rec is not None else None
+    outcomes = [judge_rule(r, src, base, base_reason) for r in rules.rules]
+    names = [r.rule for r in outcomes]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise GateError(f"two rules are named {dup!r}; give each a distinct name:")
+    verdict = (
+        "fail"
+        if any(r.outcome == "fail" for r in outcomes)
+        else "warn"
+        if any(r.outcome == "warn" for r in outcomes)
+        else "pass"
+    )
+    return GateVerdict(
+        audit_id=record.audit_id,
+        run_id=record.run_id,
+        step=record.step,
+        verdict=verdict,
+        baseline_spec=spec,
+        baseline_audit_id=base_rec.audit_id if base_rec else None,
+        baseline_step=base_rec.step if base_rec else None,
+        baseline_reason=base_reason,
+        rules_source=source,
+        rules_digest=canonical_hash(rules.model_dump(mode="json")),
+        results=outcomes,
+        judged_at=datetime.now(UTC),
+    )
+
+
+EXIT = {"pass": 0, "warn": 0, "fail": 1}
+
+
+def markdown(v: GateVerdict) -> str:
+    """The verdict as Markdown: a Prefect artifact, the report's and the viewer's gate section."""
+    icon = {"pass": "✅", "warn": "⚠️", "fail": "❌", "skipped": "➖"}
+    base = (
+        f"audit `{v.baseline_audit_id}` (step {v.baseline_step})"
+        if v.baseline_audit_id
+        else f"none: {v.baseline_reason}"
+    )
+    lines = [
+        f"## Gate: {icon[v.verdict]} {v.verdict.upper()}",
+        "",
+        f"Audit `{v.audit_id}`"
+        + (f", run `{v.run_id}` step {v.step}" if v.run_id else "")
+        + f"; baseline ({v.baseline_spec}): {base}.",
+        "",
+        "| rule | outcome | value | baseline | compared | offenders |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in v.results:
+        offenders = ", ".join(f"`{o.key}`" for o in r.offenders[:5]) + (" …" if len(r.offenders) > 5 else "")
+        lines.append(
+            f"| {r.rule} | {icon[r.outcome]} {r.outcome} | {_g(r.value)} | {_g(r.baseline_value)} | {_g(r.compared)} "
+            f"| {offenders or (r.reason or '')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _g(v: float | None) -> str:
+    return "–" if v is None else f"{v:.4g}"
+
+
+def text(v: GateVerdict) -> str:
+    """The verdict for a terminal: one line per rule, offenders named, then the summary line."""
+    lines = []
+    for r in v.results:
+        where = ", ".join(f"{o.key} ({_g(o.compared)})" for o in r.offenders[:5])
+        more = f" and {len(r.offenders) - 5} more" if len(r.offenders) > 5 else ""
+        tail = f": {where}{more}" if where else (f" ({r.reason})" if r.reason else f" ({_g(r.compared)})")
+        lines.append(f"{r.outcome.upper():8} {r.rule} [{r.metric} {r.check}, {r.aggregate}]{tail}")
+    return "\n".join([*lines, v.summary()])

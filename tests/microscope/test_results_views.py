@@ -1,0 +1,179 @@
+"""The results API behind the viewer's Architecture, Quantization, Robustness and Evolution pages, on real
+finished audits (the tiny GPT-2 run of `finished_audits`, the digits CNN of `finished_vision`). Every
+figure is checked against where it came from: the checkpoint's tensors, the record, or NumPy."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from microscope import results
+from microscope.store import open_store
+from tests.conftest import FINISHED_RUN
+
+
+@pytest.fixture(scope="module")
+def gpt2(finished_audits: dict[str, dict]):
+    store = open_store(finished_audits["step1"]["store_uri"])
+    return store, results.load_audit(store, finished_audits["step1"]["audit_id"]), finished_audits
+
+
+@pytest.fixture(scope="module")
+def vision(finished_vision: dict):
+    store = open_store(finished_vision["store_uri"])
+    return store, results.load_audit(store, finished_vision["audit_id"]), finished_vision
+
+
+def test_module_table_counts_match_the_checkpoint(gpt2, tiny_gpt2_dir: Path) -> None:
+    from safetensors.numpy import load_file
+
+    _, rec, _ = gpt2
+    tensors = load_file(str(tiny_gpt2_dir / "model.safetensors"))
+    df = results.module_table(rec)
+    assert list(df["name"]) == [m.name for m in rec.architecture.modules]
+    checked = 0
+    for name, params, parent, depth in zip(df["name"], df["params"], df["parent"], df["depth"], strict=True):
+        in_file = sum(t.size for k, t in tensors.items() if k.startswith(name + "."))
+        if in_file:  # a tied head has no tensor of its own in the file
+            assert params == in_file, name
+            checked += 1
+        assert (parent == "") == (depth == 0) and (not parent or name.startswith(parent + "."))
+    assert checked >= 4
+    assert np.allclose(df["share"], df["params"] / rec.architecture.n_params)
+
+
+def test_memory_table_from_the_weights(gpt2, tiny_gpt2_dir: Path) -> None:
+    from safetensors.numpy import load_file
+
+    _, rec, _ = gpt2
+    tensors = load_file(str(tiny_gpt2_dir / "model.safetensors"))
+    mem = results.memory_table(rec).set_index("layer")
+    for layer in (0, 1):
+        weights = [t for k, t in tensors.items() if k.startswith(f"transformer.h.{layer}.") and t.ndim == 2]
+        numel = sum(t.size for t in weights)
+        assert mem.loc[layer, "bytes[fp]"] == 4 * numel  # float32
+        # int8: one byte per weight plus an fp32 scale per row (the table's row = the tensor's first dim;
+        # for GPT-2's Conv1D that is the input side, so allow 4 bytes × |in − out| per matrix)
+        slack = sum(4 * abs(t.shape[0] - t.shape[1]) for t in weights)
+        assert abs(mem.loc[layer, "bytes[int8]"] - sum(t.size + 4 * t.shape[1] for t in weights)) <= slack
+    assert mem["bytes[int8]"].sum() < mem["bytes[fp]"].sum()
+    assert mem.attrs["measured"]["int8"] == rec.variants["int8"]["quantize"].metrics["measured_bytes"]
+
+
+def test_quantization_and_drift_tables_are_the_records(gpt2) -> None:
+    _, rec, _ = gpt2
+    q = results.quantization_table(rec)
+    row = q.set_index("variant").loc["int8"]
+    m = rec.variants["int8"]["quantize"].metrics
+    for fig in ("kl_mean", "top1_agreement", "measured_bytes", "fp_bytes"):
+        if fig in m:
+            assert row[fig] == m[fig]
+    assert row["memory_ratio"] == pytest.approx(m["measured_bytes"] / m["fp_bytes"], rel=1e-12)
+    drift = results.drift_table(rec)
+    recorded = rec.variants["int8"]["quantize"].details["drift"]
+    assert set(drift["hook"]) == set(recorded)
+    for hook, cos, err in zip(drift["hook"], drift["cosine"], drift["rel_error"], strict=True):
+        assert cos == recorded[hook]["cosine"] and err == recorded[hook]["rel_error"]
+    assert list(drift["layer"]) == sorted(drift["layer"])
+
+
+def test_projection_is_pca_on_one_basis_for_the_whole_run(gpt2) -> None:
+    store, _, _ = gpt2
+    layers = results.run_series(store, FINISHED_RUN, layers=True)
+    proj = results.run_projection(layers, dims=3)
+    feats = results.layer_features(layers)[proj.attrs["features"]].to_numpy(float)
+    feats = np.where(np.isnan(feats), np.nanmean(feats, axis=0), feats)
+    z = (feats - feats.mean(0)) / feats.std(0)
+    evals, evecs = np.linalg.eigh(np.cov(z, rowvar=False, bias=True))  # NumPy's eigenvectors: the reference
+    order = np.argsort(evals)[::-1]
+    for i in range(3):
+        ref = z @ evecs[:, order[i]]
+        got = proj[f"pc{i + 1}"].to_numpy()
+        assert min(np.abs(got - ref).max(), np.abs(got + ref).max()) < 1e-8  # equal up to sign
+    assert np.allclose(proj.attrs["explained"], (evals[order] / evals.sum())[:3], atol=1e-10)
+    # steps 1 and 2 are the same weights: nothing moves
+    one, two = (proj[proj["step"] == s].set_index("name")[["pc1", "pc2", "pc3"]] for s in (1, 2))
+    pd.testing.assert_frame_equal(one, two.loc[one.index])
+
+
+def test_projection_moves_only_the_changed_matrix() -> None:
+    rng = np.random.default_rng(0)
+    base = pd.DataFrame(
+        {
+            "name": [f"m{i}" for i in range(6)],
+            "layer": range(6),
+            "role": "w",
+            "rows": 32,
+            "cols": 16,
+            "frobenius": rng.uniform(1, 3, 6),
+            "spectral_norm": rng.uniform(0.5, 1, 6),
+            "effective_rank": rng.uniform(5, 15, 6),
+            "stable_rank": rng.uniform(1, 5, 6),
+            "alpha": rng.uniform(2, 6, 6),
+            "sparsity": 0.0,
+            "condition_number": rng.uniform(10, 100, 6),
+        }
+    )
+    later = base.copy()
+    later.loc[3, ["frobenius", "spectral_norm"]] *= 10  # one matrix scaled
+    run = pd.concat([base.assign(step=0, audit_id="a"), later.assign(step=1, audit_id="b")], ignore_index=True)
+    proj = results.run_projection(run, dims=2)
+    a, b = (proj[proj["step"] == s].set_index("name")[["pc1", "pc2"]].to_numpy() for s in (0, 1))
+    moved = np.linalg.norm(b - a, axis=1)
+    assert moved[3] > 1.0 and np.allclose(np.delete(moved, 3), 0.0, atol=1e-12)
+    assert "sparsity" not in proj.attrs["features"]  # constant: dropped, not divided by zero
+
+
+def test_variant_fate_labels() -> None:
+    assert results.variant_fate(0.01, 0.01, 0.95) == "survived"
+    assert results.variant_fate(0.01, 0.02, 0.7) == "drifted"
+    assert results.variant_fate(0.01, 0.0, math.nan) == "lost"
+    assert results.variant_fate(0.01, 0.01, 0.1) == "lost"
+    assert results.variant_fate(0.0, 0.0, math.nan) == "dead"
+
+
+def test_robustness_views_are_the_records(vision) -> None:
+    _, rec, raw = vision
+    fp = raw["stages"]["robustness"]["details"]
+    var = raw["variants"]["torch-int8"]["robustness"]["details"]
+    curves = results.robustness_curves(rec)
+    assert set(curves["variant"]) == {"fp", "torch-int8"}
+    for name, d in (("fp", fp), ("torch-int8", var)):
+        for attack in ("pgd", "fgsm", "noise"):
+            got = curves[(curves["variant"] == name) & (curves["attack"] == attack)]
+            assert list(got["eps"]) == d["curves"]["eps"] and list(got["accuracy"]) == d["curves"][attack]
+    aa = results.autoattack_table(rec).set_index("variant")
+    assert aa.loc["fp", "robust_accuracy"] == fp["autoattack"][0]["robust"]
+    assert aa.loc["torch-int8", "delta_vs_fp"] == pytest.approx(
+        var["autoattack"][0]["robust"] - fp["autoattack"][0]["robust"], abs=1e-12
+    )
+    assert aa.loc["fp", "attacks"] == "apgd-ce" and aa.loc["fp", "samples"] == 16
+    brittle = results.brittle_features(rec)  # the CNN has no SAE: says how to get the list
+    assert brittle.empty and "SAE" in brittle.attrs["missing"]["robustness.features"]
+    without = rec.model_copy(deep=True)
+    without.stages.pop("robustness")
+    assert "robustness to --stages" in results.robustness_curves(without).attrs["missing"]["robustness"]
+
+
+def test_feature_fate_follows_the_stored_matches(gpt2) -> None:
+    from microscope import feature_matching as fm
+
+    store, rec1, raw = gpt2
+    rec2 = results.load_audit(store, raw["step2"]["audit_id"])
+    hook = "blocks.1.hook_resid_post"
+    m = fm.load_matches(store, rec1.audit_id, rec2.audit_id, hook)
+    assert m is not None  # made by step 2's audit when it ended
+    t = m.features.to_pandas().set_index("feature_a")
+    f = 3
+    forward = results.feature_fate(store, rec1, hook, f)
+    assert list(forward["step"]) == [1, 2] and forward.iloc[0]["label"] == "this audit"
+    assert forward.iloc[1]["feature"] == t.loc[f, "feature_b"] and forward.iloc[1]["label"] == t.loc[f, "label"]
+    assert forward.iloc[1]["cosine"] == pytest.approx(t.loc[f, "cosine"], abs=1e-7)
+    back = results.feature_fate(store, rec2, hook, int(t.loc[f, "feature_b"]))
+    assert list(back["step"]) == [1, 2] and back.iloc[0]["feature"] == f
+    alone = results.feature_fate(store, results.load_audit(store, raw["partial"]["audit_id"]), hook, 0)
+    assert alone.empty and "no other checkpoint" in alone.attrs["missing"]["run"]
