@@ -1,6 +1,6 @@
 # make demo: a full audit of the pretrained MiniLM on Python's help text, then of a small CNN trained on
 #            scikit-learn's digits (creates .venv if needed)
-# make test: the whole test suite (creates .venv if needed)
+# make test: the whole test suite (creates .venv if needed; installs chromium for the browser test when root)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -26,6 +26,7 @@ demo: $(STAMP)
 		--config examples/demo_digits.yaml
 
 test: $(STAMP)
+	sh scripts/ensure_chromium.sh
 	$(BIN)/python -m pytest -q --durations=15
 
 lint: $(STAMP)

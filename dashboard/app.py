@@ -14,7 +14,7 @@ if str(ROOT) not in sys.path:  # `streamlit run` puts dashboard/ on the path, no
 
 from dashboard import state  # noqa: E402
 
-PAGES = Path(__file__).resolve().parent / "pages"
+VIEWS = Path(__file__).resolve().parent / "views"  # not pages/: Streamlit runs such a folder as v1 pages
 
 st.set_page_config(page_title="Microscope", page_icon="🔬", layout="wide")
 state.restore_params()
@@ -51,15 +51,15 @@ with st.sidebar:
         st.caption(f"{len(refs)} audit(s) in the store")
 
 pages = [
-    st.Page(str(PAGES / "audits.py"), title="Audits", icon="🗂️", default=True),
-    st.Page(str(PAGES / "overview.py"), title="Overview", icon="📋"),
-    st.Page(str(PAGES / "architecture.py"), title="Architecture", icon="🏗️"),
-    st.Page(str(PAGES / "layers.py"), title="Layers", icon="🧱"),
-    st.Page(str(PAGES / "sae.py"), title="SAE features", icon="🧬"),
-    st.Page(str(PAGES / "quantization.py"), title="Quantization", icon="🗜️"),
-    st.Page(str(PAGES / "robustness.py"), title="Robustness", icon="🛡️"),
-    st.Page(str(PAGES / "compare.py"), title="Compare", icon="⚖️"),
-    st.Page(str(PAGES / "evolution.py"), title="Evolution", icon="📈"),
-    st.Page(str(PAGES / "search.py"), title="Search", icon="🔎"),
+    st.Page(str(VIEWS / "audits.py"), title="Audits", icon="🗂️", default=True),
+    st.Page(str(VIEWS / "overview.py"), title="Overview", icon="📋"),
+    st.Page(str(VIEWS / "architecture.py"), title="Architecture", icon="🏗️"),
+    st.Page(str(VIEWS / "layers.py"), title="Layers", icon="🧱"),
+    st.Page(str(VIEWS / "sae.py"), title="SAE features", icon="🧬"),
+    st.Page(str(VIEWS / "quantization.py"), title="Quantization", icon="🗜️"),
+    st.Page(str(VIEWS / "robustness.py"), title="Robustness", icon="🛡️"),
+    st.Page(str(VIEWS / "compare.py"), title="Compare", icon="⚖️"),
+    st.Page(str(VIEWS / "evolution.py"), title="Evolution", icon="📈"),
+    st.Page(str(VIEWS / "search.py"), title="Search", icon="🔎"),
 ]
 st.navigation(pages).run()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from typing import TYPE_CHECKING, Any
 
 import altair as alt
 
@@ -14,22 +15,41 @@ ANOMALY = "#d62728"
 NORMAL = "#4c78a8"
 
 
+LABELLED = 60  # up to this many matrices, one labelled row each (horizontal bars); more: unlabelled bars
+ROW_PX = 18
+
+
 def column_bars(df: pd.DataFrame, column: str) -> alt.Chart:
-    """One bar per row (weight matrix) in table order, anomalous rows in red; the first MAX_POINTS rows."""
+    """One bar per row (weight matrix) in table order, anomalous rows in red; the first MAX_POINTS rows.
+    Up to LABELLED rows the bars are horizontal with every matrix named (long names need the width)."""
     data = df[["name", "layer", column] + (["anomaly"] if "anomaly" in df.columns else [])].head(MAX_POINTS)
     color = (
         alt.condition(alt.datum.anomaly, alt.value(ANOMALY), alt.value(NORMAL))
         if "anomaly" in data.columns
         else alt.value(NORMAL)
     )
+    value = alt.X(f"{_field(column)}:Q", title=column)
+    tooltip = ["name", "layer", alt.Tooltip(f"{_field(column)}:Q", title=column, format=".4g")]
+    if len(data) <= LABELLED:
+        return (
+            alt.Chart(data, title=column)
+            .mark_bar()
+            .encode(
+                x=value,
+                y=alt.Y("name:N", sort=None, title=None, axis=alt.Axis(labelLimit=260)),
+                color=color,
+                tooltip=tooltip,
+            )
+            .properties(height=max(80, ROW_PX * len(data)))
+        )
     return (
         alt.Chart(data, title=column)
         .mark_bar()
         .encode(
-            x=alt.X("name:N", sort=None, title=None, axis=alt.Axis(labels=len(data) <= 60, labelLimit=160)),
+            x=alt.X("name:N", sort=None, title=None, axis=alt.Axis(labels=False, ticks=False)),
             y=alt.Y(f"{_field(column)}:Q", title=column),
             color=color,
-            tooltip=["name", "layer", alt.Tooltip(f"{_field(column)}:Q", title=column, format=".4g")],
+            tooltip=tooltip,
         )
         .properties(height=220)
     )
@@ -52,17 +72,34 @@ def step_lines(series: pd.DataFrame, column: str, step: int) -> alt.LayerChart:
 
 
 def paired_bars(df: pd.DataFrame, column: str, labels: tuple[str, str]) -> alt.Chart:
-    """Two audits' `column` per matrix side by side on shared axes (`df`: name, which, value)."""
+    """Two audits' `column` per matrix side by side on shared axes (`df`: name, which, value); horizontal
+    and labelled up to LABELLED matrices."""
     data = df.head(MAX_POINTS)
+    n = data["name"].nunique()
+    which = alt.Color("which:N", sort=list(labels), title=None)
+    tooltip = ["name", "which", alt.Tooltip("value:Q", format=".4g")]
+    if n <= LABELLED:
+        return (
+            alt.Chart(data, title=column)
+            .mark_bar()
+            .encode(
+                x=alt.X("value:Q", title=column),
+                y=alt.Y("name:N", sort=None, title=None, axis=alt.Axis(labelLimit=260)),
+                yOffset=alt.YOffset("which:N", sort=list(labels)),
+                color=which,
+                tooltip=tooltip,
+            )
+            .properties(height=max(80, 2 * ROW_PX * n))
+        )
     return (
         alt.Chart(data, title=column)
         .mark_bar()
         .encode(
-            x=alt.X("name:N", sort=None, title=None, axis=alt.Axis(labels=data["name"].nunique() <= 60)),
+            x=alt.X("name:N", sort=None, title=None, axis=alt.Axis(labels=False, ticks=False)),
             xOffset=alt.XOffset("which:N", sort=list(labels)),
             y=alt.Y("value:Q", title=column),
-            color=alt.Color("which:N", sort=list(labels), title=None),
-            tooltip=["name", "which", alt.Tooltip("value:Q", format=".4g")],
+            color=which,
+            tooltip=tooltip,
         )
         .properties(height=220)
     )
@@ -128,22 +165,21 @@ def eps_curves(curves: pd.DataFrame, attack: str) -> alt.Chart:
     )
 
 
-def projection(points: pd.DataFrame, step: int, domains: dict[str, list[float]], trail: int = 3) -> alt.LayerChart:
+def projection(points: pd.DataFrame, step: int, domains: dict[str, list[float]], lo: int) -> alt.LayerChart:
     """The run's matrices on its first two principal components at `step`, on axes fixed for the whole run
-    (so motion is change), with each matrix's last `trail` positions as a fading path."""
-    steps = sorted(points["step"].unique())
-    i = steps.index(step)
-    window = points[points["step"].isin(steps[max(0, i - trail) : i + 1])].head(MAX_POINTS)
-    now = window[window["step"] == step]
+    (so motion is change), each matrix's path from step `lo` fading behind it. Every step's points are in
+    the data and a filter picks the step, so the spec differs between steps only in two numbers (see
+    `template`)."""
+    base = alt.Chart(points.head(MAX_POINTS))
     x = alt.X("pc1:Q", scale=alt.Scale(domain=domains["pc1"]), title="PC 1")
     y = alt.Y("pc2:Q", scale=alt.Scale(domain=domains["pc2"]), title="PC 2")
     paths = (
-        alt.Chart(window)
+        base.transform_filter(f"datum.step >= {lo} && datum.step <= {step}")
         .mark_line(opacity=0.35)
         .encode(x=x, y=y, detail="name:N", order="step:Q", color=alt.Color("layer:O", legend=None))
     )
     dots = (
-        alt.Chart(now, title=f"layer statistics, step {step}")
+        base.transform_filter(f"datum.step == {step}")
         .mark_circle(size=70)
         .encode(
             x=x,
@@ -152,7 +188,23 @@ def projection(points: pd.DataFrame, step: int, domains: dict[str, list[float]],
             tooltip=["name", "layer", "role", alt.Tooltip("pc1:Q", format=".3f"), alt.Tooltip("pc2:Q", format=".3f")],
         )
     )
-    return alt.layer(paths, dots).properties(height=360)
+    return alt.layer(paths, dots, title=f"layer statistics, step {step}").properties(height=360)
+
+
+# A step-driven chart is built once per data with these stand-ins for the step (and the start of its
+# trail), serialised, and re-aimed per step by text substitution: playback then costs a string replace
+# and a JSON parse per chart, not Altair's ~50-200 ms of building and validating it.
+STEP, STEP_LO = -987654321, -987654322
+
+
+def template(chart: alt.TopLevelMixin) -> str:
+    """`chart` (built with `STEP`/`STEP_LO` as its step) as Vega-Lite JSON text."""
+    return chart.to_json(indent=None)
+
+
+def at_step(spec: str, step: int, lo: int | None = None) -> dict[str, Any]:
+    """A `template` aimed at `step` (and `lo`), ready for `st.vega_lite_chart`."""
+    return json.loads(spec.replace(str(STEP_LO), str(step if lo is None else lo)).replace(str(STEP), str(step)))
 
 
 OUTCOME_COLORS = {"pass": "#2ca02c", "warn": "#e6a700", "fail": ANOMALY, "skipped": "#c7c7c7"}

@@ -233,8 +233,19 @@ def layer_table(s: ArtifactStore, rec: AuditRecord) -> pd.DataFrame:
     return _layer_table(s.uri, rec.audit_id, digest(s, rec), rec)
 
 
+@st.cache_data(ttl=INDEX_TTL_S, max_entries=16, show_spinner=False)
+def _digests(uri: str, audit_ids: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    s = _open(uri)
+    return tuple((a, digest(s, record(uri, a))) for a in audit_ids)
+
+
 def _run_key(s: ArtifactStore, refs: Sequence[results.AuditRef]) -> tuple[tuple[str, str], ...]:
-    return tuple((r.audit_id, digest(s, record(s.uri, r.audit_id))) for r in refs)
+    """The cache key of a run's results: its audits' ids and manifest digests (re-read every 10 s)."""
+    return _digests(s.uri, tuple(r.audit_id for r in refs))
+
+
+def run_key(s: ArtifactStore, refs: Sequence[results.AuditRef]) -> tuple[tuple[str, str], ...]:
+    return _run_key(s, refs)
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading the run…")
@@ -408,3 +419,36 @@ def current_audit() -> tuple[ArtifactStore, list[results.AuditRef], AuditRecord]
     a stop when there is none)."""
     s, refs = index_or_stop()
     return s, refs, record_or_stop(s, selected_audit(refs).audit_id)
+
+
+@st.cache_data(max_entries=16, show_spinner=False)
+def _gate_history(uri: str, run_id: str, key: tuple[tuple[str, str], ...]) -> pd.DataFrame:
+    del key
+    return results.gate_history(_open(uri), run_id)
+
+
+def gate_history(s: ArtifactStore, run_id: str, refs: Sequence[results.AuditRef]) -> pd.DataFrame:
+    """`results.gate_history`, cached by the run's audits and their manifest digests."""
+    return _gate_history(s.uri, run_id, _run_key(s, refs))
+
+
+# ---- step-driven charts (Evolution): built once, re-aimed per step ----------------------------------
+
+
+@st.cache_data(max_entries=128, show_spinner=False)
+def step_chart(key: tuple, column: str, _data: pd.DataFrame) -> str:
+    """`charts.step_lines` of `column` as a template (`charts.at_step`); `key` names `_data`."""
+    from dashboard import charts
+
+    del key
+    return charts.template(charts.step_lines(_data, column, charts.STEP))
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def projection_chart(key: tuple, _points: pd.DataFrame) -> str:
+    """`charts.projection` of the run as a template, on axes fixed for the whole run."""
+    from dashboard import charts
+
+    del key
+    domains = {c: [float(_points[c].min()), float(_points[c].max())] for c in ("pc1", "pc2")}
+    return charts.template(charts.projection(_points, charts.STEP, domains, charts.STEP_LO))

@@ -254,11 +254,8 @@ def cmd_gate(args: argparse.Namespace) -> int:
     verdict = gates.judge(store, rec, rules, baseline=args.baseline, source=where)
     if args.save:
         from microscope import tracking
-        from schemas.records import StageRecord, StageStatus
 
-        rec.stages["gate"] = StageRecord(
-            stage="gate", status=StageStatus.completed, details=verdict.model_dump(mode="json")
-        )
+        rec.stages["gate"] = gates.stage_record(verdict)
         audits.save(store, rec)
         if rec.mlflow_run_id:
             tracking.log_gate(rec.mlflow_run_id, verdict)

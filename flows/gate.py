@@ -15,7 +15,6 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.settle import one_line
 from microscope import gates, tracking
-from schemas.config import canonical_hash
 from schemas.gates import GateVerdict
 from schemas.records import StageRecord, StageStatus
 
@@ -78,17 +77,7 @@ def run_gate(t: AuditTracker) -> GateVerdict | None:
     except gates.GateError as exc:
         t.stage(StageRecord(stage="gate", status=StageStatus.failed, error=one_line(exc), started_at=started), "")
         return None
-    details = verdict.model_dump(mode="json")
-    r = StageRecord(
-        stage="gate",
-        status=StageStatus.completed,
-        config_hash=canonical_hash([details["results"], details["baseline_audit_id"], details["rules_digest"]]),
-        metrics={tracking.metric_key(x.rule): x.compared for x in verdict.results if x.compared is not None},
-        details=details,
-        started_at=started,
-        finished_at=datetime.now(UTC),
-        seconds=time.perf_counter() - t0,
-    )
+    r = gates.stage_record(verdict, started, time.perf_counter() - t0)
     t.stage(r, "")
     log = get_run_logger()
     log.info("%s", verdict.summary())

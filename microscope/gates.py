@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 from schemas.config import EXAMPLES, canonical_hash
 from schemas.gates import Check, GateRules, GateVerdict, Offender, Rule, RuleResult
-from schemas.records import AuditRecord, StageStatus
+from schemas.records import AuditRecord, StageRecord, StageStatus
 
 from microscope import results
 from microscope.errors import InputError
@@ -494,3 +494,21 @@ def text(v: GateVerdict) -> str:
         tail = f": {where}{more}" if where else (f" ({r.reason})" if r.reason else f" ({_g(r.compared)})")
         lines.append(f"{r.outcome.upper():8} {r.rule} [{r.metric} {r.check}, {r.aggregate}]{tail}")
     return "\n".join([*lines, v.summary()])
+
+
+def stage_record(v: GateVerdict, started: datetime | None = None, seconds: float | None = None) -> StageRecord:
+    """The verdict as the audit record's `gate` stage: details = the verdict, metrics = what each rule
+    compared, config hash = a digest of the outcome (a re-judgement that changes it invalidates caches)."""
+    from microscope.tracking import metric_key
+
+    details = v.model_dump(mode="json")
+    return StageRecord(
+        stage="gate",
+        status=StageStatus.completed,
+        config_hash=canonical_hash([details["results"], details["baseline_audit_id"], details["rules_digest"]]),
+        metrics={metric_key(x.rule): x.compared for x in v.results if x.compared is not None},
+        details=details,
+        started_at=started,
+        finished_at=datetime.now(UTC),
+        seconds=seconds,
+    )

@@ -19,7 +19,7 @@ from microscope.store import open_store
 from tests.conftest import FINISHED_RUN
 
 APP = Path(__file__).resolve().parents[2] / "dashboard" / "app.py"
-PAGES = tuple(p.stem for p in sorted((APP.parent / "pages").glob("*.py")))
+PAGES = tuple(p.stem for p in sorted((APP.parent / "views").glob("*.py")))
 RUN = FINISHED_RUN
 
 
@@ -50,7 +50,7 @@ def _page(store: str, page: str, **params: str) -> AppTest:
     at.query_params.update(params)
     at.run()  # st.navigation registers the pages; a switch before it would run the page without app.py
     if page != "audits":
-        at.switch_page(f"pages/{page}.py").run()
+        at.switch_page(f"views/{page}.py").run()
     return at
 
 

@@ -207,6 +207,10 @@ def test_microscope_gate_rejudges_with_exit_codes(gated: dict, tmp_path: Path) -
     p = run_cli(["gate", recs[3]["audit_id"], "--baseline", recs[1]["audit_id"], "--json"], env, root)
     assert p.returncode == 1 and json.loads(p.stdout)["baseline_audit_id"] == recs[1]["audit_id"]
     assert run_cli(["gate", recs[2]["audit_id"]], env, root).returncode == 0
+    p = run_cli(["gate", recs[2]["audit_id"], "--baseline", "first", "--save", "--json"], env, root)
+    saved = json.loads((root / "home" / "artifacts" / "audits" / f"{recs[2]['audit_id']}.json").read_text())
+    assert p.returncode == 0 and saved["stages"]["gate"]["details"] == json.loads(p.stdout)  # kept in the record
+    assert saved["stages"]["gate"]["details"]["baseline_spec"] == "first"
     assert run_cli(["gate", recs[3]["audit_id"], "--baseline", "none"], env, root).returncode == 0  # relative skipped
     bad = tmp_path / "bad.yaml"
     bad.write_text("rules:\n  - metric: layers.*.alfa\n    check: <= 3\n")

@@ -47,7 +47,7 @@ if what == "layers":
         for h in hits
         if not (h["audit_id"] == rec.audit_id and h["layer"] == name.replace("/", "_"))
     ]
-    target, page = "matrix", "pages/layers.py"
+    target, page = "matrix", "views/layers.py"
 else:
     if not rec.saes:
         st.info("This audit trained no SAE: choose an audit with SAEs, or add trace,sae to --stages.")
@@ -69,7 +69,7 @@ else:
         for h in hits
         if not (h["audit_id"] == rec.audit_id and h["hook"] == hook and h["feature"] == feature)
     ]
-    target, page = "feature", "pages/sae.py"
+    target, page = "feature", "views/sae.py"
 if others_only:
     rows = [r for r in rows if r["audit"] != rec.audit_id]
 if not rows:

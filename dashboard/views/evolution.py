@@ -9,9 +9,9 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, state
-from microscope import results
 
 SPEEDS = (1, 2, 4, 8)  # steps per second
+TRAIL = 3  # steps of each matrix's path behind it in the projection
 
 store, refs = state.index_or_stop()
 runs = sorted({r.run_id for r in refs if r.run_id})
@@ -39,6 +39,7 @@ stepped["step"] = stepped["step"].astype(int)
 stepped = stepped.drop_duplicates("step", keep="last")  # the latest audit of a step stands for it
 steps = stepped["step"].tolist()
 layers = state.run_layers(store, run, members)
+key = state.run_key(store, members)
 
 # ---- what the panels show (choices outside the fragment: changing them reruns the page) -------
 figures = state.numeric_columns(stepped, exclude=("step",))
@@ -95,11 +96,12 @@ def panels() -> None:
 
     cols = st.columns(3)
     for i, col in enumerate(chosen):
-        cols[i % 3].altair_chart(charts.step_lines(stepped, col, step), width="stretch")
+        cols[i % 3].vega_lite_chart(spec=charts.at_step(state.step_chart(key, col, stepped), step), width="stretch")
     left, right = st.columns(2)
     with left:
         if matrix_series is not None:
-            st.altair_chart(charts.step_lines(matrix_series, column, step), width="stretch")
+            spec = state.step_chart((*key, name), column, matrix_series)
+            st.vega_lite_chart(spec=charts.at_step(spec, step), width="stretch")
             st.caption(f"`{column}` of `{name}` across the run")
     with right:
         if projection.attrs.get("missing"):
@@ -109,13 +111,17 @@ def panels() -> None:
             if dims == "3-D":
                 st.plotly_chart(state.projection_3d(projection, step), width="stretch")
             else:
-                domains = {c: [float(projection[c].min()), float(projection[c].max())] for c in ("pc1", "pc2")}
-                st.altair_chart(charts.projection(projection, step, domains), width="stretch")
+                lo = steps[max(0, steps.index(step) - TRAIL)]
+                spec = charts.at_step(state.projection_chart(key, projection), step, lo)
+                st.vega_lite_chart(spec=spec, width="stretch")
             st.caption(
                 "Layers on the run's principal components (one basis for every step: motion is change); "
                 f"variance explained {', '.join(f'{e:.0%}' for e in explained)}."
             )
-    with st.expander(f"Layer table at step {step}", expanded=not st.session_state.get(PLAYING)):
+    if st.session_state.get(PLAYING):  # the table would cost more than a tick: it returns on pause
+        st.caption(f"The layer table at step {step} shows when playback pauses.")
+        return
+    with st.expander(f"Layer table at step {step}", expanded=True):
         rec = state.record_or_stop(store, str(at["audit_id"]))
         table = state.layer_table(store, rec)
         state.notices(table.attrs.get("missing", {}))
@@ -125,7 +131,7 @@ def panels() -> None:
 panels()
 
 # ---- the gate across the run ------------------------------------------------------------------
-history = results.gate_history(store, run)
+history = state.gate_history(store, run, members)
 if not history.empty:
     st.subheader("Gate across the run")
     first = history.attrs.get("first_failed", {})
