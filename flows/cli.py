@@ -81,6 +81,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     tags = _tags(args.tag)
     ref = resolve(cfg.model)
     dataset_fingerprint(cfg.dataset.path)
+    if cfg.gate.rules is not None:
+        from microscope.gates import load_rules
+
+        load_rules(cfg.gate.rules)
     store = open_store(args.store)
     audit_id = args.audit_id or audits.new_audit_id()
     print(f"microscope: audit {audit_id} of {ref.source} (store {store.uri})", file=sys.stderr)
@@ -137,6 +141,11 @@ def _print_record(record: Any, as_json: bool) -> None:
         secs = "" if r.seconds is None else f" {r.seconds:.2f}s"
         figs = f"  FVU {r.metrics['fvu']:.3f}, L0 {r.metrics['l0']:.1f}" if "fvu" in r.metrics else ""
         print(f"  sae[{hook}] {r.status.value}{secs}{figs}{'  ' + r.error if r.error else ''}")
+    gate = record.stages.get("gate")
+    if gate is not None and gate.status.value == "completed":
+        from schemas.gates import GateVerdict
+
+        print(f"gate           {GateVerdict.model_validate(gate.details).summary()}")
     if record.model_digest:
         print(f"model digest   {record.model_digest[:16]}")
     if record.report_uri:
