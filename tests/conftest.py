@@ -423,22 +423,25 @@ quantize:
   formats: [torch-int8]
 metrics:
   sensitivity_windows: 1
-  hutchinson_probes: 2
+  hutchinson_probes: 4
 robustness:
-  samples: 16
-  batch_size: 16
-  version: custom
-  attacks: [apgd-ce]
+  samples: 32
+  batch_size: 32
   norms: [Linf]
   eps: {Linf: 0.0627}
-  sweep: [0.0, 0.0627, 0.251]
-  pgd_steps: 5
+  sweep: [0.0, 0.0314, 0.1255, 0.251]
+  pgd_steps: 10
 """
 
 
 @pytest.fixture(scope="session")
-def finished_vision(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, digits_cnn: tuple[Path, Path]) -> dict:
-    """A real finished audit of the digits CNN with a quantized variant and robustness (AutoAttack APGD-CE
-    on 16 images), in a store of its own; its record."""
-    root = tmp_path_factory.mktemp("finished-vision")
-    return audit_json(digits_cnn[0], digits_cnn[1], VISION_AUDIT, cli_env(root, prefect_api), root)
+def vision_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("finished-vision")
+
+
+@pytest.fixture(scope="session")
+def finished_vision(vision_root: Path, prefect_api: str, digits_cnn: tuple[Path, Path]) -> dict:
+    """A real finished audit of the digits CNN with a quantized variant and robustness (standard AutoAttack
+    on 32 images), in a workspace of its own (`vision_root`: home/ holds its store and MLflow); its record.
+    Shared by the robustness stage's test and the viewer's."""
+    return audit_json(digits_cnn[0], digits_cnn[1], VISION_AUDIT, cli_env(vision_root, prefect_api), vision_root)

@@ -39,9 +39,9 @@ pytestmark = pytest.mark.skipif(
 APP = REPO / "dashboard" / "app.py"
 PAGES = sorted(p.stem for p in (REPO / "dashboard" / "views").glob("*.py") if not p.name.startswith("_"))
 REQUIRED = ("overview", "layers", "evolution", "compare")
-# Screenshotted: the four the viewer is judged by and the SAE page (its token shading is visual); every
-# page runs under AppTest in test_app.py. Layers first: see the test.
-SHOWN = ("layers", "overview", "evolution", "compare", "sae")
+# Screenshotted: the four pages the viewer is judged by (every page runs under AppTest in test_app.py).
+# Layers first: see the test.
+SHOWN = ("layers", "overview", "evolution", "compare")
 WINDOW = (1400, 1800)
 RENDER_TIMEOUT_S = 90
 
@@ -170,7 +170,7 @@ class Chromium:
         last: dict[str, Any] = {}
         steady = 0
         while time.monotonic() < deadline:
-            time.sleep(0.5)
+            time.sleep(0.3)
             now = self.page_state()
             done = (
                 now["headings"] > 0

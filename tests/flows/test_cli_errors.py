@@ -80,16 +80,11 @@ def test_unknown_config_key(env, tmp_path: Path, tiny_gpt2_dir: Path, corpus_fil
     assert "unknown key 'trace.layer'" in line and "layers" in line
 
 
-@pytest.mark.parametrize(
-    ("gate", "said"),
-    [
-        ("{rules: nosuch.yaml}", "gate rules nosuch.yaml not found"),
-        ("{rules: [{metric: layers.*.alpha, check: about 3}]}", "rules.0.check: check 'about 3' is not understood"),
-    ],
-)
 def test_bad_gate_rules_refused_before_anything_runs(
-    env, tmp_path: Path, tiny_gpt2_dir: Path, corpus_file: Path, gate: str, said: str
+    env, tmp_path: Path, tiny_gpt2_dir: Path, corpus_file: Path
 ) -> None:
+    # (a rule that does not parse is refused by the same call: tests/microscope/test_gates.py)
+    gate, said = "{rules: nosuch.yaml}", "gate rules nosuch.yaml not found"
     (tmp_path / "c.yaml").write_text(f"gate: {gate}\n")
     args = ["run", "--model", str(tiny_gpt2_dir), "--dataset", str(corpus_file), "--config", str(tmp_path / "c.yaml")]
     p = run_cli(args, env, tmp_path)

@@ -10,25 +10,8 @@ import numpy as np
 
 from tests.conftest import audit_json, cli_env
 
-DIGITS = """
-model:
-  module: microscope.models.vision:DigitsCNN
-quantize:
-  formats: [torch-int8]
-metrics:
-  sensitivity_windows: 1
-  hutchinson_probes: 4
-robustness:
-  samples: 32
-  batch_size: 32
-  norms: [Linf]
-  eps: {Linf: 0.0627}
-  sweep: [0.0, 0.0314, 0.1255, 0.251]
-  pgd_steps: 10
-"""
 
-
-def test_digits_cnn_robustness(prefect_api: str, digits_cnn: tuple[Path, Path], tmp_path: Path) -> None:
+def test_digits_cnn_robustness(finished_vision: dict, vision_root: Path, digits_cnn: tuple[Path, Path]) -> None:
     import torch
     from mlflow import MlflowClient
     from pyautoattack import AutoAttack
@@ -36,8 +19,7 @@ def test_digits_cnn_robustness(prefect_api: str, digits_cnn: tuple[Path, Path], 
 
     from microscope.models.vision import DigitsCNN
 
-    env = cli_env(tmp_path, prefect_api)
-    rec = audit_json(digits_cnn[0], digits_cnn[1], DIGITS, env, tmp_path)
+    rec = finished_vision  # tests/conftest.py VISION_AUDIT
     st = rec["stages"]
     assert st["trace"]["status"] == "skipped" and "image dataset" in st["trace"]["details"]["reason"]
     assert st["metrics"]["status"] == "completed" and st["metrics"]["details"]["sensitivity"]  # CE on images
@@ -65,7 +47,7 @@ def test_digits_cnn_robustness(prefect_api: str, digits_cnn: tuple[Path, Path], 
 
     var = rec["variants"]["torch-int8"]["robustness"]
     assert var["status"] == "completed" and var["details"]["curves"]["eps"] == curves["eps"]
-    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    client = MlflowClient(f"sqlite:///{vision_root / 'home' / 'mlflow.db'}")
     for r in (fp, var):
         hist = client.get_metric_history(r["mlflow_run_id"], "pgd_accuracy")
         assert [m.value for m in sorted(hist, key=lambda m: m.step)] == r["details"]["curves"]["pgd"]

@@ -151,7 +151,7 @@ def test_robustness_views_are_the_records(vision) -> None:
     assert aa.loc["torch-int8", "delta_vs_fp"] == pytest.approx(
         var["autoattack"][0]["robust"] - fp["autoattack"][0]["robust"], abs=1e-12
     )
-    assert aa.loc["fp", "attacks"] == "apgd-ce" and aa.loc["fp", "samples"] == 16
+    assert aa.loc["fp", "attacks"] == "apgd-ce, apgd-t, fab-t, square" and aa.loc["fp", "samples"] == 32
     brittle = results.brittle_features(rec)  # the CNN has no SAE: says how to get the list
     assert brittle.empty and "SAE" in brittle.attrs["missing"]["robustness.features"]
     without = rec.model_copy(deep=True)
