@@ -239,13 +239,9 @@ def _digests(uri: str, audit_ids: tuple[str, ...]) -> tuple[tuple[str, str], ...
     return tuple((a, digest(s, record(uri, a))) for a in audit_ids)
 
 
-def _run_key(s: ArtifactStore, refs: Sequence[results.AuditRef]) -> tuple[tuple[str, str], ...]:
+def run_key(s: ArtifactStore, refs: Sequence[results.AuditRef]) -> tuple[tuple[str, str], ...]:
     """The cache key of a run's results: its audits' ids and manifest digests (re-read every 10 s)."""
     return _digests(s.uri, tuple(r.audit_id for r in refs))
-
-
-def run_key(s: ArtifactStore, refs: Sequence[results.AuditRef]) -> tuple[tuple[str, str], ...]:
-    return _run_key(s, refs)
 
 
 @st.cache_data(max_entries=16, show_spinner="Reading the run…")
@@ -256,7 +252,7 @@ def _run_series(uri: str, run_id: str, key: tuple[tuple[str, str], ...]) -> pd.D
 
 def run_series(s: ArtifactStore, run_id: str, refs: Sequence[results.AuditRef]) -> pd.DataFrame:
     """The run's headline series, cached by (store, run, its audits' ids and manifest digests)."""
-    return _run_series(s.uri, run_id, _run_key(s, refs))
+    return _run_series(s.uri, run_id, run_key(s, refs))
 
 
 @st.cache_resource(max_entries=4, show_spinner="Reading the run's layer tables…")
@@ -268,7 +264,7 @@ def _run_layers(uri: str, run_id: str, key: tuple[tuple[str, str], ...]) -> pd.D
 def run_layers(s: ArtifactStore, run_id: str, refs: Sequence[results.AuditRef]) -> pd.DataFrame:
     """Every audit's layer table of the run, stacked (large and read-only: shared, never copied; do not
     modify it)."""
-    return _run_layers(s.uri, run_id, _run_key(s, refs))
+    return _run_layers(s.uri, run_id, run_key(s, refs))
 
 
 # ---- notices ----------------------------------------------------------------------------------
@@ -391,7 +387,7 @@ def _run_projection(uri: str, run_id: str, key: tuple[tuple[str, str], ...]) -> 
 
 def run_projection(s: ArtifactStore, run_id: str, refs: Sequence[results.AuditRef]) -> pd.DataFrame:
     """The run's layers on its principal components (`results.run_projection`, 3 components), cached."""
-    return _run_projection(s.uri, run_id, _run_key(s, refs))
+    return _run_projection(s.uri, run_id, run_key(s, refs))
 
 
 def projection_3d(points: pd.DataFrame, step: int) -> Any:
@@ -429,7 +425,7 @@ def _gate_history(uri: str, run_id: str, key: tuple[tuple[str, str], ...]) -> pd
 
 def gate_history(s: ArtifactStore, run_id: str, refs: Sequence[results.AuditRef]) -> pd.DataFrame:
     """`results.gate_history`, cached by the run's audits and their manifest digests."""
-    return _gate_history(s.uri, run_id, _run_key(s, refs))
+    return _gate_history(s.uri, run_id, run_key(s, refs))
 
 
 # ---- step-driven charts (Evolution): built once, re-aimed per step ----------------------------------

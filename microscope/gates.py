@@ -190,11 +190,8 @@ def elements(src: _Sources, path: str) -> dict[str, float]:
         raise GateError(f"unknown metric namespace {ns!r} in {path!r}; {valid_paths(src)}")
     if ns == "layers":
         return _layer_elements(src, rest, path)
-    pattern, _, figure = rest.rpartition(".")
-    if not pattern:
-        pattern, figure = (figure, "") if ns != "metrics" else ("metrics", figure)
-    if ns == "metrics":
-        pattern = "metrics" if pattern in ("", "metrics") else pattern
+    # metrics.<figure>; the others <element glob>.<figure> (an element, e.g. an SAE's hook, may hold dots)
+    pattern, figure = ("metrics", rest) if ns == "metrics" else rest.rpartition(".")[::2]
     if ns == "robustness" and eps is not None:
         return _at_eps(src, pattern, figure, eps, path)
     figures = _figure_map(rec, ns)

@@ -101,7 +101,6 @@ def log_lineage(run_id: str, model_uri: str, model_digest: str, dataset_uri: str
 def _log_input(mlflow: Any, dataset: Any, context: str, attempts: int = 5) -> None:
     """MLflow checks for the dataset, then inserts it: two audits registering the same model at once
     collide on the unique key. The loser tries again and finds the winner's row."""
-    import time
 
     from mlflow.exceptions import MlflowException
 
@@ -134,7 +133,6 @@ def log_stage(parent_run_id: str, record: StageRecord, config: dict[str, Any], t
     name = f"{record.stage}[{record.variant}]" if record.variant else record.stage
     run = client.create_run(exp, run_name=name, tags=all_tags)
     rid = run.info.run_id
-    import time
 
     now = int(time.time() * 1000)
     params = [Param(k, v) for k, v in sorted(flatten(config).items())]
@@ -190,7 +188,6 @@ def mlflow_tracking_uri() -> str:
 def log_curves(run_id: str, curves: list[dict[str, float]]) -> None:
     """Training curves as metric histories, the step as MLflow's step."""
     mlflow = _mlflow()
-    import time
 
     from mlflow.entities import Metric
 
@@ -206,7 +203,6 @@ def log_curves(run_id: str, curves: list[dict[str, float]]) -> None:
 def log_layer_metrics(run_id: str, rows: list[dict[str, Any]]) -> None:
     """Per-layer weight statistics with the block index as MLflow's step (one series per matrix kind)."""
     import math
-    import time
 
     from mlflow.entities import Metric
 
@@ -230,7 +226,6 @@ def log_layer_metrics(run_id: str, rows: list[dict[str, Any]]) -> None:
 def log_eps_curves(run_id: str, curves: dict[str, list[float]]) -> None:
     """Accuracy-vs-ε curves: one metric history per attack with the sweep index as MLflow's step, and ε
     itself (box units) as the `eps` history at the same steps."""
-    import time
 
     from mlflow.entities import Metric
 
