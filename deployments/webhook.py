@@ -17,10 +17,12 @@ log is one JSON line per request, without secrets or bodies.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,6 +32,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from microscope.settings import get_settings
 from schemas.webhook import MAX_BODY_BYTES, Accepted, AuditStatus, CheckpointReady
@@ -37,6 +40,11 @@ from schemas.webhook import MAX_BODY_BYTES, Accepted, AuditStatus, CheckpointRea
 log = logging.getLogger("microscope.webhook")
 RETRY_AFTER_S = 5
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# An oversized body is read to its end (and dropped) before the 413: closing with unread bytes makes the
+# kernel send a RST that can destroy the response, and the sender then retries a "network error" forever.
+# Within bounds, though: beyond these the 413 goes out at once with `Connection: close`.
+DRAIN_MAX_BYTES = 64 * 2**20
+DRAIN_MAX_S = 30.0
 
 
 class Unavailable(Exception):
@@ -191,17 +199,29 @@ def create_app(prefect_url: str | None = None) -> FastAPI:
         request.state.log |= {"outcome": "refused", "reason": reason}
         return _json(status, {"detail": detail}, retry=status == 503)
 
+    async def too_large(request: Request, chunks: AsyncIterator[bytes], seen: int) -> JSONResponse:
+        declared = request.headers.get("content-length", "")
+        # A client waiting for `100 Continue` has sent no body yet: answer now instead of inviting it.
+        waiting = request.headers.get("expect", "").lower() == "100-continue"
+        fits = not (declared.isdigit() and int(declared) > DRAIN_MAX_BYTES)
+        drained = not waiting and fits and await _discard(chunks, seen)
+        response = refuse(request, 413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+        if not drained:  # the rest of the body may still come: end the connection rather than read it
+            response.headers["connection"] = "close"
+        return response
+
     @app.post("/v1/checkpoints", status_code=202, response_model=Accepted)
     async def checkpoint_ready(request: Request) -> Response:
         request.state.log["webhook_id"] = request.headers.get("webhook-id", "")[:100]
         declared = request.headers.get("content-length", "")
+        chunks = request.stream()
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-            return refuse(request, 413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+            return await too_large(request, chunks, 0)
         body = bytearray()
-        async for chunk in request.stream():
+        async for chunk in chunks:
             body += chunk
             if len(body) > MAX_BODY_BYTES:
-                return refuse(request, 413, "too_large", f"body over {MAX_BODY_BYTES} bytes")
+                return await too_large(request, chunks, len(body))
         if why := _verify(secrets, bytes(body), dict(request.headers)):
             return refuse(request, 401, "signature", f"webhook signature refused: {why}")
         try:
@@ -282,6 +302,19 @@ def _with_record(out: AuditStatus, message: str | None) -> AuditStatus:
             "error": rec.error,
         }
     )
+
+
+async def _discard(chunks: AsyncIterator[bytes], seen: int) -> bool:
+    """Read and drop the rest of a refused body; True when it ended within DRAIN_MAX_BYTES and DRAIN_MAX_S."""
+    try:
+        async with asyncio.timeout(DRAIN_MAX_S):
+            async for chunk in chunks:
+                seen += len(chunk)
+                if seen > DRAIN_MAX_BYTES:
+                    return False
+    except (TimeoutError, ClientDisconnect):
+        return False
+    return True
 
 
 def _json(status: int, body: dict[str, Any], retry: bool = False) -> JSONResponse:

@@ -73,7 +73,7 @@ def run_gate(t: AuditTracker) -> GateVerdict | None:
     started, t0 = datetime.now(UTC), time.perf_counter()
     try:
         rules, source = gates.load_rules(cfg.rules)
-        verdict = gates.judge(t.store, t.rec, rules, baseline=cfg.baseline, source=source)
+        verdict = gates.judge(t.store, t.rec, rules, baseline=cfg.baseline, source=source, wait_s=cfg.wait_previous_s)
     except gates.GateError as exc:
         t.stage(StageRecord(stage="gate", status=StageStatus.failed, error=one_line(exc), started_at=started), "")
         return None

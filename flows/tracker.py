@@ -49,6 +49,9 @@ class AuditTracker:
         if req.run_id is not None:
             self.tags |= {"microscope.run_id": req.run_id, "microscope.step": str(req.step)}
         self.rec.mlflow_run_id = start_run(req.audit_id, self.tags, self.rec.config)
+        # the record is saved only at the end: until then this marker tells later audits of the run (their
+        # gates) that this step is on its way
+        audits.mark_started(store, self.rec)
 
     def _log(self, r: StageRecord, section: str, extra_tags: dict[str, str], label: str) -> StageRecord:
         tags = {**self.tags, "microscope.model_digest": self.rec.model_digest or "", **extra_tags}
@@ -109,6 +112,7 @@ class AuditTracker:
         rec.error = "; ".join(f"{r.stage}: {r.error}" for r in bad) or None
         rec.finished_at = datetime.now(UTC)
         audits.save(self.store, rec)
+        audits.mark_finished(self.store, rec.audit_id)
         report = rec.stages.get("report")
         local = str(self.store.local_path(report.details["report_key"])) if rec.report_uri and report else None
         finish_run(rec.mlflow_run_id, rec, local)

@@ -1,14 +1,18 @@
-"""The audit index: one JSON record per audit under `audits/` in the artifact store."""
+"""The audit index: one JSON record per audit under `audits/` in the artifact store, saved when the audit
+ends, and a small marker per audit still running under `audits/in-flight/`."""
 
 from __future__ import annotations
 
+import json
 import secrets
 from datetime import UTC, datetime
 
-from schemas.records import AuditRecord
+from schemas.records import AuditRecord, AuditStart
 
 from microscope.errors import InputError
 from microscope.store import ArtifactStore
+
+IN_FLIGHT = "audits/in-flight"
 
 
 def new_audit_id() -> str:
@@ -21,8 +25,12 @@ def save(store: ArtifactStore, record: AuditRecord) -> str:
 
 def load(store: ArtifactStore, audit_id: str) -> AuditRecord:
     key = f"audits/{audit_id}.json"
-    if not store.exists(key):
-        known = [k.removeprefix("audits/").removesuffix(".json") for k in store.list("audits")]
+    if not store.exists(key):  # a unique prefix of an id; only records count (not logs, not markers)
+        known = [
+            k.removeprefix("audits/").removesuffix(".json")
+            for k in store.list("audits")
+            if k.endswith(".json") and k.count("/") == 1
+        ]
         matches = [k for k in known if k.startswith(audit_id)]
         if len(matches) == 1:
             key = f"audits/{matches[0]}.json"
@@ -39,6 +47,48 @@ def list_all(store: ArtifactStore, run_id: str | None = None) -> list[AuditRecor
         out = [r for r in out if r.run_id == run_id]
         return sorted(out, key=lambda r: (r.step if r.step is not None else -1, r.created_at))
     return sorted(out, key=lambda r: r.created_at)
+
+
+def mark_started(store: ArtifactStore, record: AuditRecord) -> None:
+    """Leave the marker of a running audit: its record is only saved when it ends."""
+    start = AuditStart(
+        audit_id=record.audit_id,
+        run_id=record.run_id,
+        step=record.step,
+        created_at=record.created_at,
+        prefect_flow_run_id=record.prefect_flow_run_id,
+    )
+    store.put_bytes(f"{IN_FLIGHT}/{record.audit_id}.json", start.model_dump_json().encode())
+
+
+def mark_finished(store: ArtifactStore, audit_id: str) -> None:
+    """Drop the marker, once the record is saved (so no moment shows neither)."""
+    store.delete(f"{IN_FLIGHT}/{audit_id}.json")
+
+
+def in_flight(store: ArtifactStore, run_id: str | None = None) -> list[AuditStart]:
+    """Audits started and not finished (of `run_id`), oldest first. A marker whose audit saved its record
+    since that start is finished: the record is saved just before the marker is dropped. A marker a killed
+    audit left behind stays (whoever waits for it does so with a bound)."""
+    out = []
+    for key in store.list(IN_FLIGHT):
+        if not key.endswith(".json") or key.count("/") != 2:
+            continue
+        try:
+            start = AuditStart.model_validate_json(store.get_bytes(key))
+        except InputError:  # dropped between the listing and the read: that audit just finished
+            continue
+        if run_id is not None and start.run_id != run_id:
+            continue
+        rec_key = f"audits/{start.audit_id}.json"
+        if store.exists(rec_key) and _created_at(store, rec_key) >= start.created_at:
+            continue
+        out.append(start)
+    return sorted(out, key=lambda s: s.created_at)
+
+
+def _created_at(store: ArtifactStore, key: str) -> datetime:
+    return datetime.fromisoformat(json.loads(store.get_bytes(key))["created_at"])
 
 
 def headline(record: AuditRecord) -> dict[str, dict[str, float]]:

@@ -15,6 +15,10 @@ class InputError(MicroscopeError):
     """Bad input: the message names the problem and the fix."""
 
 
+class GateError(InputError):
+    """Gate rules that cannot be read or applied (a bad file, an unknown metric path, an unknown baseline)."""
+
+
 class TransientError(MicroscopeError):
     """I/O or network failure worth retrying."""
 

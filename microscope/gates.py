@@ -14,7 +14,8 @@ Metric paths (a `*` or any glob matches several elements; each element is judged
                                          robust_accuracy = pgd): robustness.fp.robust_accuracy@eps=0.01
 
 A path whose namespace or figure does not exist is an error listing the valid ones; a path whose stage did
-not run in this audit is `skipped` with the reason (so is a relative rule without a baseline).
+not run in this audit is `skipped` with the reason (so is a relative rule without a baseline). Which audit is
+the baseline, and waiting for one still in progress, is `microscope.gate_baselines`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from schemas.gates import Check, GateRules, GateVerdict, Offender, Rule, RuleRes
 from schemas.records import AuditRecord, StageRecord, StageStatus
 
 from microscope import results
-from microscope.errors import InputError
+from microscope.errors import GateError
+from microscope.gate_baselines import Baseline, resolve_baseline
 from microscope.store import ArtifactStore
 
 if TYPE_CHECKING:
@@ -41,10 +43,6 @@ NAMESPACES = ("layers", "metrics", "quantize", "sae", "robustness")
 EPS_FIGURES = {"pgd": "pgd", "fgsm": "fgsm", "noise": "noise", "robust_accuracy": "pgd"}
 MAX_OFFENDERS = 20
 IDENTITY = ("name", "layer", "role", "rows", "cols", "spectrum", "anomaly", "anomalies", "anomaly_reasons")
-
-
-class GateError(InputError):
-    """Rules that cannot be read or applied (a bad file, an unknown metric path, an unknown baseline)."""
 
 
 class Skip(Exception):  # a control-flow signal, not an error: the rule is skipped
@@ -85,51 +83,6 @@ def load_rules(source: str | Path | dict[str, Any] | list[Any]) -> tuple[GateRul
         where = ".".join(str(p) for p in first["loc"])
         msg = first["msg"].removeprefix("Value error, ")
         raise GateError(f"{label}: {where}: {msg}") from None
-
-
-# ---- baselines --------------------------------------------------------------------------------
-
-
-def resolve_baseline(store: ArtifactStore, record: AuditRecord, spec: str) -> tuple[AuditRecord | None, str | None]:
-    """The baseline audit `spec` names for `record`, or (None, why there is none). An explicit audit id or
-    tag that matches nothing is an error; `previous`/`first` of a checkpoint without predecessor are not."""
-    if spec == "none":
-        return None, "no baseline requested (baseline: none)"
-    if spec in ("previous", "first") or spec.startswith("tag:"):
-        if not record.run_id:
-            return None, f"audit {record.audit_id} belongs to no training run (--run-id), so it has no {spec} audit"
-        refs = [
-            r
-            for r in results.list_audits(store, run_id=record.run_id)
-            if r.audit_id != record.audit_id and r.status != StageStatus.failed.value and r.step is not None
-        ]
-        if spec.startswith("tag:"):
-            key, _, value = spec[4:].partition("=")
-            tagged = [r for r in refs if _tagged(store, r.audit_id, key, value)]
-            if not tagged:
-                raise GateError(f"no audit of run {record.run_id} carries the tag {spec[4:]!r}; tag one with --tag")
-            return results.load_audit(store, tagged[-1].audit_id), None
-        if record.step is None:
-            return None, f"audit {record.audit_id} has no step, so it has no {spec} audit in run {record.run_id}"
-        earlier = [r for r in refs if r.step is not None and r.step < record.step]
-        if not earlier:
-            return None, f"step {record.step} is the first audited checkpoint of run {record.run_id}"
-        if spec == "first":
-            pick = min(earlier, key=lambda r: (r.step, r.created_at))
-        else:  # the highest lower step; its latest audit
-            pick = max(earlier, key=lambda r: (r.step, r.created_at))
-        return results.load_audit(store, pick.audit_id), None
-    try:
-        return results.load_audit(store, spec), None
-    except InputError:
-        raise GateError(
-            f"baseline {spec!r} is no audit in {store.uri}; use previous, first, none, an audit id or tag:KEY"
-        ) from None
-
-
-def _tagged(store: ArtifactStore, audit_id: str, key: str, value: str) -> bool:
-    tags = results.load_audit(store, audit_id).tags
-    return key in tags and (not value or tags[key] == value)
 
 
 # ---- metric paths -----------------------------------------------------------------------------
@@ -413,14 +366,17 @@ def judge(
     *,
     baseline: str | None = None,
     source: str = "",
+    wait_s: float = 0.0,
 ) -> GateVerdict:
     """The verdict on `record`: every rule's outcome against the baseline (`baseline` overrides the rules'
-    own). fail if any fail-severity rule broke, else warn if any warn-severity rule did, else pass."""
+    own; an audit of a lower step still in progress that would be it is waited for, up to `wait_s`).
+    fail if any fail-severity rule broke, else warn if any warn-severity rule did, else pass."""
     spec = baseline or rules.baseline
-    base_rec, base_reason = resolve_baseline(store, record, spec)
+    b: Baseline = resolve_baseline(store, record, spec, wait_s=wait_s)
+    base_rec = b.record
     src = _Sources(store, record)
     base = _Sources(store, base_rec) if base_rec is not None else None
-    outcomes = [judge_rule(r, src, base, base_reason) for r in rules.rules]
+    outcomes = [judge_rule(r, src, base, b.reason) for r in rules.rules]
     names = [r.rule for r in outcomes]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -440,7 +396,9 @@ def judge(
         baseline_spec=spec,
         baseline_audit_id=base_rec.audit_id if base_rec else None,
         baseline_step=base_rec.step if base_rec else None,
-        baseline_reason=base_reason,
+        baseline_reason=b.reason,
+        baseline_waited_s=b.waited_s,
+        baseline_waited_for=b.waited_for,
         rules_source=source,
         rules_digest=canonical_hash(rules.model_dump(mode="json")),
         results=outcomes,
@@ -464,7 +422,8 @@ def markdown(v: GateVerdict) -> str:
         "",
         f"Audit `{v.audit_id}`"
         + (f", run `{v.run_id}` step {v.step}" if v.run_id else "")
-        + f"; baseline ({v.baseline_spec}): {base}.",
+        + f"; baseline ({v.baseline_spec}): {base}"
+        + (f", {v.waited()}." if v.baseline_waited_for and v.baseline_audit_id else "."),
         "",
         "| rule | outcome | value | baseline | compared | offenders |",
         "|---|---|---|---|---|---|",

@@ -60,6 +60,10 @@ class ArtifactStore(ABC):
     def delete(self, key: str) -> None: ...
 
     @abstractmethod
+    def delete_prefix(self, prefix: str) -> int:
+        """Remove every artifact under the folder `prefix` (`a/b` spares `a/bc`); returns how many."""
+
+    @abstractmethod
     def clean_orphans(self, prefix: str) -> int:
         """Remove what killed writers left under `prefix` (temp files, unfinished uploads); returns how many.
         Call only while holding the prefix's stage lock."""
@@ -150,6 +154,14 @@ class LocalStore(ArtifactStore):
 
     def delete(self, key: str) -> None:
         self._path(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        base = self._path(prefix)
+        if not base.is_dir():
+            return 0
+        n = sum(1 for p in base.rglob("*") if p.is_file() and TMP_MARK not in p.name)
+        shutil.rmtree(base)
+        return n
 
     def clean_orphans(self, prefix: str) -> int:
         base = self.root / prefix
@@ -278,6 +290,22 @@ class S3Store(ArtifactStore):
 
     def delete(self, key: str) -> None:
         self._call(self.client.delete_object, Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> int:
+        full = self._key(prefix) + "/"
+        self.clean_orphans(prefix)  # an upload still open there would otherwise appear after the delete
+        paginator = self.client.get_paginator("list_objects_v2")
+        n = 0
+        for page in self._call(lambda: list(paginator.paginate(Bucket=self.bucket, Prefix=full))):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]  # a page is at most 1000: one request
+            if keys:
+                resp = self._call(
+                    self.client.delete_objects, Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True}
+                )
+                if errors := resp.get("Errors"):
+                    raise TransientError(f"S3 did not delete {len(errors)} object(s) under {self.uri_for(prefix)}")
+                n += len(keys)
+        return n
 
     def clean_orphans(self, prefix: str) -> int:
         """Abort multipart uploads that a killed run started under `prefix` (their parts cost storage)."""

@@ -1,7 +1,9 @@
 """Qdrant: layers and SAE features as vectors, searchable across audits.
 
 Local path mode under the workspace by default; a Qdrant server when the settings name one (`QDRANT_URL`). Point ids are
-uuid5 of their identity, so re-indexing an audit overwrites instead of duplicating.
+uuid5 of their content, not of the audit: (model digest, the content-addressed artifact the vectors come from, layer
+or hook and feature). A second audit of the same weights and config (a re-run) adds its id to the point's `audit_ids`
+instead of adding a point, so every hit stands once for its content, and either audit finds it.
 """
 
 from __future__ import annotations
@@ -71,6 +73,18 @@ def _point_id(*parts: Any) -> str:
     return str(uuid.uuid5(uuid.NAMESPACE_URL, "microscope/" + "/".join(str(p) for p in parts)))
 
 
+def _identity(collection: str, p: dict[str, Any]) -> tuple[Any, ...]:
+    """What a hit stands for: a layer of some weights; a feature of one SAE (its prefix holds the digest).
+    Points indexed per audit before content ids (no `source`) fall back to what they carry."""
+    if collection == LAYERS:
+        return (p.get("model_digest"), p.get("variant"), p.get("layer"))
+    return (p.get("source") or p.get("audit_id"), p.get("hook"), p.get("feature"))
+
+
+def _audit_ids(p: dict[str, Any]) -> list[str]:
+    return list(p.get("audit_ids") or ([p["audit_id"]] if p.get("audit_id") else []))
+
+
 class VectorIndex:
     def __init__(self, url: str | None = None, path: str | None = None):
         from qdrant_client import QdrantClient
@@ -100,42 +114,68 @@ class VectorIndex:
         if not self.client.collection_exists(name):
             self.client.create_collection(name, vectors_config=VectorParams(size=dim, distance=Distance.COSINE))
 
-    def add_layers(
-        self, audit_id: str, model_digest: str, variant: str, rows: list[tuple[str, np.ndarray, dict]]
-    ) -> int:
+    def _upsert(self, collection: str, audit_id: str, points: list[tuple[str, np.ndarray, dict[str, Any]]]) -> int:
+        """Points (id, vector, payload) in batches, each keeping the audits that indexed it before (a re-run
+        joins them). A read, then a write: local mode admits one process, so nobody writes in between."""
         from qdrant_client.models import PointStruct
 
+        for lo in range(0, len(points), 512):
+            batch = points[lo : lo + 512]
+            old = self.client.retrieve(collection, ids=[i for i, _, _ in batch], with_payload=["audit_ids"])
+            owners = {str(r.id): _audit_ids(r.payload or {}) for r in old}
+            structs = [
+                PointStruct(
+                    id=pid,
+                    vector=vec.tolist(),
+                    payload={**payload, "audit_ids": [a for a in owners.get(pid, []) if a != audit_id] + [audit_id]},
+                )
+                for pid, vec, payload in batch
+            ]
+            self.client.upsert(collection, points=structs)
+        return len(points)
+
+    def add_layers(
+        self,
+        audit_id: str,
+        model_digest: str,
+        variant: str,
+        rows: list[tuple[str, np.ndarray, dict]],
+        *,
+        source: str = "",
+    ) -> int:
+        """One point per (model digest, `source`: the vectors' artifact key, variant, layer)."""
         self._ensure(LAYERS, LAYER_DIM)
         points = [
-            PointStruct(
-                id=_point_id(audit_id, variant, layer),
-                vector=vec.tolist(),
-                payload={
-                    "audit_id": audit_id,
-                    "model_digest": model_digest,
-                    "variant": variant,
-                    "layer": layer,
-                    **extra,
-                },
+            (
+                _point_id(LAYERS, model_digest, source, variant, layer),
+                vec,
+                {"model_digest": model_digest, "source": source, "variant": variant, "layer": layer, **extra},
             )
             for layer, vec, extra in rows
         ]
-        self.client.upsert(LAYERS, points=points)
-        return len(points)
+        return self._upsert(LAYERS, audit_id, points)
 
     def add_features(
-        self, audit_id: str, hook: str, w_dec: np.ndarray, density: np.ndarray, top_tokens: list[list[str]]
+        self,
+        audit_id: str,
+        hook: str,
+        w_dec: np.ndarray,
+        density: np.ndarray,
+        top_tokens: list[list[str]],
+        *,
+        model_digest: str,
+        source: str,
     ) -> int:
-        from qdrant_client.models import PointStruct
-
+        """One point per (`source`: the SAE's content-addressed prefix, hook, feature): its decoder direction."""
         unit = w_dec / np.linalg.norm(w_dec, axis=1, keepdims=True).clip(1e-12)
         self._ensure(FEATURES, unit.shape[1])
         points = [
-            PointStruct(
-                id=_point_id(audit_id, hook, i),
-                vector=unit[i].tolist(),
-                payload={
-                    "audit_id": audit_id,
+            (
+                _point_id(FEATURES, model_digest, source, hook, i),
+                unit[i],
+                {
+                    "model_digest": model_digest,
+                    "source": source,
                     "hook": hook,
                     "layer": hook,
                     "feature": i,
@@ -145,20 +185,53 @@ class VectorIndex:
             )
             for i in range(len(unit))
         ]
-        for lo in range(0, len(points), 512):
-            self.client.upsert(FEATURES, points=points[lo : lo + 512])
-        return len(points)
+        return self._upsert(FEATURES, audit_id, points)
+
+    def _lookup(self, collection: str, key: tuple[Any, ...]) -> Any:
+        """The point `key` names ((audit, variant, layer) or (audit, hook, feature)): one that audit indexed,
+        or one indexed per audit before content ids; None when there is none."""
+        from qdrant_client.models import FieldCondition, Filter, MatchValue
+
+        audit_id, where, what = key
+        fields = ("variant", "layer") if collection == LAYERS else ("hook", "feature")
+        must = [FieldCondition(key="audit_ids", match=MatchValue(value=audit_id))]
+        must += [FieldCondition(key=f, match=MatchValue(value=v)) for f, v in zip(fields, (where, what), strict=True)]
+        found, _ = self.client.scroll(collection, scroll_filter=Filter(must=must), limit=1, with_vectors=True)
+        return (found or self.client.retrieve(collection, ids=[_point_id(*key)], with_vectors=True) or [None])[0]
 
     def similar(self, collection: str, key: tuple[Any, ...], k: int) -> list[dict[str, Any]]:
-        """Nearest neighbours of the point identified by `key` ((audit, variant, layer) for layers,
-        (audit, hook, feature) for features), across all audits; each with its score."""
+        """The k nearest neighbours of the point identified by `key` ((audit, variant, layer) for layers,
+        (audit, hook, feature) for features), across all audits, one per content (a layer of some weights, a
+        feature of one SAE) however many audits indexed it; each with its score, `audit_ids` (every audit that
+        holds it, sorted: audit ids begin with their creation time, so oldest first) and `audit_id`: the first
+        of them other than the asking audit when there is one (so the asked point itself names a re-run that
+        shares it), else the asking audit."""
         if not self.client.collection_exists(collection):
             return []
-        found = self.client.retrieve(collection, ids=[_point_id(*key)], with_vectors=True)
-        if not found:
+        own = self._lookup(collection, key)
+        if own is None:
             return []
-        hits = self.client.query_points(collection, query=found[0].vector, limit=k, with_payload=True).points
-        return [{"score": float(h.score), **(h.payload or {})} for h in hits]
+        hits: dict[tuple[Any, ...], dict[str, Any]] = {}
+        page, offset = max(2 * k, 16), 0
+        while len(hits) < k:  # points indexed per audit before content ids may repeat a content: read on
+            got = self.client.query_points(
+                collection, query=own.vector, limit=page, offset=offset, with_payload=True
+            ).points
+            for h in got:
+                p = dict(h.payload or {})
+                ident, ids = _identity(collection, p), _audit_ids(p)
+                if ident in hits:
+                    hits[ident]["audit_ids"] = sorted({*hits[ident]["audit_ids"], *ids})
+                else:
+                    hits[ident] = {"score": float(h.score), **p, "audit_ids": sorted(ids)}
+            if len(got) < page:
+                break
+            offset += page
+        out = list(hits.values())[:k]
+        for h in out:
+            ids = h["audit_ids"]
+            h["audit_id"] = next((a for a in ids if a != key[0]), ids[0] if ids else None)
+        return out
 
 
 def reader_index(copy_to: str) -> VectorIndex | None:

@@ -307,6 +307,14 @@ class GateConfig(Section):
         None,
         description="Overrides the rules' baseline: previous, first, none, an audit id or tag:KEY[=VALUE].",
     )
+    wait_previous_s: float = Field(
+        300.0,
+        ge=0,
+        description="With baseline previous (or first): how long the gate waits, polling the store, for an audit "
+        "of a lower step of the same run that is still in progress and would be the baseline (checkpoints saved "
+        "faster than they are audited are audited side by side). When it does not end in time, relative rules "
+        "are skipped, naming that audit; 0: never wait.",
+    )
 
 
 class AuditConfig(Section):

@@ -160,6 +160,12 @@ class GateVerdict(_Model):
     baseline_audit_id: str | None = None
     baseline_step: int | None = None
     baseline_reason: str | None = Field(None, description="Why there is no baseline (relative rules skipped).")
+    baseline_waited_s: float | None = Field(
+        None, description="How long the gate waited for an audit of a lower step still in progress (None: no wait)."
+    )
+    baseline_waited_for: str | None = Field(
+        None, description="The audit in progress it waited for: the baseline if it ended in time, else in the reason."
+    )
     rules_source: str
     rules_digest: str
     results: list[RuleResult]
@@ -173,11 +179,20 @@ class GateVerdict(_Model):
     def warned(self) -> list[RuleResult]:
         return [r for r in self.results if r.outcome == "warn"]
 
+    def waited(self) -> str:
+        """`waited 12.3 s for audit X to finish`, or '' when the gate did not wait."""
+        if self.baseline_waited_for is None:
+            return ""
+        return f"waited {self.baseline_waited_s or 0:.1f} s for audit {self.baseline_waited_for} to finish"
+
     def summary(self) -> str:
         """One line: the verdict and what broke."""
         broke = self.failed or self.warned
         what = "; ".join(
             f"{r.rule}" + (f" ({', '.join(o.key for o in r.offenders[:3])})" if r.offenders else "") for r in broke[:3]
         )
-        base = f"vs {self.baseline_audit_id}" if self.baseline_audit_id else f"no baseline ({self.baseline_reason})"
+        if self.baseline_audit_id:
+            base = f"vs {self.baseline_audit_id}" + (f" ({self.waited()})" if self.baseline_waited_for else "")
+        else:  # a wait given up is in the reason
+            base = f"no baseline ({self.baseline_reason})"
         return f"gate {self.verdict} for audit {self.audit_id} {base}" + (f": {what}" if what else "")

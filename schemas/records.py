@@ -133,3 +133,14 @@ class AuditRecord(Record):
     prefect_flow_run_id: str | None = None
     store_uri: str
     error: str | None = None
+
+
+class AuditStart(Record):
+    """The marker an audit leaves in the store while it runs (`audits/in-flight/`), dropped once its record
+    is saved: until then a later audit of its run knows a lower step is on its way (a gate waits for it)."""
+
+    audit_id: str
+    run_id: str | None = None
+    step: int | None = None
+    created_at: datetime = Field(description="The audit's start: its record's created_at.")
+    prefect_flow_run_id: str | None = None

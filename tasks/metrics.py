@@ -68,7 +68,8 @@ def metrics_task(
 def index_task(
     audit_id: str, model_digest: str, metrics_rec: StageRecord | None, saes: dict[str, StageRecord], store_uri: str
 ) -> dict[str, int]:
-    """Every audit's layers and SAE features into Qdrant (per audit: cached stages are indexed too)."""
+    """Every audit's layers and SAE features into Qdrant (per audit: cached stages are indexed too, the audit
+    joining the points of the same content)."""
     import io
 
     import numpy as np
@@ -90,7 +91,8 @@ def index_task(
                 )
                 for name in vecs.files
             ]
-            counts["layers"] = index.add_layers(audit_id, model_digest, "fp", rows)
+            source = metrics_rec.details["vectors_key"]  # content-addressed: the same weights and config, one point
+            counts["layers"] = index.add_layers(audit_id, model_digest, "fp", rows, source=source)
         for hook, rec in saes.items():
             if rec.status.value == "failed":
                 continue
@@ -102,6 +104,12 @@ def index_task(
             ).to_pylist()
             tokens = [[c["token"] for c in f["top_contexts"]] for f in feats]
             counts["features"] += index.add_features(
-                audit_id, hook, loaded.W_dec.numpy(), np.array([f["density"] for f in feats]), tokens
+                audit_id,
+                hook,
+                loaded.W_dec.numpy(),
+                np.array([f["density"] for f in feats]),
+                tokens,
+                model_digest=model_digest,
+                source=rec.details["prefix"],
             )
     return counts

@@ -168,6 +168,7 @@ else:
                     {
                         "cosine": h["score"],
                         "audit": h["audit_id"],
+                        "also in": ", ".join(a for a in h.get("audit_ids") or [] if a != h["audit_id"]),
                         "hook": h["hook"],
                         "feature": h["feature"],
                         "density": h.get("density"),

@@ -20,6 +20,11 @@ k = st.slider("Neighbours", 5, 50, 10)
 others_only = st.toggle("Other audits only", value=False)
 
 
+def _also(h: dict) -> str:
+    """The other audits holding the same content (a re-run of the same weights): one hit, not one per audit."""
+    return ", ".join(a for a in h.get("audit_ids") or [] if a != h["audit_id"])
+
+
 def _where(audit_id: str) -> str:
     r = by_id.get(audit_id)
     if r is None:
@@ -39,6 +44,7 @@ if what == "layers":
             "similarity": h["score"],
             "audit": h["audit_id"],
             "run@step / model": _where(h["audit_id"]),
+            "also in": _also(h),
             "matrix": h["layer"],
             "block": h.get("block"),
             "alpha": h.get("alpha"),
@@ -61,6 +67,7 @@ else:
             "similarity": h["score"],
             "audit": h["audit_id"],
             "run@step / model": _where(h["audit_id"]),
+            "also in": _also(h),
             "hook": h["hook"],
             "feature": h["feature"],
             "density": h.get("density"),

@@ -20,7 +20,7 @@ from microscope.figures import split
 from microscope.sae import features as feat
 from microscope.sae import io
 from microscope.sae.architectures import build
-from microscope.sae.checkpoints import checkpoint_sync
+from microscope.sae.checkpoints import checkpoint_sync, discard_finished
 from microscope.sae.data import ShuffledBatches, activation_scale, geometric_median, parquet_chunks, parquet_rows
 from microscope.sae.evaluate import downstream, reconstruction
 from microscope.stages.runner import finished, publish, stage_lock, stage_prefix, timed
@@ -106,20 +106,27 @@ def run_many(
             done[hook] = planned
         else:
             plans.append(planned)
-    if not plans:
-        return done
-    group = canonical_hash([p.prefix for p in plans])
-    with stage_lock(store, f"sae-group/{group}"):
-        for p in list(plans):  # another run may have trained them while we waited
-            other = finished(store, p.prefix, repair=True)
-            if other is not None:
-                done[p.hook] = other
-                plans.remove(p)
-            else:
-                store.clean_orphans(p.prefix)
-        if plans:
-            done |= _train(plans, ref, ingest, arch, trace, cfg, store, ids, held, variant_traces, progress)
+    if plans:
+        group = canonical_hash([p.prefix for p in plans])
+        with stage_lock(store, f"sae-group/{group}"):
+            for p in list(plans):  # another run may have trained them while we waited
+                other = finished(store, p.prefix, repair=True)
+                if other is not None:
+                    done[p.hook] = other
+                    plans.remove(p)
+                else:
+                    store.clean_orphans(p.prefix)
+            if plans:
+                done |= _train(plans, ref, ingest, arch, trace, cfg, store, ids, held, variant_traces, progress)
+    # Now that these SAEs are published, the training checkpoints kept for resuming them can go (and any a
+    # killed run left of SAEs published since); a cached run sweeps what a kill before this line left.
+    discard_finished(store, _checkpoint_root(ingest))
     return done
+
+
+def _checkpoint_root(ingest: StageRecord) -> str:
+    """Where fits keep their training checkpoints: one folder per fit, named by the SAEs it trains."""
+    return stage_prefix(ingest.details["model_digest"], "sae-checkpoints", "").rstrip("/")
 
 
 def _train(
@@ -156,10 +163,9 @@ def _train(
         if c.lr == "auto":
             module.lr = find_lr(module, data)
         # Training checkpoints live in the store, so a restarted pod resumes where the killed one stopped.
-        ckpt = stage_prefix(
-            ingest.details["model_digest"], "sae-checkpoints", canonical_hash([p.prefix for p in plans])
-        )
-        ckpt_dir, sync = checkpoint_sync(store, ckpt)
+        members = [p.prefix for p in plans]
+        ckpt = f"{_checkpoint_root(ingest)}/{canonical_hash(members)}"
+        ckpt_dir, sync = checkpoint_sync(store, ckpt, members)
         result = fit(
             module,
             data,

@@ -4,7 +4,9 @@ package itself, not with our sender, so the two sides are checked against the re
 
 from __future__ import annotations
 
+import http.client
 import json
+import socket
 import subprocess
 import time
 import uuid
@@ -282,3 +284,47 @@ def test_notify_cli(receiver: Receiver, prefect: httpx.Client, tmp_path: Path) -
     assert dead.stderr.strip().splitlines()[-1].startswith("microscope: error: ")
     bad = subprocess.run([*args[:-2], "--step", "-3"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--step" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_oversized_bodies_always_get_the_413(tmp_path: Path) -> None:
+    """Every oversized delivery (2 and 8 MiB; Content-Length or chunked; keep-alive or `Connection: close`)
+    reads a 413 with the JSON detail: the receiver drains the body first, so the sender never sees a reset
+    (which it would retry as a network error) and a kept-alive connection serves the next request."""
+    from schemas.webhook import MAX_BODY_BYTES
+
+    proc, rec = start_receiver("http://127.0.0.1:9/api", tmp_path)  # a 413 needs no Prefect
+    port = int(rec.url.rsplit(":", 1)[1])
+    expected = {"detail": f"body over {MAX_BODY_BYTES} bytes"}
+    try:
+        cases = [(s, ch, cl) for s in (2 << 20, 8 << 20) for ch in (False, True) for cl in (False, True)] * 3
+        for size, chunked, close in cases:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            headers = {"content-type": "application/json"} | ({"connection": "close"} if close else {})
+            if not chunked:
+                headers["content-length"] = str(size)
+            body = (b"x" * 2**16 for _ in range(size // 2**16))  # no length given: http.client sends it chunked
+            try:
+                conn.request("POST", "/v1/checkpoints", body=body, headers=headers)
+                r = conn.getresponse()
+                case = (size, chunked, close)
+                assert r.status == 413, case
+                assert json.loads(r.read()) == expected, case
+                if not close:  # the body was read to its end: the connection is ready for the next request
+                    conn.request("GET", "/healthz")
+                    assert conn.getresponse().status == 200, case
+            finally:
+                conn.close()
+
+        # Declared beyond what is worth reading: the 413 comes at once, and the connection ends.
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(b"POST /v1/checkpoints HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % (1 << 30))
+            answer = b""
+            while chunk := s.recv(65536):
+                answer += chunk
+        head, _, text = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 413 ") and b"connection: close" in head.lower()
+        assert json.loads(text) == expected
+        assert sum(line["status"] == 413 for line in rec.access_log()) == len(cases) + 1
+    finally:
+        proc.terminate()
+        proc.wait(20)

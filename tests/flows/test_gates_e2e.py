@@ -146,6 +146,10 @@ def test_the_gate_passes_an_unchanged_checkpoint_and_fails_the_damaged_one(gated
     assert first["baseline_audit_id"] is None and "first audited checkpoint" in first["baseline_reason"]
     assert by_rule(first)["spectral norm jump"]["outcome"] == "skipped"  # no baseline: never a pass
     assert first["verdict"] != "fail"
+    # audited one after another: nothing was in progress to wait for, and every audit dropped its marker
+    assert all(v["baseline_waited_for"] is None for v in (first, second, third))
+    marks = gated["root"] / "home" / "artifacts" / "audits" / "in-flight"
+    assert marks.is_dir() and not list(marks.glob("*.json"))
     assert second["baseline_audit_id"] == recs[1]["audit_id"] and second["verdict"] in ("pass", "warn")
     sn2 = by_rule(second)["spectral norm jump"]
     assert sn2["outcome"] == "pass" and sn2["compared"] == pytest.approx(1.0, abs=1e-9)  # same weights

@@ -1,14 +1,17 @@
 """Gate rules judged on fixed, hand-written records against verdicts computed by hand: absolute and
-relative checks, every aggregation, wildcards, a missing baseline, unknown paths, rule files."""
+relative checks, every aggregation, wildcards, a missing baseline, a baseline still being audited (waited
+for), unknown paths, rule files."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
-from microscope import gates
+from microscope import audits, gates
 from microscope.store import LocalStore
 from schemas.gates import Check, GateRules
 from schemas.records import AuditRecord, ModelRef, StageRecord, StageStatus
@@ -27,6 +30,7 @@ def record(
     drift: tuple[float, float] = (0.02, 0.03),
     run_id: str | None = "run",
     tags: dict[str, str] | None = None,
+    save: bool = True,
 ) -> AuditRecord:
     weights = [
         {"name": n, "layer": int(n.split(".")[1]), "shape": [8, 8], "spectral_norm": s, "alpha": a, "flags": []}
@@ -67,7 +71,8 @@ def record(
         },
         saes={"blocks.1.hook_resid_post": StageRecord(stage="sae", status=ok, metrics={"fvu": fvu, "l0": 8.0})},
     )
-    store.put_bytes(f"audits/{audit_id}.json", rec.model_dump_json().encode())
+    if save:  # else the audit is still running: its record is saved when it ends
+        store.put_bytes(f"audits/{audit_id}.json", rec.model_dump_json().encode())
     return rec
 
 
@@ -195,6 +200,63 @@ def test_a_missing_baseline_skips_relative_rules_never_passes(run) -> None:
     v = gates.judge(store, alone, r)
     assert v.results[0].outcome == "skipped" and "no training run" in v.baseline_reason
     assert gates.judge(store, recs[2], r, baseline="none").results[0].outcome == "skipped"
+
+
+@pytest.fixture
+def side_by_side(tmp_path: Path) -> tuple[LocalStore, AuditRecord, AuditRecord]:
+    """Checkpoints saved faster than audited: step 1 done, step 2's audit started (its marker, no record
+    yet), step 3's audit at its gate. Returns the store, step 2's record-to-be and step 3's record."""
+    store = LocalStore(tmp_path / "store")
+    record(store, "s1", 1, (1.0, 2.0, 3.0, 4.0))
+    running = record(store, "s2", 2, (1.0, 2.0, 3.0, 4.0), save=False)
+    audits.mark_started(store, running)
+    return store, running, record(store, "s3", 3, (1.0, 2.0, 9.0, 4.0))  # h.1.attn ×3 on step 2
+
+
+SN_RATIO = {"name": "sn ratio", "metric": "layers.*.spectral_norm", "check": "ratio <= 1.5"}
+
+
+def test_the_gate_waits_for_the_previous_step_still_being_audited(side_by_side) -> None:
+    store, running, rec = side_by_side
+    assert [s.audit_id for s in audits.in_flight(store, "run")] == ["s2"]
+
+    def finish() -> None:  # what the tracker does at the end of step 2's audit
+        time.sleep(0.6)
+        audits.save(store, running)
+        audits.mark_finished(store, running.audit_id)
+
+    t = threading.Thread(target=finish)
+    t.start()
+    v = gates.judge(store, rec, rules(SN_RATIO), wait_s=30)
+    t.join()
+    assert audits.in_flight(store, "run") == []
+    assert v.baseline_audit_id == "s2" and v.baseline_step == 2 and v.baseline_reason is None
+    assert v.baseline_waited_for == "s2" and 0.5 < v.baseline_waited_s < 30
+    sn = v.results[0]  # judged against step 2 (9/3 on h.1.attn), not against step 1 nor without a baseline
+    assert sn.outcome == "fail" and sn.compared == pytest.approx(3.0) and sn.offenders[0].key == "h.1.attn.weight"
+    assert "waited" in v.summary() and "s2" in v.summary()
+    assert "waited" in gates.markdown(v) and "audit s2 to finish" in gates.markdown(v)
+
+
+def test_a_previous_step_that_does_not_finish_in_time_skips_relative_rules(side_by_side) -> None:
+    store, _, rec = side_by_side
+    t0 = time.monotonic()
+    v = gates.judge(store, rec, rules(SN_RATIO, {"metric": "layers.*.spectral_norm", "check": "<= 100"}), wait_s=0.5)
+    assert 0.5 <= time.monotonic() - t0 < 10
+    # neither step 1 (older than the pending step 2) nor "first": the gate says which audit it waited for
+    assert v.baseline_audit_id is None and v.baseline_waited_for == "s2" and v.baseline_waited_s >= 0.5
+    assert "gave up waiting for audit s2" in v.baseline_reason and "first" not in v.baseline_reason
+    sn, absolute = v.results
+    assert sn.outcome == "skipped" and "s2" in sn.reason and "still in progress" in sn.reason
+    assert absolute.outcome == "pass" and v.verdict == "pass"
+    # without a finished lower step either: still waiting for step 2, never "the first audited checkpoint"
+    store.delete("audits/s1.json")
+    v = gates.judge(store, rec, rules(SN_RATIO), wait_s=0)
+    assert "gave up waiting for audit s2" in v.baseline_reason and "first" not in v.baseline_reason
+    # a higher step in flight is no baseline: step 1's gate does not wait for it and is the first
+    first = record(store, "s1", 1, (1.0, 2.0, 3.0, 4.0))
+    v = gates.judge(store, first, rules(SN_RATIO), wait_s=30)
+    assert v.baseline_waited_for is None and "first audited checkpoint" in v.baseline_reason
 
 
 def test_tags_pin_a_baseline(run) -> None:

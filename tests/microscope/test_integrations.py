@@ -187,6 +187,23 @@ def test_a_4xx_is_given_up_at_once_with_the_receivers_detail(
         n.send(message())
 
 
+def test_a_413_is_permanent_and_an_oversized_message_is_never_sent(
+    receiver: Receiver, notifiers: list[Notifier]
+) -> None:
+    """A body the receiver refuses as too large stays too large: one attempt, no retry loop."""
+    from schemas.webhook import MAX_BODY_BYTES
+
+    receiver.always = (413, {}, {"detail": f"body over {MAX_BODY_BYTES} bytes"})
+    n = Notifier(receiver.url, receiver.secret, give_up_after_s=30)
+    notifiers.append(n)
+    error = n.submit(message()).exception(timeout=10)
+    assert isinstance(error, NotifyError) and "HTTP 413 (not retried): body over" in str(error)
+    assert len(receiver.requests) == 1
+    with pytest.raises(NotifyError, match="over the receiver's"):  # caught before it is sent at all
+        n.send(message(tags={"pad": "x" * MAX_BODY_BYTES}))
+    assert len(receiver.requests) == 1
+
+
 def test_an_unreachable_receiver_is_given_up_after_give_up_after_s(
     receiver: Receiver, notifiers: list[Notifier], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -33,6 +33,13 @@ def exercise(store) -> None:
         store.get_bytes("m/none")
     with pytest.raises(ValueError, match="invalid artifact key"):
         store.put_bytes("../escape", b"")
+    # delete_prefix removes a folder's artifacts, not those of a sibling whose name starts the same
+    store.put_bytes("m/stage/hh/x.bin", b"1")
+    assert store.delete_prefix("m/stage/h") == 4
+    assert store.list("m") == ["m/stage/hh/x.bin"] and not store.exists("m/stage/h/manifest.json")
+    assert store.delete_prefix("m/stage/h") == 0
+    with pytest.raises(ValueError, match="invalid artifact key"):
+        store.delete_prefix("")  # never the whole store
 
 
 def test_local_store(tmp_path: Path) -> None:
