@@ -1,13 +1,14 @@
-# make demo: a full audit of the pretrained MiniLM on Python's help text, then of a small CNN trained on
-#            scikit-learn's digits (creates .venv if needed)
-# make test: the whole test suite (creates .venv if needed; installs chromium for the browser test when root)
+# make demo: about five minutes: a small GPT-2 trained with Lightning, each checkpoint audited and gated as it
+#            is saved (through `microscope up`), the pretrained MiniLM's SAE features, the digits CNN's
+#            robustness (creates .venv if needed); make demo-full: the long audits (about 12 minutes)
+# make test: the whole test suite, in parallel (creates .venv if needed; installs chromium for the browser test)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-DEMO   := .microscope/demo
+TEST_WORKERS ?= 3  # tests wait on subprocesses and servers much of the time: 3 workers keep 2 cores busy
 
-.PHONY: install demo test lint bench clean deploy image view
+.PHONY: install demo demo-full test lint bench clean deploy image view up
 
 install: $(STAMP)
 
@@ -18,28 +19,30 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	mkdir -p $(DEMO)
-	$(BIN)/python examples/make_demo_corpus.py $(DEMO)/corpus.txt --print-model-path > $(DEMO).model
-	$(BIN)/microscope run --model "$$(cat $(DEMO).model)" --dataset $(DEMO)/corpus.txt --config examples/demo.yaml
-	$(BIN)/python examples/train_digits_cnn.py $(DEMO)/digits
-	$(BIN)/microscope run --model $(DEMO)/digits/digits_cnn.safetensors --dataset $(DEMO)/digits/digits_test.npz \
-		--config examples/demo_digits.yaml
+	$(BIN)/python examples/demo.py --workspace .microscope
+
+demo-full: $(STAMP)
+	$(BIN)/python examples/demo.py --workspace .microscope --full
 
 test: $(STAMP)
 	sh scripts/ensure_chromium.sh
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 # make view: the results viewer on the demo's audits (http://127.0.0.1:8501)
-view: $(STAMP)
+view: | $(STAMP)
 	$(BIN)/microscope view
+
+# make up: Prefect, the audit deployment and the webhook receiver on this machine (docs/deploy.md, a laptop)
+up: | $(STAMP)
+	$(BIN)/microscope up
 
 # make deploy: with PREFECT_API_URL set, create/update the work pools and register every deployment
 #              (idempotent; DEPLOY_ARGS="--pool-type process" for a laptop's process pools)
-deploy: $(STAMP)
+deploy: | $(STAMP)
 	$(BIN)/python deployments/register.py $(DEPLOY_ARGS)
 
 # make image: the CUDA and CPU images (docker/Dockerfile); not needed by deploy, which builds nothing

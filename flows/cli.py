@@ -7,6 +7,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -32,6 +33,11 @@ def _env_defaults() -> None:
     # The temporary server's first start migrates a fresh database: ~20 s on 2 cores, Prefect's default
     # patience; give it room instead of failing a laptop's first audit.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    if "PREFECT_API_URL" not in os.environ:  # `microscope up` is running here: use its server, not a temporary one
+        from flows.local_stack import running_stack
+
+        if stack := running_stack(home):
+            os.environ["PREFECT_API_URL"] = stack["prefect_api_url"]
 
 
 @contextlib.contextmanager
@@ -88,6 +94,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     audit_id = args.audit_id or audits.new_audit_id()
     print(f"microscope: audit {audit_id} of {ref.source} (store {store.uri})", file=sys.stderr)
+    if not os.environ.get("PREFECT_API_URL"):
+        print(
+            "microscope: no PREFECT_API_URL: Prefect starts a temporary server (`microscope up` keeps one)",
+            file=sys.stderr,
+        )
 
     with _stdout_to_stderr():
         from flows.audit import audit
@@ -177,8 +188,23 @@ def cmd_list(args: argparse.Namespace) -> int:
     for r in records:
         model = (r.architecture.class_name if r.architecture else "?") + f" {(r.model_digest or '')[:12]}"
         step = f"  {r.run_id} step {r.step}" if r.run_id is not None else ""
-        print(f"{r.audit_id}  {r.status.value:<9}  {model}  {r.dataset_source}{step}")
+        print(f"{r.audit_id}  {r.status.value:<9}  {model}  {r.dataset_source}{step}{_gate_column(r)}")
     return 0
+
+
+def _gate_column(record: Any) -> str:
+    """`  gate pass vs step 400` (or fail, naming the failed rules): the verdict a run's list is read for."""
+    gate = record.stages.get("gate")
+    if gate is None or gate.status.value != "completed":
+        return ""
+    from schemas.gates import GateVerdict
+
+    v = GateVerdict.model_validate(gate.details)
+    against = (
+        f" vs step {v.baseline_step}" if v.baseline_step is not None else f" ({v.baseline_reason or 'no baseline'})"
+    )
+    failed = [r.rule for r in v.failed]
+    return f"  gate {v.verdict}{against}" + (f": {', '.join(failed)}" if failed else "")
 
 
 def cmd_search(args: argparse.Namespace) -> int:
@@ -292,6 +318,34 @@ def cmd_view(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    """Prefect server + the audit deployment served here + the webhook receiver, until interrupted."""
+    _env_defaults()
+    os.environ.setdefault("PREFECT_RUNNER_POLL_FREQUENCY", "1")  # a checkpoint's audit starts within a second
+    from flows.local_stack import LocalStack, serve_audits, webhook_secret
+    from microscope.settings import get_settings
+
+    home = get_settings().home_dir
+    secret_note = webhook_secret(home)
+    stack = LocalStack(home, port=args.port, webhook_port=args.webhook_port, host=args.host, ui=not args.no_ui)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops the children too, as Ctrl-C does
+    try:
+        info = stack.start()
+        ui = f", UI {info['prefect_ui_url']}" if info["prefect_ui_url"] else ""
+        print(f"microscope up: Prefect {info['prefect_api_url']}{ui}", file=sys.stderr)
+        print(f"microscope up: webhook {info['webhook_url']} ({secret_note})", file=sys.stderr)
+        print(f"microscope up: serving {get_settings().audit_deployment}, store {get_settings().store_uri}, "
+              f"logs {home / 'logs'}; Ctrl-C stops", file=sys.stderr)  # fmt: skip
+        serve_audits(args.concurrency)
+    except KeyboardInterrupt:
+        pass
+    except RuntimeError as exc:
+        return _fail(str(exc), EXIT_FAILED)
+    finally:
+        stack.stop()
+    return 0
+
+
 def cmd_webhook_serve(args: argparse.Namespace) -> int:
     from deployments.webhook import create_app, serve
 
@@ -337,6 +391,9 @@ def cmd_notify(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="microscope", description="Audit neural-network checkpoints.")
+    p.add_argument(
+        "-v", "--verbose", action="store_true", help="show Prefect's engine lines and libraries' logs and warnings too"
+    )
     p.add_argument(
         "--store",
         help="artifact store: a folder or s3://bucket/prefix (default: $MICROSCOPE_STORE or .microscope/artifacts)",
@@ -407,6 +464,14 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--port", type=int, default=8501)
     v.set_defaults(fn=cmd_view)
 
+    up = sub.add_parser("up", help="run Prefect, the audit deployment and the webhook receiver here (a laptop)")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=4200, help="the Prefect server's port (unless PREFECT_API_URL is set)")
+    up.add_argument("--webhook-port", type=int, default=8080)
+    up.add_argument("--concurrency", type=int, default=1, help="audits run side by side (default 1)")
+    up.add_argument("--no-ui", action="store_true", help="start the Prefect server without its UI")
+    up.set_defaults(fn=cmd_up)
+
     wh = sub.add_parser("webhook", help="the receiver training jobs POST 'checkpoint ready' to")
     whs = wh.add_subparsers(dest="webhook_command", required=True)
     ws = whs.add_parser("serve", help="run the receiver (needs MICROSCOPE_WEBHOOK_SECRET and PREFECT_API_URL)")
@@ -435,6 +500,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from flows.console import quiet_console
+
+    quiet_console(args.verbose)
     from microscope.errors import MicroscopeError
     from schemas.config import ConfigError
 

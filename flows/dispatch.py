@@ -24,7 +24,7 @@ def run_stage_deployments(
 ) -> dict[str, Any]:
     """Start one flow run of the stage deployment per call (label → task arguments); return each final
     State. Arguments cross as JSON: records and configs, never tensors."""
-    from prefect import get_client, get_run_logger
+    from prefect import get_run_logger
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
@@ -50,14 +50,47 @@ def run_stage_deployments(
                 "or set MICROSCOPE_EXECUTION=local to run stages in the audit's process"
             ) from None
         log.info("%s: started on %s as flow run %s", label, name, runs[label].name)
+    return _await(runs, get_settings().stage_start_timeout_s)
+
+
+def _await(runs: dict[str, Any], start_timeout_s: float) -> dict[str, Any]:
+    """Each run's final state. A run no worker picks up (no worker on its pool, or all busy) is warned about
+    once a minute has passed and, after `start_timeout_s`, cancelled: its stage fails naming the pool."""
+    from prefect import get_client, get_run_logger
+    from prefect.states import Failed, StateType
+
+    log = get_run_logger()
+    waiting = {StateType.SCHEDULED, StateType.PENDING}
+    t0, warned = time.monotonic(), False
     states: dict[str, Any] = {}
     with get_client(sync_client=True) as client:
         while len(states) < len(runs):
+            idle = []
             for label, fr in runs.items():
-                if label not in states:
-                    state = client.read_flow_run(fr.id).state
-                    if state is not None and state.is_final():
-                        states[label] = state
+                if label in states:
+                    continue
+                state = client.read_flow_run(fr.id).state
+                if state is not None and state.is_final():
+                    states[label] = state
+                elif state is None or state.type in waiting:
+                    idle.append(label)
+            waited = time.monotonic() - t0
+            if idle and waited > 60 and not warned:
+                warned = True
+                pools = sorted({runs[label].work_pool_name or "?" for label in idle})
+                log.warning(
+                    "%s: not started after %.0f s; is a worker polling %s? (`prefect worker start --pool %s`)",
+                    ", ".join(idle), waited, ", ".join(pools), pools[0],
+                )  # fmt: skip
+            if idle and waited > start_timeout_s:
+                for label in idle:
+                    pool = runs[label].work_pool_name or "its work pool"
+                    why = (
+                        f"{label}: no worker started it within {start_timeout_s:.0f} s "
+                        f"(MICROSCOPE_STAGE_START_TIMEOUT_S); start one with `prefect worker start --pool {pool}`"
+                    )
+                    client.set_flow_run_state(runs[label].id, Failed(message=why), force=True)
+                    states[label] = Failed(message=why)
             if len(states) < len(runs):
                 time.sleep(POLL_S)
     return {label: states[label] for label in runs}

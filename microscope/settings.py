@@ -56,6 +56,12 @@ class Settings(BaseSettings):
         "stage deployment (GPU or CPU work pool), started by the audit flow.",
     )
     stage_flow: str = Field("stage", description="Flow name of the stage deployments (`<stage_flow>/<stage>`).")
+    stage_start_timeout_s: float = Field(
+        900.0,
+        gt=0,
+        description="execution=deployments: a stage flow run that no worker has started after this long is "
+        "cancelled and the stage fails, naming the work pool that has no worker (instead of waiting Late forever).",
+    )
     webhook_secret: SecretStr | None = Field(
         None,
         description="Standard Webhooks secret(s) `whsec_…`, separated by spaces: the receiver accepts any (so a "

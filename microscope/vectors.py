@@ -168,7 +168,8 @@ class VectorIndex:
     ) -> int:
         """One point per (`source`: the SAE's content-addressed prefix, hook, feature): its decoder direction."""
         unit = w_dec / np.linalg.norm(w_dec, axis=1, keepdims=True).clip(1e-12)
-        self._ensure(FEATURES, unit.shape[1])
+        collection = features_collection(unit.shape[1])
+        self._ensure(collection, unit.shape[1])
         points = [
             (
                 _point_id(FEATURES, model_digest, source, hook, i),
@@ -185,7 +186,7 @@ class VectorIndex:
             )
             for i in range(len(unit))
         ]
-        return self._upsert(FEATURES, audit_id, points)
+        return self._upsert(collection, audit_id, points)
 
     def _lookup(self, collection: str, key: tuple[Any, ...]) -> Any:
         """The point `key` names ((audit, variant, layer) or (audit, hook, feature)): one that audit indexed,
@@ -206,16 +207,19 @@ class VectorIndex:
         holds it, sorted: audit ids begin with their creation time, so oldest first) and `audit_id`: the first
         of them other than the asking audit when there is one (so the asked point itself names a re-run that
         shares it), else the asking audit."""
-        if not self.client.collection_exists(collection):
-            return []
-        own = self._lookup(collection, key)
+        # features live in one collection per decoder width (models of other widths are not comparable);
+        # the asked feature's collection is where its neighbours are
+        names = [c.name for c in self.client.get_collections().collections]
+        family = [c for c in names if c == collection or c.startswith(f"{collection}-d")]
+        own = next(((c, p) for c in sorted(family) if (p := self._lookup(c, key)) is not None), None)
         if own is None:
             return []
+        where, point = own
         hits: dict[tuple[Any, ...], dict[str, Any]] = {}
         page, offset = max(2 * k, 16), 0
         while len(hits) < k:  # points indexed per audit before content ids may repeat a content: read on
             got = self.client.query_points(
-                collection, query=own.vector, limit=page, offset=offset, with_payload=True
+                where, query=point.vector, limit=page, offset=offset, with_payload=True
             ).points
             for h in got:
                 p = dict(h.payload or {})
@@ -232,6 +236,11 @@ class VectorIndex:
             ids = h["audit_ids"]
             h["audit_id"] = next((a for a in ids if a != key[0]), ids[0] if ids else None)
         return out
+
+
+def features_collection(dim: int) -> str:
+    """The collection of SAE decoder directions of width `dim` (`features` holds indexes made before)."""
+    return f"{FEATURES}-d{dim}"
 
 
 def reader_index(copy_to: str) -> VectorIndex | None:

@@ -19,9 +19,50 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny models on 2 cores shared by several xdist workers and their subprocesses: one BLAS/OpenMP thread per
+# process; more only spin against each other
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
+# pytest-xdist: `make test` runs the suite on several workers; each has its own Redis databases
+WORKER_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+
+
+# ---- parallel runs: which tests share a worker ----------------------------------------------------
+# Every test runs in a group (`--dist loadgroup`): its module, so module fixtures (a Prefect server on
+# Postgres, `make deploy`) are built once; the tests reading the session's finished audits form one group,
+# so those audits are made once. Groups start longest first (measured; the rest in collection order), so
+# the two workers finish together.
+SHARED_AUDITS = {"finished_audits", "finished_vision", "vision_root"}
+LONGEST_FIRST = [
+    "finished",
+    "tests.deploy.test_webhook_trainers",
+    "tests.deploy.test_deployments_e2e",
+    "tests.flows.test_gates_e2e",
+    "tests.flows.test_robustness_e2e",
+    "tests.flows.test_production_config",
+    "tests.flows.test_audit_e2e",
+    "tests.flows.test_orchestration",
+    "tests.deploy.test_webhook",
+    "tests.microscope.sae.test_checkpoint_cleanup",
+]
+
+
+def _group(item: pytest.Item) -> str:
+    if SHARED_AUDITS & set(getattr(item, "fixturenames", ())):
+        return "finished"
+    return item.module.__name__ if item.module is not None else "default"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marker into the node id's @group
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            item.add_marker(pytest.mark.xdist_group(_group(item)))
+    items.sort(key=lambda it: rank.get(_group(it), len(rank)))  # stable: collection order within a group
 
 
 def free_port() -> int:
@@ -309,7 +350,8 @@ def audit_json(model: Path, dataset: Path, config_text: str, env: dict[str, str]
 # ---- the production configuration's services -----------------------------------------------------
 
 PG = "127.0.0.1:5432"
-REDIS = "redis://127.0.0.1:6379/7"
+REDIS = f"redis://127.0.0.1:6379/{8 + WORKER_INDEX}"  # Prefect's messaging: one database per xdist worker
+REDIS_LOCKS = f"redis://127.0.0.1:6379/{WORKER_INDEX}"  # stage locks: one database per xdist worker
 
 
 def reachable(port: int) -> bool:

@@ -100,9 +100,11 @@ def fingerprint(path: Path, extra: dict[str, Any] | None = None) -> str:
     h = hashlib.sha256()
     files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
     for f in files:
-        if f.name.startswith(".") or "/." in f.as_posix() or is_trainer_state(f.name):
-            continue
         rel = f.relative_to(path).as_posix() if path.is_dir() else f.name
+        # hidden files inside the checkpoint do not count; a hidden folder *above* it (./.microscope) must not
+        # hide the checkpoint itself (it once did: every checkpoint there had the fingerprint of no files)
+        if any(part.startswith(".") for part in rel.split("/")) or is_trainer_state(f.name):
+            continue
         h.update(rel.encode() + b"\0")
         with open(f, "rb") as fh:
             h.update(hashlib.file_digest(fh, "sha256").digest())

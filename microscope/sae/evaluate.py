@@ -28,7 +28,7 @@ def reconstruction(encode: Encoder, decode: Decoder, chunks: Iterable[np.ndarray
     s2 = 0.0
     fires = torch.zeros(d_sae, dtype=torch.float64)
     for chunk in chunks:
-        x = torch.from_numpy(np.ascontiguousarray(chunk)).float()
+        x = torch.from_numpy(np.array(chunk, dtype=np.float32))  # a writable copy: Arrow buffers are read-only
         acts = encode(x)
         recon = decode(acts)
         sse += float((recon.double() - x.double()).pow(2).sum())

@@ -7,6 +7,7 @@ records its curves; checkpoints make a killed fit resume to the same weights.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,10 @@ from torch import nn
 
 from microscope.sae.architectures import SAE
 from microscope.sae.data import ShuffledBatches
+
+# Lightning's own banner and "fit stopped" lines (its handler, at INFO) say nothing the SAE stage's summary
+# does not; its warnings still show
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 
 class SAEModule(L.LightningModule):

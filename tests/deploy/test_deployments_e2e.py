@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import NEEDS_PG_REDIS, REPO, VENV_BIN, make_bucket, make_deploy, stop
+from tests.conftest import NEEDS_PG_REDIS, REPO, VENV_BIN, make_bucket, make_deploy, run_cli, stop
 
 pytestmark = NEEDS_PG_REDIS
 
@@ -207,6 +207,19 @@ def test_watch_starts_one_audit_per_new_checkpoint(
     assert sorted(r["parameters"]["step"] for r in runs) == [4, 8]
     for r in runs:
         _cancel(api, r["id"])
+
+
+def test_a_stage_no_worker_picks_up_fails_naming_the_pool(
+    deployed: dict[str, Any], checkpoints: list[str], corpus_file: Path, env: dict[str, str], api: Api, tmp_path: Path
+) -> None:
+    """No worker polls the CPU pool: the ingest stage's flow run is cancelled after the start timeout and
+    the audit fails in one line naming the pool and the command that fixes it (never Late forever)."""
+    args = ["run", "--model", checkpoints[0], "--dataset", str(corpus_file), "--stages", "ingest"]
+    p = run_cli([*args, "--audit-id", "no-worker"], {**env, "MICROSCOPE_STAGE_START_TIMEOUT_S": "3"}, tmp_path, 300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    assert "prefect worker start --pool microscope-cpu" in p.stderr, p.stderr[-3000:]
+    (child,) = [fr for fr in api.flow_runs() if fr["name"] == "no-worker:ingest"]
+    assert child["state"]["type"] == "FAILED" and "no worker started it within 3 s" in child["state"]["message"]
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import NEEDS_PG_REDIS, PG, audit_json, cli_env, make_bucket
+from tests.conftest import NEEDS_PG_REDIS, PG, REDIS_LOCKS, audit_json, cli_env, make_bucket
 
 pytestmark = NEEDS_PG_REDIS
 
@@ -30,7 +30,7 @@ def test_audit_on_postgres_redis_and_s3(
         AWS_SECRET_ACCESS_KEY="t",
         AWS_DEFAULT_REGION="us-east-1",
         MLFLOW_TRACKING_URI=mlflow_uri,
-        MICROSCOPE_REDIS_URL="redis://127.0.0.1:6379/0",  # stage locks shared across pods
+        MICROSCOPE_REDIS_URL=REDIS_LOCKS,  # stage locks shared across pods
     )
     rec = audit_json(tiny_gpt2_dir, corpus_file, config, env, tmp_path)
     assert rec["status"] == "completed" and rec["store_uri"] == "s3://prod/audits"

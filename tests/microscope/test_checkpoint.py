@@ -150,3 +150,27 @@ def test_fingerprint_changes_with_bytes(tmp_path: Path) -> None:
     a = checkpoint.fingerprint(f)
     save_file({"a": torch.ones(3)}, f)
     assert checkpoint.fingerprint(f) != a
+
+
+def test_fingerprint_of_a_folder_under_a_hidden_workspace(tmp_path: Path) -> None:
+    """Checkpoints saved under `./.microscope/…` (the demo's, a hidden workspace's) are fingerprinted by their
+    bytes: two steps differ, hidden files inside the folder and trainer state do not count, renaming the
+    folder does not matter. (A hidden folder above the checkpoint once hid every file: every step of a run
+    had one fingerprint, and ingest's cache answered for the first step's weights.)"""
+    steps = []
+    for step, value in ((200, 0.0), (400, 1.0)):
+        d = tmp_path / ".microscope" / "ckpts" / f"step={step}.hf"
+        d.mkdir(parents=True)
+        save_file({"w": torch.full((3,), value)}, d / "model.safetensors")
+        (d / "config.json").write_text('{"model_type": "gpt2"}')
+        steps.append(d)
+    a, b = (checkpoint.fingerprint(d) for d in steps)
+    assert a != b
+    (steps[0] / ".cache").write_text("editor state")
+    (steps[0] / "trainer_state.json").write_text("{}")
+    assert checkpoint.fingerprint(steps[0]) == a
+    moved = tmp_path / "elsewhere"
+    steps[0].rename(moved)
+    assert checkpoint.fingerprint(moved) == a
+    (moved / "model.safetensors").unlink()
+    assert checkpoint.fingerprint(moved) != a

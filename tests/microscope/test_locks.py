@@ -20,9 +20,10 @@ import pytest
 
 from microscope.errors import TransientError
 from microscope.locks import REDIS_PREFIX, LockTimeout, lock_path, stage_lock
+from tests.conftest import REDIS_LOCKS
 
 REPO = Path(__file__).resolve().parents[2]
-REDIS_URL = "redis://127.0.0.1:6379/0"
+REDIS_URL = REDIS_LOCKS
 
 
 def unique(stage: str = "trace") -> str:

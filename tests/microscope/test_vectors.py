@@ -12,7 +12,7 @@ import pytest
 
 from microscope.spectra import matrix_stats, power_law_fit
 from microscope.store import LocalStore
-from microscope.vectors import FEATURES, LAYERS, VectorIndex, layer_embedding
+from microscope.vectors import FEATURES, LAYERS, VectorIndex, features_collection, layer_embedding
 from schemas.records import AuditRecord, ModelRef, StageStatus
 from tests.conftest import build_model
 
@@ -72,7 +72,7 @@ def test_a_rerun_audit_adds_no_duplicate_hits_and_either_audit_finds_them(
         index.add_layers("audit-c", "dl", "fp", llama, source="dl/metrics/1/layer_vectors.npz")
         index.add_features("audit-c", hook, -w, np.full(50, 0.01), [["y"]] * 50, model_digest="dl", source="dl/sae/2")
         assert index.client.count(LAYERS).count == len(gpt2) + len(llama)
-        assert index.client.count(FEATURES).count == 100
+        assert index.client.count(features_collection(16)).count == 100
         for asker, other in (("audit-a", "audit-b"), ("audit-b", "audit-a")):
             hits = index.similar(LAYERS, (asker, "fp", layer), 20)
             seen = [(h["model_digest"], h["layer"]) for h in hits]
@@ -182,3 +182,29 @@ def test_an_undefined_statistic_never_puts_nan_in_a_layer_vector() -> None:
     assert np.isnan(raw["m2"][2])  # log10 condition number: undefined
     out = standardise_layers(raw)
     assert all(np.isfinite(v).all() for v in out.values()) and out["m2"][2] == 0 and len(out["m2"]) > HEAD
+
+
+def test_features_of_models_of_other_widths_share_the_index(tmp_path: Path) -> None:
+    """A 16-wide and a 24-wide model's SAEs in one index (the demo's GPT-2 and MiniLM): each is indexed, and each
+    finds its own neighbours, never the other width's (their directions live in different spaces)."""
+    rng = np.random.default_rng(0)
+    narrow, wide = rng.standard_normal((20, 16)), rng.standard_normal((30, 24))
+    with VectorIndex(path=str(tmp_path / "q")) as index:
+        index.add_features(
+            "n",
+            "blocks.0.hook_resid_post",
+            narrow,
+            np.full(20, 0.1),
+            [["a"]] * 20,
+            model_digest="dn",
+            source="dn/sae/1",
+        )
+        index.add_features(
+            "w", "blocks.0.hook_resid_post", wide, np.full(30, 0.1), [["b"]] * 30, model_digest="dw", source="dw/sae/1"
+        )
+        assert index.client.count(features_collection(16)).count == 20
+        assert index.client.count(features_collection(24)).count == 30
+        for audit, n, digest in (("n", 20, "dn"), ("w", 30, "dw")):
+            hits = index.similar(FEATURES, (audit, "blocks.0.hook_resid_post", 3), 50)
+            assert len(hits) == n and {h["model_digest"] for h in hits} == {digest}
+            assert hits[0]["feature"] == 3 and hits[0]["score"] == pytest.approx(1.0, abs=1e-6)
