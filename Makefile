@@ -6,6 +6,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# commands that only need Microscope importable: the clone's .venv when there is one, else the Python on
+# PATH (an environment of your own), never a reinstall first
+RUN_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 TEST_WORKERS ?= 3  # tests wait on subprocesses and servers much of the time: 3 workers keep 2 cores busy
 
 .PHONY: install demo demo-full test lint bench clean deploy image view up
@@ -33,17 +36,17 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 # make view: the results viewer on the demo's audits (http://127.0.0.1:8501)
-view: | $(STAMP)
-	$(BIN)/microscope view
+view:
+	$(RUN_PY) -m flows.cli view
 
 # make up: Prefect, the audit deployment and the webhook receiver on this machine (docs/deploy.md, a laptop)
-up: | $(STAMP)
-	$(BIN)/microscope up
+up:
+	$(RUN_PY) -m flows.cli up
 
 # make deploy: with PREFECT_API_URL set, create/update the work pools and register every deployment
 #              (idempotent; DEPLOY_ARGS="--pool-type process" for a laptop's process pools)
-deploy: | $(STAMP)
-	$(BIN)/python deployments/register.py $(DEPLOY_ARGS)
+deploy:
+	$(RUN_PY) deployments/register.py $(DEPLOY_ARGS)
 
 # make image: the CUDA and CPU images (docker/Dockerfile); not needed by deploy, which builds nothing
 IMAGE    ?= microscope

@@ -44,9 +44,7 @@ def resolve_baseline(store: ArtifactStore, record: AuditRecord, spec: str, *, wa
                 f"baseline {spec!r} is no audit in {store.uri}; use previous, first, none, an audit id or tag:KEY"
             ) from None
     if not record.run_id:
-        return Baseline(
-            None, f"audit {record.audit_id} belongs to no training run (--run-id), so it has no {spec} audit"
-        )
+        return Baseline(None, f"this audit belongs to no training run (--run-id), so it has no {spec} audit")
     if spec.startswith("tag:"):
         key, _, value = spec[4:].partition("=")
         tagged = [r for r in _finished(store, record) if _tagged(store, r.audit_id, key, value)]
@@ -54,7 +52,7 @@ def resolve_baseline(store: ArtifactStore, record: AuditRecord, spec: str, *, wa
             raise GateError(f"no audit of run {record.run_id} carries the tag {spec[4:]!r}; tag one with --tag")
         return Baseline(results.load_audit(store, tagged[-1].audit_id))
     if record.step is None:
-        return Baseline(None, f"audit {record.audit_id} has no step, so it has no {spec} audit in run {record.run_id}")
+        return Baseline(None, f"this audit has no step, so it has no {spec} audit in run {record.run_id}")
     return _by_step(store, record, record.step, spec, wait_s)
 
 

@@ -359,6 +359,14 @@ def judge_rule(rule: Rule, src: _Sources, base: _Sources | None, base_reason: st
     )
 
 
+def _warm_up(r: RuleResult, step: int, warmup: int) -> RuleResult:
+    """A relative rule broken during warm-up warns (the step-to-step change there is the training itself)."""
+    if r.outcome != "fail" or not Check.parse(r.check).relative:
+        return r
+    why = f"warm-up (step {step} < warmup_steps {warmup}): would fail"
+    return r.model_copy(update={"outcome": "warn", "reason": f"{why}; {r.reason}" if r.reason else why})
+
+
 def judge(
     store: ArtifactStore,
     record: AuditRecord,
@@ -377,6 +385,8 @@ def judge(
     src = _Sources(store, record)
     base = _Sources(store, base_rec) if base_rec is not None else None
     outcomes = [judge_rule(r, src, base, b.reason) for r in rules.rules]
+    if record.step is not None and record.step < rules.warmup_steps:
+        outcomes = [_warm_up(r, record.step, rules.warmup_steps) for r in outcomes]
     names = [r.rule for r in outcomes]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)

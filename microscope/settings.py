@@ -37,6 +37,10 @@ class Settings(BaseSettings):
     )
     mlflow_artifacts: str | None = Field(None, description="MLflow artifact root (default: home/mlartifacts).")
     experiment: str = Field("microscope", description="MLflow experiment of the audits.")
+    cache_dir: Path = Field(
+        default_factory=lambda: Path.home() / ".cache" / "microscope",
+        description="Per-user cache shared by workspaces (an empty, migrated MLflow database to start new ones from).",
+    )
     qdrant_url: str | None = Field(
         None, validation_alias=AliasChoices("MICROSCOPE_QDRANT_URL", "QDRANT_URL"), description="Qdrant server URL."
     )

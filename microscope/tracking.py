@@ -7,8 +7,10 @@ metrics its summary figures, inputs the model and dataset by digest and URI.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from schemas.gates import GateVerdict
@@ -40,8 +42,32 @@ def _create_schema_once(mlflow: Any, uri: str) -> None:
     if uri.startswith("sqlite:///"):
         s.home_dir.mkdir(parents=True, exist_ok=True)
     with _READY_LOCK, stage_lock(f"mlflow-schema|{uri}", lock_dir=s.lock_dir):
+        if uri.startswith("sqlite:///"):
+            _from_template(mlflow, Path(uri.removeprefix("sqlite:///")))
         mlflow.MlflowClient().search_experiments(max_results=1)
         _READY.add(uri)
+
+
+def _from_template(mlflow: Any, db: Path) -> None:
+    """A new SQLite database starts as a copy of an empty one this MLflow version migrated once (kept in the
+    cache folder): MLflow's migrations are seconds of CPU that every new workspace would pay again."""
+    if db.exists():
+        return
+    from microscope.locks import stage_lock
+
+    cache = get_settings().cache_dir
+    template = cache / f"mlflow-{mlflow.__version__}-empty.db"
+    if not template.exists():
+        cache.mkdir(parents=True, exist_ok=True)
+        with stage_lock(f"mlflow-template|{template}", lock_dir=cache):
+            if not template.exists():
+                tmp = template.with_suffix(f".{os.getpid()}.tmp")
+                tmp.unlink(missing_ok=True)
+                mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp}").search_experiments(max_results=1)
+                os.replace(tmp, template)
+    tmp = db.with_suffix(f".{os.getpid()}.tmp")
+    shutil.copyfile(template, tmp)
+    os.replace(tmp, db)
 
 
 def _experiment_id(mlflow: Any) -> str:

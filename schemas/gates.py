@@ -126,6 +126,12 @@ class GateRules(_Model):
         description="previous (the run's audit at the highest lower step), first, none, an audit id, or "
         "tag:KEY[=VALUE] (the latest audit of the run carrying that tag).",
     )
+    warmup_steps: int = Field(
+        0,
+        ge=0,
+        description="Checkpoints of a run below this step are warm-up: early training moves weights by large "
+        "factors, so there a relative rule that breaks warns instead of failing (its reason says so).",
+    )
     rules: list[Rule] = Field(min_length=1)
 
 

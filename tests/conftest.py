@@ -272,8 +272,14 @@ def prefect_server(home: Path, port: int | None = None, **settings: str) -> Iter
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real `prefect server` on 127.0.0.1 (SQLite), shared by the CLI tests."""
-    with prefect_server(tmp_path_factory.mktemp("prefect-home")) as url:
+    """A real `prefect server` on 127.0.0.1 (SQLite), shared by the CLI tests. Its loops for deployments and
+    workers (scheduling, late runs, worker health, vacuum) are off: these tests start flows from the CLI, and
+    one such server per xdist worker otherwise spends a tenth of a core polling. Events, task-run recording
+    and automations (the gate alert) stay on."""
+    idle = ("SCHEDULER", "LATE_RUNS", "FOREMAN", "PAUSE_EXPIRATIONS", "REPOSSESSOR", "CANCELLATION_CLEANUP")
+    idle += ("DB_VACUUM", "CLEANUP_RECONCILER", "EVENT_LOGGER")
+    off = {f"PREFECT_SERVER_SERVICES_{name}_ENABLED": "false" for name in idle}
+    with prefect_server(tmp_path_factory.mktemp("prefect-home"), **off) as url:
         yield url
 
 

@@ -163,6 +163,25 @@ def test_relative_rules_against_the_previous_checkpoint(run) -> None:
     assert named.verdict == "pass" and named.results[0].compared == pytest.approx(1.0)
 
 
+def test_warm_up_steps_warn_where_relative_rules_would_fail(run) -> None:
+    """Below `warmup_steps`, a broken relative rule warns, saying it would fail; absolute rules and steps after
+    the warm-up are judged as before."""
+    store, recs = run
+    items = (
+        {"name": "sn ratio", "metric": "layers.*.spectral_norm", "check": "ratio <= 1.5"},
+        {"name": "sn max", "metric": "layers.*.spectral_norm", "check": "<= 5", "aggregate": "max"},
+    )
+    warm = GateRules.model_validate({"rules": list(items), "warmup_steps": 10})
+    v = gates.judge(store, recs[3], warm)  # step 3 < 10: h.1.attn ×3 against step 2
+    sn, mx = v.results
+    assert sn.outcome == "warn" and sn.reason.startswith("warm-up (step 3 < warmup_steps 10): would fail")
+    assert [o.key for o in sn.offenders] == ["h.1.attn.weight"] and sn.offenders[0].compared == pytest.approx(3.0)
+    assert mx.outcome == "fail" and mx.compared == 9.0  # absolute: no warm-up
+    assert v.verdict == "fail"
+    after = GateRules.model_validate({"rules": list(items), "warmup_steps": 3})  # step 3 is past the warm-up
+    assert gates.judge(store, recs[3], after).results[0].outcome == "fail"
+
+
 def test_column_globs_over_variants_and_hooks(run) -> None:
     store, recs = run
     r = rules(
