@@ -27,13 +27,12 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "examples"))
 STAGES = "ingest,quantize,trace,sae,metrics,report"
 
-from demo import free_port, start_stack  # noqa: E402
+from demo import free_port, secret, start_stack, wait_stack  # noqa: E402
 
 
 def checkpoints(root: Path, corpus: Path, n: int) -> list[Path]:
     """n HF folders of the demo LM: step k's weights are step k-1's plus small noise (a training run's drift)."""
     import torch
-
     from train_demo_lm import DemoLM, train_tokenizer
 
     tok = train_tokenizer(corpus, root / "tokenizer")
@@ -89,11 +88,12 @@ def main() -> None:
 
     out["cold_s"] = timed_run(env, ckpts[0], corpus)
     out["cached_temporary_server_s"] = timed_run(env, ckpts[0], corpus)
-    stack, info = start_stack(home, env)
+    env["MICROSCOPE_WEBHOOK_SECRET"] = secret(home)
+    stack = start_stack(home, env, free_port(), free_port())
     try:
-        out["cached_with_stack_s"] = timed_run(env, ckpts[0], corpus)
+        info = wait_stack(home, stack)
+        out["cached_with_stack_s"] = timed_run(env, ckpts[0], corpus)  # finds the stack through home/stack.json
         env |= {"PREFECT_API_URL": info["prefect_api_url"], "MICROSCOPE_WEBHOOK_URL": info["webhook_url"]}
-        env["MICROSCOPE_WEBHOOK_SECRET"] = (home / "webhook.secret").read_text().strip()
         latencies = []
         for step, ckpt in enumerate(ckpts[1:], start=1):  # each judged against the one before
             t0 = time.perf_counter()

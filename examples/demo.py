@@ -50,12 +50,16 @@ def api_json(url: str, body: dict | None = None) -> object:
         return json.loads(r.read())
 
 
-def start_stack(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen, dict[str, str]]:
-    """`microscope up` on free ports; returns it and its stack.json once the deployment is served."""
+def start_stack(home: Path, env: dict[str, str], port: int, webhook_port: int) -> subprocess.Popen:
+    """`microscope up` on the given ports, in the background (its log: home/up.log)."""
     (home / "stack.json").unlink(missing_ok=True)
-    args = [str(BIN / "microscope"), "up", "--port", str(free_port()), "--webhook-port", str(free_port())]
+    args = [str(BIN / "microscope"), "up", "--port", str(port), "--webhook-port", str(webhook_port)]
     log = open(home / "up.log", "w")
-    proc = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_stack(home: Path, proc: subprocess.Popen) -> dict[str, str]:
+    """The stack's stack.json, once its audit deployment is served."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -63,11 +67,23 @@ def start_stack(home: Path, env: dict[str, str]) -> tuple[subprocess.Popen, dict
         try:
             info = json.loads((home / "stack.json").read_text())
             api_json(f"{info['prefect_api_url']}/deployments/name/audit/checkpoint")
-            return proc, info
+            return info
         except (OSError, ValueError, KeyError):
             time.sleep(0.5)
     proc.terminate()
     sys.exit(f"demo: the stack did not come up within 4 minutes; see {home / 'up.log'}")
+
+
+def secret(home: Path) -> str:
+    """The stack's signing secret (made here first, so the trainer can start before the stack is up)."""
+    import base64
+    import secrets
+
+    path = home / "webhook.secret"
+    if not path.exists():
+        path.write_text("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 def damaged_copy(last: Path, out: Path) -> Path:
@@ -123,15 +139,30 @@ def main() -> None:
     )  # fmt: skip
     minilm = made.stdout.strip()
 
-    stack, info = start_stack(home, env)
-    say(f"stack up in {time.monotonic() - t0:.0f} s: Prefect {info['prefect_api_url']}, webhook {info['webhook_url']}")
-    env |= {"PREFECT_API_URL": info["prefect_api_url"], "MICROSCOPE_WEBHOOK_URL": info["webhook_url"]}
-    env["MICROSCOPE_WEBHOOK_SECRET"] = (home / "webhook.secret").read_text().strip()
+    # The stack and the training start together: the callback retries until the receiver answers
+    port, webhook_port = free_port(), free_port()
+    env["MICROSCOPE_WEBHOOK_SECRET"] = secret(home)
+    stack = start_stack(home, env, port, webhook_port)
+    env |= {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    env["MICROSCOPE_WEBHOOK_URL"] = f"http://127.0.0.1:{webhook_port}/v1/checkpoints"
     try:
         lm = demo / "lm"
         shutil.rmtree(lm / "ckpts", ignore_errors=True)  # a re-run sends the same steps again: same audits
         train = [sys.executable, str(HERE / "train_demo_lm.py"), str(corpus), str(lm), "--run-id", RUN_ID]
-        subprocess.run([*train, "--steps", str(args.steps), "--every", str(args.every)], env=env, check=True)
+        trainer = subprocess.Popen([*train, "--steps", str(args.steps), "--every", str(args.every)], env=env)
+        info = wait_stack(home, stack)
+        say(
+            f"stack up in {time.monotonic() - t0:.0f} s: Prefect {info['prefect_api_url']}, webhook {info['webhook_url']}"
+        )
+        if args.full:
+            run_cli("run", "--model", minilm, "--dataset", str(corpus), "--config", "demo", env=env)
+        else:
+            run_cli(
+                "run", "--model", minilm, "--dataset", str(corpus), "--config", "demo_minilm",
+                "--stages", "ingest,trace,sae,metrics,report", env=env,
+            )  # fmt: skip
+        if trainer.wait() != 0:
+            sys.exit(f"demo: training exited with {trainer.returncode}")
         exports = sorted((lm / "ckpts").glob("*.hf"), key=lambda p: p.stat().st_mtime)
         bad_step = args.steps + args.every // 2
         bad = damaged_copy(exports[-1], lm / f"step={bad_step}-damaged.hf")
@@ -141,13 +172,6 @@ def main() -> None:
             "--dataset", str(corpus), "--config", "demo_lm", "--stages", "ingest,quantize,trace,sae,metrics,report",
             "--tag", "damaged=attn x3", env=env,
         )  # fmt: skip
-        if args.full:
-            run_cli("run", "--model", minilm, "--dataset", str(corpus), "--config", "demo", env=env)
-        else:
-            run_cli(
-                "run", "--model", minilm, "--dataset", str(corpus), "--config", "demo_minilm",
-                "--stages", "ingest,trace,sae,metrics,report", env=env,
-            )  # fmt: skip
         digits = demo / "digits"
         subprocess.run([sys.executable, str(HERE / "train_digits_cnn.py"), str(digits)], env=env, check=True)
         run_cli(
@@ -162,6 +186,7 @@ def main() -> None:
     print()
     say(f"training run {RUN_ID}: {len(runs)} checkpoints audited as they were saved, each gated against the one before")
     run_cli("list", "--run", RUN_ID, env=env)
+    say(f"the served audits' stage lines: {home / 'up.log'}; `microscope up` brings the Prefect UI back with every run")
     say(f"finished in {time.monotonic() - t0:.0f} s; `make view` opens the viewer on all of it")
 
 
