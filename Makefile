@@ -29,7 +29,7 @@ demo-full: $(STAMP)
 
 test: $(STAMP)
 	sh scripts/ensure_chromium.sh
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder --durations=15
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

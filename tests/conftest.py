@@ -31,38 +31,52 @@ WORKER_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw
 
 
 # ---- parallel runs: which tests share a worker ----------------------------------------------------
-# Every test runs in a group (`--dist loadgroup`): its module, so module fixtures (a Prefect server on
-# Postgres, `make deploy`) are built once; the tests reading the session's finished audits form one group,
-# so those audits are made once. Groups start longest first (measured; the rest in collection order), so
-# the two workers finish together.
-SHARED_AUDITS = {"finished_audits", "finished_vision", "vision_root"}
+# `make test` runs the suite on xdist workers, a module at a time (so module fixtures, such as a Prefect
+# server on Postgres and `make deploy`, are built once); the modules that read the session's finished
+# audits go to one worker together, so those audits are made once. Groups start longest first (measured;
+# the rest in collection order), so the workers finish together.
+SHARED_AUDITS = (
+    "tests/microscope/test_results.py",
+    "tests/microscope/test_results_views.py",
+    "tests/microscope/test_feature_matching.py",
+    "tests/flows/test_robustness_e2e.py",
+    "tests/dashboard/test_app.py",
+    "tests/dashboard/test_browser.py",
+)
 LONGEST_FIRST = [
     "finished",
-    "tests.deploy.test_webhook_trainers",
-    "tests.deploy.test_deployments_e2e",
-    "tests.flows.test_gates_e2e",
-    "tests.flows.test_robustness_e2e",
-    "tests.flows.test_production_config",
-    "tests.flows.test_audit_e2e",
-    "tests.flows.test_orchestration",
-    "tests.deploy.test_webhook",
-    "tests.microscope.sae.test_checkpoint_cleanup",
+    "tests/deploy/test_deployments_e2e.py",
+    "tests/flows/test_gates_e2e.py",
+    "tests/flows/test_audit_core.py",
+    "tests/flows/test_audit_e2e.py",
+    "tests/deploy/test_webhook_trainers.py",
+    "tests/deploy/test_webhook.py",
+    "tests/flows/test_metrics_e2e.py",
+    "tests/flows/test_sae_e2e.py",
+    "tests/flows/test_production_config.py",
+    "tests/flows/test_quantize_e2e.py",
 ]
 
 
-def _group(item: pytest.Item) -> str:
-    if SHARED_AUDITS & set(getattr(item, "fixturenames", ())):
-        return "finished"
-    return item.module.__name__ if item.module is not None else "default"
+def group_of(nodeid: str) -> str:
+    path = nodeid.split("::", 1)[0]
+    return "finished" if path in SHARED_AUDITS else path
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook turns the marker into the node id's @group
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     rank = {g: i for i, g in enumerate(LONGEST_FIRST)}
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            item.add_marker(pytest.mark.xdist_group(_group(item)))
-    items.sort(key=lambda it: rank.get(_group(it), len(rank)))  # stable: collection order within a group
+    items.sort(key=lambda it: rank.get(group_of(it.nodeid), len(rank)))  # stable: collection order within a group
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """xdist's scope scheduler with our groups as its scopes (work units go out in collection order)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Groups(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return group_of(nodeid)
+
+    return Groups(config, log)
 
 
 def free_port() -> int:
