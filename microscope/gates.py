@@ -21,6 +21,7 @@ the baseline, and waiting for one still in progress, is `microscope.gate_baselin
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import re
 from datetime import UTC, datetime
@@ -471,7 +472,15 @@ def stage_record(v: GateVerdict, started: datetime | None = None, seconds: float
     return StageRecord(
         stage="gate",
         status=StageStatus.completed,
-        config_hash=canonical_hash([details["results"], details["baseline_audit_id"], details["rules_digest"]]),
+        # the outcome, not who was judged: an identical re-run (same content, same baseline) hashes the same, so
+        # the report downstream of the gate is reused (it names the audit it was first rendered for)
+        config_hash=canonical_hash(
+            [
+                json.loads(json.dumps(details["results"]).replace(v.audit_id, "<audit>")),
+                details["baseline_audit_id"],
+                details["rules_digest"],
+            ]
+        ),
         metrics={metric_key(x.rule): x.compared for x in v.results if x.compared is not None},
         details=details,
         started_at=started,
