@@ -54,6 +54,7 @@ LONGEST_FIRST = [
     "tests/flows/test_metrics_e2e.py",
     "tests/flows/test_sae_e2e.py",
     "tests/flows/test_production_config.py",
+    "tests/flows/test_local_stack.py",
     "tests/flows/test_quantize_e2e.py",
 ]
 
