@@ -9,7 +9,8 @@ STAMP  := $(VENV)/.installed
 # commands that only need Microscope importable: the clone's .venv when there is one, else the Python on
 # PATH (an environment of your own), never a reinstall first
 RUN_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
-TEST_WORKERS ?= 3  # tests wait on subprocesses and servers much of the time: 3 workers keep 2 cores busy
+# tests wait on subprocesses and servers much of the time: 3 workers keep 2 cores busy
+TEST_WORKERS ?= 3
 
 .PHONY: install demo demo-full test lint bench clean deploy image view up
 
