@@ -27,7 +27,9 @@ BIN = Path(sys.executable).parent
 sys.path.insert(0, str(REPO / "examples"))
 STAGES = "ingest,quantize,trace,sae,metrics,report"
 
-from demo import free_port, secret, start_stack, wait_stack  # noqa: E402
+from demo import free_port, start_stack, wait_stack  # noqa: E402
+
+from flows.local_stack import secret_file  # noqa: E402
 
 
 def checkpoints(root: Path, corpus: Path, n: int) -> list[Path]:
@@ -88,7 +90,7 @@ def main() -> None:
 
     out["cold_s"] = timed_run(env, ckpts[0], corpus)
     out["cached_temporary_server_s"] = timed_run(env, ckpts[0], corpus)
-    env["MICROSCOPE_WEBHOOK_SECRET"] = secret(home)
+    env["MICROSCOPE_WEBHOOK_SECRET"] = secret_file(home)
     stack = start_stack(home, env, free_port(), free_port())
     try:
         info = wait_stack(home, stack)

@@ -27,6 +27,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from flows.local_stack import secret_file
+
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 RUN_ID = "demo-lm"
@@ -72,18 +74,6 @@ def wait_stack(home: Path, proc: subprocess.Popen) -> dict[str, str]:
             time.sleep(0.5)
     proc.terminate()
     sys.exit(f"demo: the stack did not come up within 4 minutes; see {home / 'up.log'}")
-
-
-def secret(home: Path) -> str:
-    """The stack's signing secret (made here first, so the trainer can start before the stack is up)."""
-    import base64
-    import secrets
-
-    path = home / "webhook.secret"
-    if not path.exists():
-        path.write_text("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
-        path.chmod(0o600)
-    return path.read_text().strip()
 
 
 def damaged_copy(last: Path, out: Path) -> Path:
@@ -141,7 +131,7 @@ def main() -> None:
 
     # The stack and the training start together: the callback retries until the receiver answers
     port, webhook_port = free_port(), free_port()
-    env["MICROSCOPE_WEBHOOK_SECRET"] = secret(home)
+    env["MICROSCOPE_WEBHOOK_SECRET"] = secret_file(home)  # made first: the trainer starts before the stack
     stack = start_stack(home, env, port, webhook_port)
     env |= {"PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
     env["MICROSCOPE_WEBHOOK_URL"] = f"http://127.0.0.1:{webhook_port}/v1/checkpoints"

@@ -55,7 +55,7 @@ def run_stage_deployments(
 
 def _await(runs: dict[str, Any], start_timeout_s: float) -> dict[str, Any]:
     """Each run's final state. A run no worker picks up (no worker on its pool, or all busy) is warned about
-    once a minute has passed and, after `start_timeout_s`, cancelled: its stage fails naming the pool."""
+    once a minute has passed and, after `start_timeout_s`, set Failed: its stage fails naming the pool."""
     from prefect import get_client, get_run_logger
     from prefect.states import Failed, StateType
 

@@ -83,17 +83,7 @@ class LocalStack:
             if not _healthy(f"{api}/health"):
                 server_env = {**env, "PREFECT_HOME": str(self.home / "prefect"), "PREFECT_UI_ENABLED": str(self.ui)}
                 server_env.pop("PREFECT_API_URL", None)
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "prefect",
-                    "server",
-                    "start",
-                    "--host",
-                    self.host,
-                    "--port",
-                    str(self.port),
-                ]
+                cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", self.host, "--port", str(self.port)]  # fmt: skip
                 p = self._spawn(cmd, "prefect-server.log", server_env)
                 _wait(f"{api}/health", 180, p, "the Prefect server")
         os.environ["PREFECT_API_URL"] = api
@@ -141,21 +131,27 @@ def serve_audits(limit: int) -> None:
     audit.serve(name=name, limit=limit, print_starting_message=False, pause_on_shutdown=False)
 
 
-def webhook_secret(home: Path) -> str:
-    """The receiver's signing secret: MICROSCOPE_WEBHOOK_SECRET, else one kept in home/webhook.secret
-    (made once, mode 600) and exported to this process and its children. Returns where it came from."""
-    from microscope.settings import get_settings
+def secret_file(home: Path) -> str:
+    """The workspace's signing secret in home/webhook.secret, made once (mode 600)."""
+    import base64
+    import secrets
 
-    if get_settings().webhook_secrets():
-        return "secret from MICROSCOPE_WEBHOOK_SECRET"
     path = home / "webhook.secret"
     if not path.exists():
-        import base64
-        import secrets
-
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write("whsec_" + base64.b64encode(secrets.token_bytes(32)).decode())
-    os.environ["MICROSCOPE_WEBHOOK_SECRET"] = path.read_text().strip()
+    return path.read_text().strip()
+
+
+def webhook_secret(home: Path) -> str:
+    """The receiver's signing secret: MICROSCOPE_WEBHOOK_SECRET, else the workspace's (`secret_file`),
+    exported to this process and its children. Returns where it came from."""
+    from microscope.settings import get_settings
+
+    if get_settings().webhook_secrets():
+        return "secret from MICROSCOPE_WEBHOOK_SECRET"
+    os.environ["MICROSCOPE_WEBHOOK_SECRET"] = secret_file(home)
+    path = home / "webhook.secret"
     return f"secret in {path}: export MICROSCOPE_WEBHOOK_SECRET=$(cat {path})"

@@ -21,7 +21,6 @@ the baseline, and waiting for one still in progress, is `microscope.gate_baselin
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 import re
 from datetime import UTC, datetime
@@ -472,11 +471,11 @@ def stage_record(v: GateVerdict, started: datetime | None = None, seconds: float
     return StageRecord(
         stage="gate",
         status=StageStatus.completed,
-        # the outcome, not who was judged: an identical re-run (same content, same baseline) hashes the same, so
-        # the report downstream of the gate is reused (it names the audit it was first rendered for)
+        # the outcome, not its explanatory text (which names the audit judged): an identical re-run hashes the
+        # same, so the report downstream of the gate is reused (it names the audit it was first rendered for)
         config_hash=canonical_hash(
             [
-                json.loads(json.dumps(details["results"]).replace(v.audit_id, "<audit>")),
+                [[r.rule, r.outcome, r.compared, [[o.key, o.compared] for o in r.offenders]] for r in v.results],
                 details["baseline_audit_id"],
                 details["rules_digest"],
             ]

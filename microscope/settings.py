@@ -64,7 +64,7 @@ class Settings(BaseSettings):
         900.0,
         gt=0,
         description="execution=deployments: a stage flow run that no worker has started after this long is "
-        "cancelled and the stage fails, naming the work pool that has no worker (instead of waiting Late forever).",
+        "set Failed and the stage fails, naming the work pool that has no worker (instead of waiting Late forever).",
     )
     webhook_secret: SecretStr | None = Field(
         None,
