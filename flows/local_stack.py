@@ -8,6 +8,9 @@ MLflow and Qdrant as `microscope run`, `list` and `view` read. While it is up, `
 same workspace uses its Prefect server (no temporary server per audit; the run shows in the same UI):
 the stack writes `home/stack.json`, removed when it stops.
 
+`microscope run` itself runs in a forked child of the stack's warm process (flows/preload.py), which has
+imported everything already: a cached audit answers in about a second.
+
 Audits run in the served process's subprocesses with `execution: local`: every stage in one process,
 which is what a small model wants (a child flow run per stage costs a fresh process of imports each).
 """
@@ -45,6 +48,17 @@ def _wait(url: str, timeout_s: float, proc: subprocess.Popen, what: str) -> None
         time.sleep(0.25)
 
 
+def _wait_socket(path: Path, proc: subprocess.Popen, timeout_s: float) -> None:
+    """The warm process binds its socket once it has imported everything."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        if proc.poll() is not None:
+            raise RuntimeError(f"the warm process exited with {proc.returncode}; see its log (warm.log)")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the warm process did not open {path} within {timeout_s:.0f} s; see warm.log")
+        time.sleep(0.1)
+
+
 def running_stack(home: Path) -> dict[str, str] | None:
     """The stack this workspace has up (its Prefect API answers), or None. Cheap: one local request."""
     path = home / STACK_FILE
@@ -75,8 +89,14 @@ class LocalStack:
     def start(self) -> dict[str, str]:
         """Start what is missing; returns the URLs. Sets PREFECT_API_URL in this process for the serve loop,
         so call it before anything imports prefect (Prefect reads its settings once, at import)."""
+        from flows import preload
+
         (self.home / "logs").mkdir(parents=True, exist_ok=True)
         env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+        warm = None
+        if preload.supported():  # its imports overlap the server's start
+            sock = preload.socket_path(self.home)
+            warm = (sock, self._spawn([sys.executable, "-m", "flows.preload", str(sock)], "warm.log", env))
         api = os.environ.get("PREFECT_API_URL")
         if not api:  # a server of this workspace's own, kept in home/prefect so the UI keeps its history
             api = f"http://{self.host}:{self.port}/api"
@@ -102,6 +122,9 @@ class LocalStack:
             "webhook_url": f"{hook}/v1/checkpoints",
             "pid": str(os.getpid()),
         }
+        if warm is not None:
+            _wait_socket(*warm, 180)
+            info["warm_socket"] = str(warm[0])
         (self.home / STACK_FILE).write_text(json.dumps(info, indent=2))
         return info
 

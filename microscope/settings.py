@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         description="execution=deployments: a stage flow run that no worker has started after this long is "
         "set Failed and the stage fails, naming the work pool that has no worker (instead of waiting Late forever).",
     )
+    warm_socket: Path | None = Field(
+        None,
+        description="A warm process's socket (`python -m flows.preload SOCKET`) that `microscope run` runs in; "
+        "default: the one `microscope up` keeps for this workspace, if it is up.",
+    )
     webhook_secret: SecretStr | None = Field(
         None,
         description="Standard Webhooks secret(s) `whsec_…`, separated by spaces: the receiver accepts any (so a "

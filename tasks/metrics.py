@@ -58,6 +58,21 @@ def metrics_task(
     return metrics.run(ing.model, ing.record, ing.architecture, cfg, store, shards, trace, variant_traces, compare)
 
 
+TOP_TOKENS = 5  # a feature's strongest contexts' tokens in its Qdrant payload
+
+
+def _top_tokens(contexts: Any, k: int) -> list[list[str]]:
+    """The token of each feature's first k contexts, in Arrow (to_pylist of the whole nested column costs
+    seconds at a few thousand features)."""
+    import numpy as np
+    import pyarrow.compute as pc
+
+    first = pc.list_slice(contexts.combine_chunks(), 0, k)
+    flat = pc.struct_field(pc.list_flatten(first), "token").to_pylist()
+    ends = np.cumsum(pc.list_value_length(first).fill_null(0).to_numpy(zero_copy_only=False))
+    return [flat[a:b] for a, b in zip(np.r_[0, ends[:-1]], ends, strict=True)]
+
+
 @task(
     name="qdrant-index",
     cache_policy=NO_CACHE,
@@ -101,14 +116,13 @@ def index_task(
             loaded = sae_io.load(folder)
             feats = pq.read_table(
                 store.local_path(rec.details["prefix"] + "/features.parquet"), columns=["density", "top_contexts"]
-            ).to_pylist()
-            tokens = [[c["token"] for c in f["top_contexts"]] for f in feats]
+            )
             counts["features"] += index.add_features(
                 audit_id,
                 hook,
                 loaded.W_dec.numpy(),
-                np.array([f["density"] for f in feats]),
-                tokens,
+                feats["density"].to_numpy(),
+                _top_tokens(feats["top_contexts"], TOP_TOKENS),
                 model_digest=model_digest,
                 source=rec.details["prefix"],
             )

@@ -1,7 +1,7 @@
 """`microscope up` on a laptop, end to end: a real Prefect server, the audit deployment served by the stack,
 the webhook receiver. A checkpoint announced with `microscope notify` (what the trainer callbacks send) is
 audited into the same workspace that `microscope list` reads, judged against the run's previous step;
-`microscope run` finds the stack and runs on its server; the console shows one line per stage (`-v`
+`microscope run` finds the stack and runs on its server, forked from its warm process; the console shows one line per stage (`-v`
 brings Prefect's engine lines back); stopping the stack stops its children."""
 
 from __future__ import annotations
@@ -95,6 +95,9 @@ def test_the_stack_audits_announced_checkpoints_into_one_workspace(
         assert [r["state_type"] for r in runs if r["name"] == audit_id] == ["COMPLETED"]  # a run on the stack's server
         v = run_cli(["-v", *args, "--stages", "ingest"], quiet, tmp_path)
         assert v.returncode == 0 and "Finished in state" in v.stderr, v.stderr[-2000:]
+        # the quiet run ran in the stack's warm process (imports done), the verbose one here (Prefect's own console)
+        forked = [ln for ln in (home / "logs" / "warm.log").read_text().splitlines() if ": microscope run " in ln]
+        assert len(forked) == 1 and "-v" not in forked[0] and info["warm_socket"], forked
     finally:
         up.send_signal(signal.SIGTERM)
         up.wait(60)
