@@ -1,7 +1,9 @@
 # make demo: about five minutes: a small GPT-2 trained with Lightning, each checkpoint audited and gated as it
 #            is saved (through `microscope up`), the pretrained MiniLM's SAE features, the digits CNN's
 #            robustness (creates .venv if needed); make demo-full: the long audits (about 12 minutes)
-# make test: the whole test suite, in parallel (creates .venv if needed; installs chromium for the browser test)
+# make test: the test suite in parallel, but for the slow end-to-end scenarios (marker `scenario`: deployments on
+#            process pools, trainers through the webhook, the laptop stack, Postgres/Redis/S3); make test-all: all
+#            of it, as CI runs it (both create .venv if needed and install chromium for the browser test)
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -12,7 +14,7 @@ RUN_PY := $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON))
 # tests wait on subprocesses and servers much of the time: 3 workers keep 2 cores busy
 TEST_WORKERS ?= 3
 
-.PHONY: install demo demo-full test lint bench clean deploy image view up
+.PHONY: install demo demo-full test test-all lint bench clean deploy image view up
 
 install: $(STAMP)
 
@@ -28,9 +30,15 @@ demo: $(STAMP)
 demo-full: $(STAMP)
 	$(BIN)/python examples/demo.py --workspace .microscope --full
 
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
+
 test: $(STAMP)
 	sh scripts/ensure_chromium.sh
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=15
+	$(PYTEST) -m "not scenario"
+
+test-all: $(STAMP)
+	sh scripts/ensure_chromium.sh
+	$(PYTEST)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -339,8 +339,42 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path, timeout: float = 60
     )
 
 
+_WARM: dict[str, object] = {}
+
+
+def warm_socket() -> str | None:
+    """This worker's warm process (flows/preload.py), started at first use: `microscope run` forks from it
+    instead of paying seven seconds of imports each time, as it does from `microscope up`'s on a laptop.
+    tests/flows/test_warm_process.py holds it to the cold command's behaviour; tests that need a cold
+    command (kill -9 of its process group) drop MICROSCOPE_WARM_SOCKET."""
+    from flows import preload
+
+    if not preload.supported():
+        return None
+    if "sock" not in _WARM:
+        import tempfile
+
+        root = Path(tempfile.mkdtemp(prefix="ms-warm-"))
+        sock, log = root / "w.sock", open(root / "warm.log", "w")
+        cmd = [sys.executable, "-m", "flows.preload", str(sock)]
+        _WARM.update(sock=sock, log=log, proc=subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+        deadline = time.monotonic() + 300
+        while not sock.exists():
+            if _WARM["proc"].poll() is not None or time.monotonic() > deadline:  # type: ignore[attr-defined]
+                raise RuntimeError(f"the warm process did not start: {(root / 'warm.log').read_text()[-2000:]}")
+            time.sleep(0.2)
+    return str(_WARM["sock"])
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if (proc := _WARM.get("proc")) is not None:
+        proc.terminate()  # type: ignore[attr-defined]
+        proc.wait(30)  # type: ignore[attr-defined]
+
+
 def cli_env(tmp_path: Path, prefect_api: str | None, **extra: str) -> dict[str, str]:
-    """Environment of a `microscope` subprocess: its own workspace, the given Prefect server (or none)."""
+    """Environment of a `microscope` subprocess: its own workspace, the given Prefect server (or none), this
+    worker's warm process (`microscope run` forks from it)."""
     env = {
         **os.environ,
         "MICROSCOPE_HOME": str(tmp_path / "home"),
@@ -351,6 +385,8 @@ def cli_env(tmp_path: Path, prefect_api: str | None, **extra: str) -> dict[str, 
         env.pop(k, None)
     if prefect_api:
         env["PREFECT_API_URL"] = prefect_api
+    if sock := warm_socket():
+        env["MICROSCOPE_WARM_SOCKET"] = sock
     return {**env, **extra}
 
 

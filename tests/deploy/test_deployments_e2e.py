@@ -22,7 +22,7 @@ import pytest
 
 from tests.conftest import NEEDS_PG_REDIS, REPO, VENV_BIN, make_bucket, make_deploy, run_cli, stop
 
-pytestmark = NEEDS_PG_REDIS
+pytestmark = [NEEDS_PG_REDIS, pytest.mark.scenario]
 
 CONFIG = {
     "dataset": {"seq_len": 32, "max_tokens": 1024},

@@ -22,6 +22,8 @@ from tests.conftest import REPO, VENV_BIN, prefect_server, stop
 from tests.deploy.test_webhook import SECRET_NEW, SECRET_OLD, _env, deploy, start_receiver
 from tests.toy_models import tiny_lightning_module
 
+pytestmark = pytest.mark.scenario
+
 
 class ResultSink:
     """The training job's callback_url: keeps every signed result, refuses unsigned ones."""

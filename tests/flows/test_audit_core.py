@@ -32,9 +32,10 @@ def _statuses(rec: dict) -> dict[str, str]:
 
 
 def _start(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Popen:
+    """A cold `microscope` (no warm process): the audit is this process group, for kill -9 to take down."""
     return subprocess.Popen(
         [str(VENV_BIN / "microscope"), *args],
-        env=env,
+        env={k: v for k, v in env.items() if k != "MICROSCOPE_WARM_SOCKET"},
         cwd=cwd,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.conftest import VENV_BIN, cli_env, free_port, run_cli
+
+pytestmark = pytest.mark.scenario
 
 CONFIG = """
 dataset: {seq_len: 32, max_tokens: 1024}
@@ -48,6 +51,7 @@ def test_the_stack_audits_announced_checkpoints_into_one_workspace(
     tiny_gpt2_dir: Path, corpus_file: Path, tmp_path: Path
 ) -> None:
     env = cli_env(tmp_path, None)
+    env.pop("MICROSCOPE_WARM_SOCKET", None)  # the stack's own warm process, not the test worker's
     home = Path(env["MICROSCOPE_HOME"])
     (tmp_path / "audit.yaml").write_text(CONFIG)
     port, hook_port = free_port(), free_port()

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.conftest import NEEDS_PG_REDIS, PG, REDIS_LOCKS, audit_json, cli_env, make_bucket
 
-pytestmark = NEEDS_PG_REDIS
+pytestmark = [NEEDS_PG_REDIS, pytest.mark.scenario]
 
 
 def test_audit_on_postgres_redis_and_s3(
