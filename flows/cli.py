@@ -10,7 +10,6 @@ import os
 import signal
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 EXIT_INPUT = 2  # bad input: config, file, checkpoint, dataset
@@ -502,32 +501,17 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _run_warm(argv: list[str]) -> int | None:
-    """`microscope run` in the warm process of `microscope up` (or MICROSCOPE_WARM_SOCKET): its exit code, or
-    None where there is none to use here."""
-    from flows import preload
-
-    if not preload.supported() or preload.forked():
-        return None
-    from flows.local_stack import running_stack
-    from microscope.settings import get_settings
-
-    settings = get_settings()
-    path = settings.warm_socket
-    if path is None:
-        stack = running_stack(settings.home_dir) or {}
-        path = stack.get("warm_socket")
-    return preload.run_warm(Path(path), argv) if path else None
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
     from flows.console import quiet_console
 
     quiet_console(args.verbose)
-    if args.command == "run" and not args.verbose and (code := _run_warm(argv)) is not None:
-        return code
+    if args.command == "run" and not args.verbose:
+        from flows.preload import run_in_warm_process
+
+        if (code := run_in_warm_process(argv)) is not None:
+            return code
     from microscope.errors import MicroscopeError
     from schemas.config import ConfigError
 

@@ -79,10 +79,26 @@ def socket_path(home: Path) -> Path:
 
     private = Path(tempfile.gettempdir()) / f"microscope-{os.getuid()}"
     private.mkdir(mode=0o700, exist_ok=True)
+    st = private.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:  # someone else's folder: its socket could be theirs
+        raise RuntimeError(f"{private} is not a private folder of this user; remove it or set MICROSCOPE_HOME")
     return private / f"{hashlib.sha256(str(home).encode()).hexdigest()[:16]}.sock"
 
 
 # ---- the caller --------------------------------------------------------------------------------
+
+
+def run_in_warm_process(argv: list[str]) -> int | None:
+    """`microscope argv` in the warm process of `microscope up` (or MICROSCOPE_WARM_SOCKET): its exit code, or
+    None where there is none to use here."""
+    if not supported() or forked():
+        return None
+    from flows.local_stack import running_stack
+    from microscope.settings import get_settings
+
+    settings = get_settings()
+    path = settings.warm_socket or (running_stack(settings.home_dir) or {}).get("warm_socket")
+    return run_warm(Path(path), argv) if path else None
 
 
 def run_warm(path: Path, argv: list[str]) -> int | None:
