@@ -188,6 +188,52 @@ def model_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+# config fields that say where a model came from, not what it computes
+CONFIG_BOOKKEEPING = frozenset(
+    {"_name_or_path", "transformers_version", "_commit_hash", "_attn_implementation_autoset"}
+)
+# the files a tokenizer is made of (in the tokenizer's folder, whichever of them it has)
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
+    "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+)  # fmt: skip
+
+
+def function_digest(model: nn.Module, ref: ModelRef) -> str:
+    """What decides the model's outputs, hashed: its weights (`model_digest`), its class and config (an
+    activation, a norm's eps, RoPE θ), the module and kwargs of a bare state dict, and its tokenizer's
+    files. The audit's cache keys are built on it, so a checkpoint with the same weights but another
+    config or tokenizer is never served another model's activations or token ids."""
+    import json
+
+    h = hashlib.sha256(model_digest(model).encode())
+    h.update(f"|{type(model).__module__}.{type(model).__qualname__}|{ref.module}|".encode())
+    h.update(json.dumps(ref.kwargs, sort_keys=True, default=str).encode())
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        fields = {k: v for k, v in config.to_dict().items() if k not in CONFIG_BOOKKEEPING}
+        h.update(json.dumps(fields, sort_keys=True, default=str).encode())
+    h.update(tokenizer_digest(ref).encode())
+    return h.hexdigest()
+
+
+def tokenizer_digest(ref: ModelRef) -> str:
+    """sha256 over the tokenizer's files (model.tokenizer, else the checkpoint's folder); a hub id by name."""
+    where = ref.tokenizer or ref.resolved_path
+    h = hashlib.sha256()
+    folder = Path(where) if where else None
+    if folder is not None and folder.is_file():
+        folder = folder.parent
+    if folder is not None and folder.is_dir():
+        for name in TOKENIZER_FILES:
+            if (folder / name).is_file():
+                h.update(f"{name}\n".encode())
+                h.update((folder / name).read_bytes())
+    elif where:
+        h.update(f"hub:{where}".encode())
+    return h.hexdigest()
+
+
 def hook_points(model: nn.Module, family: Family | None = None) -> tuple[str, list[HookPoints]]:
     family = family or family_for(model)
     try:

@@ -17,7 +17,7 @@ from microscope.stages.runner import StageRun, run_stage, stage_prefix
 from microscope.store import ArtifactStore
 from microscope.validation import raise_on_failure, validate_documents
 
-VERSION = "1"
+VERSION = "2"  # 2: model_digest covers config, class and tokenizer, not the weights alone
 
 
 def dataset_fingerprint(path: str | None) -> str:
@@ -37,7 +37,8 @@ def run(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
     docs = ds.read_documents(cfg.dataset)
     text_digest = ds.text_digest(docs)
     model = loading.load_model(ref)
-    digest = loading.model_digest(model)
+    digest = loading.function_digest(model, ref)
+    weights = loading.model_digest(model)
     chash = canonical_hash(
         {"v": VERSION, "dataset": cfg.dataset.model_dump(), "tokenizer": ref.tokenizer, "text": text_digest}
     )
@@ -84,6 +85,7 @@ def run(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
             },
             details={
                 "model_digest": digest,
+                "weights_digest": weights,
                 "dataset_digest": dataset_digest,
                 "modality": "text",
                 "tokens_key": run.key("tokens.parquet"),
@@ -107,7 +109,8 @@ def _run_images(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageR
     x, y = images.read_images(str(cfg.dataset.path))
     digest_xy = images.images_digest(x, y)
     model = loading.load_model(ref)
-    digest = loading.model_digest(model)
+    digest = loading.function_digest(model, ref)
+    weights = loading.model_digest(model)
     chash = canonical_hash({"v": VERSION, "images": digest_xy})
 
     def compute(run: StageRun) -> StageRecord:
@@ -140,6 +143,7 @@ def _run_images(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageR
             },
             details={
                 "model_digest": digest,
+                "weights_digest": weights,
                 "dataset_digest": digest_xy,
                 "modality": "images",
                 "images_key": run.key("images.npz"),

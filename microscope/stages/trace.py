@@ -48,7 +48,8 @@ def run(
             model = load_variant(ref, variant, cfg.quantize, loading.compute_device())
         else:
             model = loading.load_model(ref, loading.compute_device())
-        if variant is None and loading.model_digest(model) != model_digest:
+        weights = ingest.details.get("weights_digest", model_digest)  # audits before function digests: the same
+        if variant is None and loading.model_digest(model) != weights:
             raise InputError(f"the checkpoint at {ref.source} changed since ingest (digest differs); re-run the audit")
         ids, dids = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
         result = trace_to_parquet(model, ids, dids, points, blocks, cfg.trace, store, prefix, progress)

@@ -174,3 +174,49 @@ def test_fingerprint_of_a_folder_under_a_hidden_workspace(tmp_path: Path) -> Non
     assert checkpoint.fingerprint(moved) == a
     (moved / "model.safetensors").unlink()
     assert checkpoint.fingerprint(moved) != a
+
+
+def test_same_weights_another_function_is_another_model(tmp_path: Path, tiny_gpt2_dir: Path, corpus_file: Path) -> None:
+    """Issue 21 #1: the same weights with another config.json field (the activation, a norm's eps) or another
+    tokenizer are another model: another digest, so ingest and trace are never served the first one's
+    token ids or activations from the store."""
+    import json
+    import shutil
+
+    from microscope.stages import ingest
+    from microscope.store import open_store
+    from schemas.config import AuditConfig
+
+    variants = {"base": tmp_path / "base", "gelu": tmp_path / "gelu", "eps": tmp_path / "eps", "tok": tmp_path / "tok"}
+    for d in variants.values():
+        shutil.copytree(tiny_gpt2_dir, d)
+    for name, field, value in (("gelu", "activation_function", "relu"), ("eps", "layer_norm_epsilon", 1e-3)):
+        cfg = json.loads((variants[name] / "config.json").read_text())
+        assert cfg[field] != value
+        (variants[name] / "config.json").write_text(json.dumps({**cfg, field: value}))
+    tok = json.loads((variants["tok"] / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    a, b = sorted(vocab)[100:102]
+    vocab[a], vocab[b] = vocab[b], vocab[a]  # two token ids swapped: same vocabulary, other ids
+    (variants["tok"] / "tokenizer.json").write_text(json.dumps(tok))
+
+    store = open_store(str(tmp_path / "store"))
+    records = {}
+    for name, d in variants.items():
+        cfg = AuditConfig.model_validate(
+            {"model": {"source": str(d)}, "dataset": {"path": str(corpus_file), "seq_len": 32}}
+        )
+        records[name] = ingest.run(loading.resolve(cfg.model), cfg, store)
+    weights = {r.details["weights_digest"] for r in records.values()}
+    assert len(weights) == 1  # the same tensors everywhere
+    assert len({r.details["model_digest"] for r in records.values()}) == 4
+    assert all(r.status.value == "completed" for r in records.values())  # none served from another's prefix
+    assert records["tok"].details["dataset_digest"] != records["base"].details["dataset_digest"]  # other token ids
+    again = ingest.run(
+        loading.resolve(ModelConfig(source=str(variants["eps"]))),
+        AuditConfig.model_validate(
+            {"model": {"source": str(variants["eps"])}, "dataset": {"path": str(corpus_file), "seq_len": 32}}
+        ),
+        store,
+    )
+    assert again.status.value == "cached" and again.details["model_digest"] == records["eps"].details["model_digest"]
