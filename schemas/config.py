@@ -54,6 +54,11 @@ class ModelConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Dtype the model is loaded in for auditing."
     )
+    allow_partial_weights: bool = Field(
+        False,
+        description="Audit a checkpoint whose weights do not cover its model (keys missing: left at random "
+        "initialisation; keys unexpected: dropped). Off: such a checkpoint is refused, naming the keys.",
+    )
 
     @field_validator("module")
     @classmethod

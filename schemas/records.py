@@ -104,6 +104,7 @@ class ModelRef(Record):
     tokenizer: str | None = None
     revision: str | None = None
     dtype: str = "float32"
+    allow_partial_weights: bool = False
     source_fingerprint: str = Field(description="sha256 of the checkpoint files' bytes (ingest's cache key).")
 
 

@@ -42,6 +42,7 @@ def resolve(cfg: ModelConfig) -> ModelRef:
         tokenizer=cfg.tokenizer,
         revision=cfg.revision,
         dtype=cfg.dtype,
+        allow_partial_weights=cfg.allow_partial_weights,
         source_fingerprint=checkpoint.fingerprint(path, extra),
     )
 
@@ -108,9 +109,10 @@ def _load_model(ref: ModelRef) -> nn.Module:
         try:
             config = transformers.AutoConfig.from_pretrained(path)
             auto = transformers.AutoModelForCausalLM if _is_causal_hf(config) else transformers.AutoModel
-            model = auto.from_pretrained(path, dtype=dtype)
-        except (OSError, ValueError, KeyError) as exc:
-            raise InputError(f"transformers cannot load {path}: {str(exc).splitlines()[0]}") from None
+            model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: config/weight shapes differ
+            raise InputError(f"transformers cannot load {path}: {str(exc).strip().splitlines()[0]}") from None
+        _check_coverage(path, sorted(info["missing_keys"]), sorted(info["unexpected_keys"]), ref)
     else:
         model = _load_bare(path, ref, dtype)
     model.eval()
@@ -139,12 +141,25 @@ def _load_bare(path: Path, ref: ModelRef, dtype: torch.dtype) -> nn.Module:
         model.tie_weights()
     loaded = {p.data_ptr() for k, p in model.state_dict().items() if k in state}
     missing = [k for k in result.missing_keys if model.state_dict()[k].data_ptr() not in loaded]
-    if missing or result.unexpected_keys:
-        raise InputError(
-            f"{path.name} does not fit {ref.module}: missing {missing[:3]}, unexpected {result.unexpected_keys[:3]}; "
-            "check model.module and model.kwargs"
-        )
+    _check_coverage(path, missing, list(result.unexpected_keys), ref, "check model.module and model.kwargs")
     return model
+
+
+def _check_coverage(path: Path, missing: list[str], unexpected: list[str], ref: ModelRef, fix: str = "") -> None:
+    """Weights that do not cover the model (a config asking for more layers than were saved, an empty weights
+    file) would be audited as random initialisation: refused, naming the keys, unless allowed."""
+    if not (missing or unexpected) or ref.allow_partial_weights:
+        return
+    parts = [f"{len(missing)} missing ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''})"] if missing else []
+    if unexpected:
+        parts.append(
+            f"{len(unexpected)} unexpected ({', '.join(unexpected[:3])}{', …' if len(unexpected) > 3 else ''})"
+        )
+    fix = fix or "check that config.json matches the saved weights"
+    raise InputError(
+        f"{path.name} does not fit its model: {'; '.join(parts)} keys; {fix}, or set "
+        "model.allow_partial_weights: true to audit it anyway"
+    )
 
 
 def load_tokenizer(ref: ModelRef) -> Any:

@@ -220,3 +220,43 @@ def test_same_weights_another_function_is_another_model(tmp_path: Path, tiny_gpt
         store,
     )
     assert again.status.value == "cached" and again.details["model_digest"] == records["eps"].details["model_digest"]
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        ("more_layers", "12 missing (transformer.h.3."),
+        ("fewer_layers", "11 unexpected (transformer.h.2."),
+        ("no_tensors", "missing ("),
+    ],
+)
+def test_weights_that_do_not_cover_the_model_are_refused(
+    tmp_path: Path, tiny_gpt2_dir: Path, change: str, said: str
+) -> None:
+    """Issue 21 #2: never an audit of random initialisation: the keys are named (the flag allows them)."""
+    import json
+    import shutil
+
+    d = tmp_path / change
+    shutil.copytree(tiny_gpt2_dir, d)
+    cfg = json.loads((d / "config.json").read_text())
+    if change == "no_tensors":
+        save_file({}, d / "model.safetensors")
+    else:
+        (d / "config.json").write_text(json.dumps({**cfg, "n_layer": 4 if change == "more_layers" else 2}))
+    with pytest.raises(InputError) as err:
+        load(d)
+    msg = str(err.value)
+    assert said in msg and "does not fit its model" in msg and "model.allow_partial_weights: true" in msg
+    if change != "no_tensors":
+        model = load(d, allow_partial_weights=True)  # asked for: audited anyway
+        assert len(model.transformer.h) == (4 if change == "more_layers" else 2)
+
+
+def test_a_state_dict_that_does_not_fit_names_the_keys(tmp_path: Path) -> None:
+    model = build_model("gpt2")
+    state = {k: v.contiguous() for k, v in model.state_dict().items() if k not in ("lm_head.weight",)}
+    del state["transformer.h.2.mlp.c_fc.weight"]
+    save_file(state, tmp_path / "w.safetensors")
+    with pytest.raises(InputError, match=r"1 missing \(transformer.h.2.mlp.c_fc.weight\) keys; check model.module"):
+        load(tmp_path / "w.safetensors", module=GPT2_CLASS, kwargs=GPT2_KWARGS)
