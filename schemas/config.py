@@ -54,6 +54,11 @@ class ModelConfig(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Dtype the model is loaded in for auditing."
     )
+    allow_nonfinite: bool = Field(
+        False,
+        description="Audit a checkpoint holding NaN or Inf weights (counted per tensor in the ingest record, "
+        "details.nonfinite). Off: such a checkpoint is refused, naming the tensors.",
+    )
     allow_partial_weights: bool = Field(
         False,
         description="Audit a checkpoint whose weights do not cover its model (keys missing: left at random "

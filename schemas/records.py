@@ -105,6 +105,7 @@ class ModelRef(Record):
     revision: str | None = None
     dtype: str = "float32"
     allow_partial_weights: bool = False
+    allow_nonfinite: bool = False
     source_fingerprint: str = Field(description="sha256 of the checkpoint files' bytes (ingest's cache key).")
 
 

@@ -43,6 +43,7 @@ def resolve(cfg: ModelConfig) -> ModelRef:
         revision=cfg.revision,
         dtype=cfg.dtype,
         allow_partial_weights=cfg.allow_partial_weights,
+        allow_nonfinite=cfg.allow_nonfinite,
         source_fingerprint=checkpoint.fingerprint(path, extra),
     )
 
@@ -212,6 +213,34 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
     "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
 )  # fmt: skip
+
+
+def nonfinite(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Per tensor holding any: its count of NaN and of ±Inf values."""
+    import torch
+
+    out = {}
+    for name, t in unique_state(model):
+        if not t.is_floating_point():
+            continue
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        if nan or inf:
+            out[name] = {"nan": nan, "inf": inf}
+    return out
+
+
+def check_finite(model: nn.Module, ref: ModelRef) -> dict[str, dict[str, int]]:
+    """NaN/Inf weights make every later figure meaningless (a trace of zeros, spectra that do not converge):
+    refused, naming the tensors, unless model.allow_nonfinite; returns the counts (empty when finite)."""
+    bad = nonfinite(model)
+    if bad and not ref.allow_nonfinite:
+        named = ", ".join(f"{k} ({v['nan']} NaN, {v['inf']} Inf)" for k, v in list(bad.items())[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise InputError(
+            f"{len(bad)} weight tensor(s) hold non-finite values: {named}{more}; fix the checkpoint or set "
+            "model.allow_nonfinite: true to audit it anyway"
+        )
+    return bad
 
 
 def function_digest(model: nn.Module, ref: ModelRef) -> str:

@@ -39,6 +39,7 @@ def run(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
     model = loading.load_model(ref)
     digest = loading.function_digest(model, ref)
     weights = loading.model_digest(model)
+    bad = loading.check_finite(model, ref)
     chash = canonical_hash(
         {"v": VERSION, "dataset": cfg.dataset.model_dump(), "tokenizer": ref.tokenizer, "text": text_digest}
     )
@@ -86,6 +87,7 @@ def run(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
             details={
                 "model_digest": digest,
                 "weights_digest": weights,
+                "nonfinite": bad,
                 "dataset_digest": dataset_digest,
                 "modality": "text",
                 "tokens_key": run.key("tokens.parquet"),
@@ -111,6 +113,7 @@ def _run_images(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageR
     model = loading.load_model(ref)
     digest = loading.function_digest(model, ref)
     weights = loading.model_digest(model)
+    bad = loading.check_finite(model, ref)
     chash = canonical_hash({"v": VERSION, "images": digest_xy})
 
     def compute(run: StageRun) -> StageRecord:
@@ -144,6 +147,7 @@ def _run_images(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageR
             details={
                 "model_digest": digest,
                 "weights_digest": weights,
+                "nonfinite": bad,
                 "dataset_digest": digest_xy,
                 "modality": "images",
                 "images_key": run.key("images.npz"),

@@ -260,3 +260,43 @@ def test_a_state_dict_that_does_not_fit_names_the_keys(tmp_path: Path) -> None:
     save_file(state, tmp_path / "w.safetensors")
     with pytest.raises(InputError, match=r"1 missing \(transformer.h.2.mlp.c_fc.weight\) keys; check model.module"):
         load(tmp_path / "w.safetensors", module=GPT2_CLASS, kwargs=GPT2_KWARGS)
+
+
+def test_nonfinite_weights_are_refused_naming_the_tensors(
+    tmp_path: Path, tiny_gpt2_dir: Path, corpus_file: Path
+) -> None:
+    """Issue 21 #3: NaN/Inf weights are counted per tensor and refused (or, asked for, audited and recorded)."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from microscope.stages import ingest
+    from microscope.store import open_store
+    from schemas.config import AuditConfig
+
+    d = tmp_path / "nan"
+    shutil.copytree(tiny_gpt2_dir, d)
+    state = load_file(d / "model.safetensors")
+    w = state["transformer.h.1.mlp.c_fc.weight"]
+    w[0, :3] = float("nan")
+    w[1, 0] = float("inf")
+    save_file(state, d / "model.safetensors")
+    expected = {"transformer.h.1.mlp.c_fc.weight": {"nan": 3, "inf": 1}}
+    assert loading.nonfinite(load(d)) == expected
+    store = open_store(str(tmp_path / "store"))
+
+    def run(allow: bool):
+        cfg = AuditConfig.model_validate(
+            {
+                "model": {"source": str(d), "allow_nonfinite": allow},
+                "dataset": {"path": str(corpus_file), "seq_len": 32},
+            }
+        )
+        return ingest.run(loading.resolve(cfg.model), cfg, store)
+
+    with pytest.raises(
+        InputError,
+        match=r"1 weight tensor\(s\) hold non-finite values: transformer.h.1.mlp.c_fc.weight \(3 NaN, 1 Inf\); fix the checkpoint or set model.allow_nonfinite: true",
+    ):
+        run(False)
+    assert run(True).details["nonfinite"] == expected
