@@ -39,15 +39,16 @@ def read_documents(cfg: DatasetConfig) -> list[str | None]:
     if p.is_dir():
         raise InputError(f"dataset path {p} is a folder; pass a .txt, .jsonl or .parquet file")
     if p.suffix == ".txt":
-        text = p.read_text(encoding="utf-8", errors="replace")
+        text = _decode(p.read_bytes(), p, cfg.encoding).replace("\r\n", "\n").replace("\r", "\n")  # as read_text
         if cfg.txt_mode == "file":
             return [text] if text.strip() else []
         parts = text.split("\n\n") if cfg.txt_mode == "paragraphs" else text.splitlines()
         return [d.strip() for d in parts if d.strip()]
     if p.suffix == ".jsonl":
         docs: list[str | None] = []
-        with open(p, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
+        with open(p, "rb") as f:
+            for i, raw in enumerate(f, 1):
+                line = _decode(raw, p, cfg.encoding, i)
                 if not line.strip():
                     continue
                 try:
@@ -58,7 +59,13 @@ def read_documents(cfg: DatasetConfig) -> list[str | None]:
                     raise InputError(
                         f"{p} line {i} has no '{cfg.text_field}' field; set dataset.text_field to the text's key"
                     )
-                docs.append(rec[cfg.text_field])
+                value = rec[cfg.text_field]
+                if value is not None and not isinstance(value, str):
+                    raise InputError(
+                        f"{p} line {i}: '{cfg.text_field}' is a {type(value).__name__}, not text; "
+                        "give every record a string there"
+                    )
+                docs.append(value)
         return docs
     if p.suffix == ".parquet":
         import pyarrow.parquet as pq
@@ -71,6 +78,18 @@ def read_documents(cfg: DatasetConfig) -> list[str | None]:
             ) from None
         return table.column(cfg.text_field).to_pylist()
     raise InputError(f"dataset {p} has suffix '{p.suffix}'; use .txt, .jsonl or .parquet")
+
+
+def _decode(data: bytes, path: Path, encoding: str, line: int | None = None) -> str:
+    """Strictly: a byte that is not valid in `encoding` is an error naming its line, never a silent U+FFFD."""
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as exc:
+        where = line if line is not None else data[: exc.start].count(b"\n") + 1
+        raise InputError(
+            f"{path} line {where} is not valid {encoding} (byte 0x{data[exc.start]:02x}); set dataset.encoding to "
+            "the file's encoding (e.g. latin-1) or fix that line"
+        ) from None
 
 
 def _hf_dataset(cfg: DatasetConfig) -> list[str | None]:

@@ -81,6 +81,11 @@ class DatasetConfig(Section):
     )
     text_field: str = Field("text", description="Field (.jsonl) or column (.parquet) holding the text.")
     split: str = Field("train", description="Split to read for an HF datasets name.")
+    encoding: str = Field(
+        "utf-8",
+        description="Text encoding of a .txt or .jsonl file, decoded strictly: a byte that is not valid in it is "
+        "an error naming the line (latin-1, cp1252, utf-16, ... for files that are not UTF-8).",
+    )
     txt_mode: Literal["lines", "file", "paragraphs"] = Field(
         "lines",
         description="How a .txt file splits into documents: one per line, per blank-line paragraph, or whole file.",
@@ -89,6 +94,17 @@ class DatasetConfig(Section):
     max_tokens: int = Field(65536, ge=2, description="Stop packing after this many tokens.")
     min_doc_tokens: int = Field(1, ge=1, description="Documents shorter than this (in tokens) fail validation.")
     max_doc_tokens: int = Field(1_000_000, ge=1, description="Documents longer than this (in tokens) fail validation.")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, v: str) -> str:
+        import codecs
+
+        try:
+            codecs.lookup(v)
+        except LookupError:
+            raise ValueError(f"'{v}' is not a text encoding Python knows; use e.g. utf-8, latin-1, cp1252") from None
+        return v
 
     @model_validator(mode="after")
     def _windows_fit(self) -> DatasetConfig:

@@ -45,6 +45,32 @@ def test_read_errors_name_the_fix(tmp_path: Path) -> None:
         ds.read_documents(DatasetConfig(path=str(tmp_path / "x.csv")))
 
 
+def test_text_is_decoded_strictly_naming_the_line(tmp_path: Path) -> None:
+    """Issue 21 #4: random bytes or latin-1 read as UTF-8 are an error naming the line, never U+FFFD text;
+    dataset.encoding reads a latin-1 file as written; a record whose text is not a string names its line."""
+    import os
+
+    (tmp_path / "noise.txt").write_bytes(b"fine first line\nsecond\n\x80" + os.urandom(4096))  # 0x80: never a first byte
+    with pytest.raises(
+        InputError, match=r"noise.txt line 3 is not valid utf-8 \(byte 0x[0-9a-f]{2}\); set dataset.encoding"
+    ):
+        ds.read_documents(DatasetConfig(path=str(tmp_path / "noise.txt")))
+    latin = "Déjà vu à Zürich.\nUn été très chaud."
+    (tmp_path / "latin.txt").write_bytes(latin.encode("latin-1"))
+    with pytest.raises(InputError, match="latin.txt line 1 is not valid utf-8"):
+        ds.read_documents(DatasetConfig(path=str(tmp_path / "latin.txt")))
+    got = ds.read_documents(DatasetConfig(path=str(tmp_path / "latin.txt"), encoding="latin-1"))
+    assert got == latin.splitlines()  # not mangled
+    (tmp_path / "bad.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "ok too"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(InputError, match="bad.jsonl line 3 is not valid utf-8"):
+        ds.read_documents(DatasetConfig(path=str(tmp_path / "bad.jsonl")))
+    (tmp_path / "num.jsonl").write_text('{"text": "ok"}\n{"text": 42}\n')
+    with pytest.raises(InputError, match="num.jsonl line 2: 'text' is a int, not text"):
+        ds.read_documents(DatasetConfig(path=str(tmp_path / "num.jsonl")))
+    with pytest.raises(ValueError, match="not a text encoding Python knows"):
+        DatasetConfig(path="x.txt", encoding="utf-9")
+
+
 @pytest.mark.parametrize("kind", ["bpe", "wordpiece"])
 def test_packing_frames_windows_with_the_models_special_tokens(kind: str, request: pytest.FixtureRequest) -> None:
     tok = AutoTokenizer.from_pretrained(request.getfixturevalue(f"{kind}_tokenizer_dir"))
