@@ -50,7 +50,9 @@ def test_text_is_decoded_strictly_naming_the_line(tmp_path: Path) -> None:
     dataset.encoding reads a latin-1 file as written; a record whose text is not a string names its line."""
     import os
 
-    (tmp_path / "noise.txt").write_bytes(b"fine first line\nsecond\n\x80" + os.urandom(4096))  # 0x80: never a first byte
+    (tmp_path / "noise.txt").write_bytes(
+        b"fine first line\nsecond\n\x80" + os.urandom(4096)
+    )  # 0x80: never a first byte
     with pytest.raises(
         InputError, match=r"noise.txt line 3 is not valid utf-8 \(byte 0x[0-9a-f]{2}\); set dataset.encoding"
     ):
