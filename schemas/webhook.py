@@ -10,6 +10,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from schemas.config import STAGES
+
+MAX_STEP = (1 << 63) - 1  # what a BIGINT column (Prefect's, PostgreSQL's) holds
 MAX_BODY_BYTES = 1 << 20  # 1 MiB: a checkpoint message is a few hundred bytes; anything near this is a mistake
 EVENT = "microscope.checkpoint.ready"  # the Prefect event name the checkpoint deployment's trigger expects
 
@@ -23,7 +26,9 @@ class CheckpointReady(BaseModel):
         min_length=1, max_length=2048, description="Where the checkpoint is: s3://bucket/path, or a path the pods see."
     )
     run_id: str = Field(min_length=1, max_length=256, description="The training run it belongs to.")
-    step: int = Field(ge=0, description="The training step it was saved at.")
+    step: int = Field(
+        ge=0, le=MAX_STEP, strict=True, description='The training step it was saved at (an integer, not "7" or true).'
+    )
     dataset: str | None = Field(None, max_length=2048, description="Dataset URI (default: the config's).")
     config: str | dict[str, Any] | None = Field(
         None, description="Audit config: a name under examples/, a path, or an inline mapping."
@@ -39,6 +44,34 @@ class CheckpointReady(BaseModel):
     def _uri(cls, v: str) -> str:
         if v != v.strip() or any(ord(c) < 32 for c in v):
             raise ValueError("checkpoint must be a URI or path without whitespace at its ends or control characters")
+        scheme = v.partition("://")[0].lower() if "://" in v else ""
+        if scheme and scheme != "s3":
+            raise ValueError(f"checkpoint scheme '{scheme}://' is not accepted; send s3://bucket/path or a path")
+        if ".." in v.replace("\\", "/").split("/"):
+            raise ValueError("checkpoint must not climb out of its folder ('..'); send the path it really has")
+        return v
+
+    @field_validator("run_id", "dataset")
+    @classmethod
+    def _printable(cls, v: str | None) -> str | None:
+        if v is not None and any(ord(c) < 32 or ord(c) == 127 for c in v):
+            raise ValueError("must not hold control characters (NUL, newlines, ...)")
+        return v
+
+    @field_validator("tags")
+    @classmethod
+    def _printable_tags(cls, v: dict[str, str]) -> dict[str, str]:
+        for k, val in v.items():
+            if any(ord(c) < 32 or ord(c) == 127 for c in k + val):
+                raise ValueError(f"tag {k!r} must not hold control characters")
+        return v
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, v: list[str] | None) -> list[str] | None:
+        unknown = [s for s in v or [] if s not in STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; choose from {', '.join(STAGES)}")
         return v
 
     @field_validator("callback_url")

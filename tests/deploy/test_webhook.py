@@ -202,6 +202,25 @@ def test_refusals_create_nothing(receiver: Receiver, prefect: httpx.Client) -> N
     assert len(flow_runs(prefect)) == before
 
 
+def test_hostile_fields_are_refused_naming_them(receiver: Receiver, prefect: httpx.Client) -> None:
+    """Issue 21 #9: what was accepted with 202 and turned into flow runs: no coercion of the step, a step a
+    BIGINT holds, no file:// or '..' checkpoints, no NUL in a run id, stage names from the list."""
+    before = len(flow_runs(prefect))
+    cases = {
+        "checkpoint": [body_of(checkpoint="file:///etc/passwd"), body_of(checkpoint="../../../../etc/passwd")],
+        "run_id": [body_of(run_id="a\u0000b")],
+        "step": [body_of(step="7"), body_of(step=True), body_of(step=10**30), body_of(step=1.5)],
+        "stages": [body_of(stages=["ingest", "nope"])],
+        "tags": [body_of(tags={"k": "line\nbreak"})],
+    }
+    for field, bodies in cases.items():
+        for b in bodies:
+            resp = receiver.post(b, sign(b))
+            assert resp.status_code == 422, (b, resp.status_code, resp.text)
+            assert resp.json()["detail"].startswith(f"{field}"), (b, resp.json())
+    assert len(flow_runs(prefect)) == before
+
+
 def test_status_schema_health_metrics_and_log(receiver: Receiver, prefect: httpx.Client) -> None:
     body = body_of(run_id="status", step=3)
     accepted = receiver.deliver(body, sign(body)).json()
