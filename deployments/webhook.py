@@ -126,6 +126,22 @@ def _prefect_headers() -> dict[str, str]:
     return {}
 
 
+def check_secret(secret: str) -> None:
+    """A Standard Webhooks secret: whsec_ and a non-empty base64 key (else every delivery would be refused)."""
+    import base64
+    import binascii
+
+    try:
+        key = base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except (binascii.Error, ValueError):
+        key = b""
+    if not key:
+        raise ValueError(
+            "MICROSCOPE_WEBHOOK_SECRET holds a secret that is empty or not base64 after 'whsec_'; "
+            "create one with `microscope webhook secret`"
+        )
+
+
 def _verify(secrets: list[str], body: bytes, headers: dict[str, str]) -> str | None:
     """None when one of the secrets signed this body at an acceptable time; else why not (for the log)."""
     from standardwebhooks.webhooks import Webhook
@@ -158,6 +174,8 @@ def create_app(prefect_url: str | None = None) -> FastAPI:
     secrets = s.webhook_secrets()
     if not secrets:
         raise ValueError("MICROSCOPE_WEBHOOK_SECRET is not set; create one with `microscope webhook secret`")
+    for secret in secrets:  # a receiver that reports healthy and then refuses every delivery helps nobody
+        check_secret(secret)
     url = prefect_url or PREFECT_API_URL.value()
     if not url:
         raise ValueError("PREFECT_API_URL is not set; point it at the Prefect server that runs the audits")

@@ -276,6 +276,16 @@ def test_cli_refuses_to_start_without_a_secret(tmp_path: Path) -> None:
     from standardwebhooks.webhooks import Webhook
 
     assert secret.startswith("whsec_") and Webhook(secret)  # a valid secret for the library
+    for empty in ("whsec_", "whsec_not base64!"):  # issue 21 #10: never a healthy receiver that refuses everything
+        env["MICROSCOPE_WEBHOOK_SECRET"] = f"{secret} {empty}"
+        p = subprocess.run(
+            [str(VENV_BIN / "microscope"), "webhook", "serve", "--port", str(free_port())],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert p.returncode == 2 and p.stderr.strip().splitlines()[-1] == (
+            "microscope: error: MICROSCOPE_WEBHOOK_SECRET holds a secret that is empty or not base64 after "
+            "'whsec_'; create one with `microscope webhook secret`"
+        ), p.stderr[-1000:]
 
 
 def test_notify_cli(receiver: Receiver, prefect: httpx.Client, tmp_path: Path) -> None:
