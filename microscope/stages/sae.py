@@ -220,6 +220,11 @@ def _plan(
         )
     d_in = sample.shape[1]
     d_sae = c.d_sae or c.expansion * d_in
+    from microscope.models.loading import compute_device
+    from microscope.quantization import free_bytes
+    from microscope.sae.budget import check_fit
+
+    check_fit(c, d_in, len(c.hooks) if c.joint else 1, free_bytes(compute_device()))  # before `build` allocates
     scale = activation_scale(sample)
     torch.manual_seed(cfg.seed)  # the same seed per SAE: joint or alone, each starts from the same weights
     sae = build(c.architecture, d_in, d_sae, **_hyper(c))
