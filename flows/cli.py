@@ -82,10 +82,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     from microscope.stages.ingest import dataset_fingerprint
     from microscope.store import open_store
     from schemas.config import resolve_config
+    from schemas.stages import check_audit_id
 
     # Everything a user can get wrong is checked before anything starts (exit 2, one line).
     cfg = resolve_config(args.config, {"model.source": args.model, "dataset.path": args.dataset})
-    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else []
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages is not None else []
+    if args.stages is not None and not stages:
+        raise ValueError(f"--stages {args.stages!r} names no stage; leave it out to run every stage")
     expand_stages(stages)
     tags = _tags(args.tag)
     ref = resolve(cfg.model)
@@ -95,7 +98,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         load_rules(cfg.gate.rules)
     store = open_store(args.store)
-    audit_id = args.audit_id or audits.new_audit_id()
+    audit_id = check_audit_id(args.audit_id) if args.audit_id is not None else audits.new_audit_id()
     print(f"microscope: audit {audit_id} of {ref.source} (store {store.uri})", file=sys.stderr)
     if not os.environ.get("PREFECT_API_URL"):
         print(

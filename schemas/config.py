@@ -421,8 +421,11 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         origin = str(p)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
+        if p.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{p} is {p.stat().st_size} bytes; a config is a few KB (at most {MAX_CONFIG_BYTES})")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            with open(p, encoding="utf-8") as f:  # a file: errors name it
+                loaded = yaml.load(f, Loader=_strict_loader())  # a SafeLoader subclass
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
@@ -433,6 +436,38 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{p} must hold a mapping of sections (model, dataset, trace, ...)")
         data = loaded
     return _validate(_apply(data, overrides), origin)
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _strict_loader() -> type:
+    """yaml's SafeLoader, refusing what it accepts silently: a key given twice (the last one won) and
+    anchors/aliases (a few lines of them expand to gigabytes: the "billion laughs")."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                mark = self.peek_event().start_mark
+                raise ConfigError(
+                    f"{self.name} line {mark.line + 1}: YAML aliases (*name) are not accepted in a config "
+                    "(they can expand without bound); write the values out"
+                )
+            return super().compose_node(parent, index)
+
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise ConfigError(
+                        f"{self.name} line {key_node.start_mark.line + 1}: key {key!r} is given twice; keep one"
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep=deep)
+
+    return StrictLoader
 
 
 def _apply(data: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:

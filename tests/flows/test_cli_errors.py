@@ -99,6 +99,22 @@ def test_unknown_stage(env, tmp_path: Path, tiny_gpt2_dir: Path, corpus_file: Pa
     assert p.returncode == 2 and "unknown stage(s) sea" in error_line(p)
 
 
+def test_no_stage_and_climbing_audit_ids_are_refused_before_anything_runs(
+    env, tmp_path: Path, tiny_gpt2_dir: Path, corpus_file: Path
+) -> None:
+    """Issue 21 #11: `--stages ,` ran every stage; an audit id with '/' or '..' was refused only after the
+    pipeline ran."""
+    base = ["run", "--model", str(tiny_gpt2_dir), "--dataset", str(corpus_file)]
+    p = run_cli([*base, "--stages", ","], env, tmp_path)
+    assert p.returncode == 2 and "--stages ',' names no stage" in error_line(p)
+    assert len(p.stderr.strip().splitlines()) == 1
+    for bad in ("../../escape", "a/b", "x" * 200):
+        p = run_cli([*base, "--audit-id", bad], env, tmp_path)
+        assert p.returncode == 2 and "is not allowed: use letters, digits" in error_line(p), bad
+        assert len(p.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "home" / "artifacts" / "audits").exists()  # nothing ran
+
+
 def test_empty_dataset_fails_validation_and_keeps_the_record(env, tmp_path: Path, tiny_gpt2_dir: Path) -> None:
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n")

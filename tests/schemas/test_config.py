@@ -91,3 +91,25 @@ def test_robustness_section_names_the_fix(tmp_path: Path) -> None:
     for text, message in cases.items():
         with pytest.raises(ConfigError, match=message):
             load_config(write(tmp_path, text))
+
+
+def test_yaml_that_parses_silently_wrong_is_refused(tmp_path: Path) -> None:
+    """Issue 21 #11: a key given twice (yaml keeps the last) and aliases (a billion laughs) name the line."""
+    with pytest.raises(ConfigError, match=r"audit.yaml line 3: key 'seq_len' is given twice; keep one"):
+        load_config(write(tmp_path, "dataset:\n  seq_len: 32\n  seq_len: 64\n"))
+    laughs = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n'
+    laughs += "".join(f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True))
+    with pytest.raises(ConfigError, match=r"audit.yaml line 2: YAML aliases \(\*name\) are not accepted"):
+        load_config(write(tmp_path, laughs))
+    big = write(tmp_path, "# " + "x" * (1 << 20) + "\n")
+    with pytest.raises(ConfigError, match="a config is a few KB"):
+        load_config(big)
+
+
+def test_audit_ids_that_name_other_files_are_refused() -> None:
+    from schemas.stages import check_audit_id
+
+    assert check_audit_id("20261206-154912-a2c5ba") == "20261206-154912-a2c5ba"
+    for bad in ("../x", "a/b", "a..b", ".hidden", "x" * 129, ""):
+        with pytest.raises(ValueError, match="is not allowed: use letters, digits"):
+            check_audit_id(bad)
