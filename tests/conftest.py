@@ -381,7 +381,15 @@ def cli_env(tmp_path: Path, prefect_api: str | None, **extra: str) -> dict[str, 
         "PREFECT_HOME": str(tmp_path / "ph"),
         "PREFECT_LOGGING_LEVEL": "WARNING",
     }
-    for k in ("MICROSCOPE_STORE", "MLFLOW_TRACKING_URI", "PREFECT_API_URL"):
+    # PREFECT_LOGGING_SETTINGS_PATH and PYTHONWARNINGS: what an in-process `main()` (test_vectors) left in this
+    # worker's environment; each command sets its own (quiet, or Prefect's console with -v)
+    for k in (
+        "MICROSCOPE_STORE",
+        "MLFLOW_TRACKING_URI",
+        "PREFECT_API_URL",
+        "PREFECT_LOGGING_SETTINGS_PATH",
+        "PYTHONWARNINGS",
+    ):
         env.pop(k, None)
     if prefect_api:
         env["PREFECT_API_URL"] = prefect_api
