@@ -185,7 +185,10 @@ def cmd_list(args: argparse.Namespace) -> int:
     from microscope import audits
     from microscope.store import open_store
 
-    records = audits.list_all(open_store(args.store), run_id=args.run)
+    unreadable: list[str] = []
+    records = audits.list_all(open_store(args.store), run_id=args.run, unreadable=unreadable)
+    for key in unreadable:
+        print(f"microscope: warning: skipped {key}: not a readable audit record", file=sys.stderr)
     if args.json:
         print(json.dumps([json.loads(r.model_dump_json()) for r in records], indent=2))
         return 0

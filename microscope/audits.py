@@ -39,10 +39,18 @@ def load(store: ArtifactStore, audit_id: str) -> AuditRecord:
     return AuditRecord.model_validate_json(store.get_bytes(key))
 
 
-def list_all(store: ArtifactStore, run_id: str | None = None) -> list[AuditRecord]:
-    """Every audit, oldest first; with `run_id`, that training run's audits in step order."""
+def list_all(store: ArtifactStore, run_id: str | None = None, unreadable: list[str] | None = None) -> list[AuditRecord]:
+    """Every audit, oldest first; with `run_id`, that training run's audits in step order. A record that
+    does not parse (truncated, edited by hand) is left out, never breaks the listing of all the others:
+    its key goes into `unreadable` for the caller to say so."""
     keys = [k for k in store.list("audits") if k.endswith(".json") and k.count("/") == 1]
-    out = [AuditRecord.model_validate_json(store.get_bytes(k)) for k in keys]
+    out = []
+    for k in keys:
+        try:
+            out.append(AuditRecord.model_validate_json(store.get_bytes(k)))
+        except ValueError as exc:  # pydantic's ValidationError (bad JSON too) is a ValueError
+            if unreadable is not None:
+                unreadable.append(f"{k} ({str(exc).splitlines()[0]})")
     if run_id is not None:
         out = [r for r in out if r.run_id == run_id]
         return sorted(out, key=lambda r: (r.step if r.step is not None else -1, r.created_at))

@@ -36,6 +36,8 @@ def resolve_baseline(store: ArtifactStore, record: AuditRecord, spec: str, *, wa
     of a lower step still running that would be the baseline is waited for, at most `wait_s` seconds."""
     if spec == "none":
         return Baseline(None, "no baseline requested (baseline: none)")
+    if spec.startswith("tag:") and not spec[4:].partition("=")[0].strip():
+        raise GateError(f"baseline {spec!r} names no tag; write tag:KEY or tag:KEY=VALUE")
     if spec not in ("previous", "first") and not spec.startswith("tag:"):
         try:
             return Baseline(results.load_audit(store, spec))

@@ -289,6 +289,22 @@ def test_tags_pin_a_baseline(run) -> None:
         gates.judge(store, recs[3], rules({"metric": "metrics.alpha_mean", "check": "<= 9"}), baseline="tag:nope")
     with pytest.raises(gates.GateError, match="no audit"):
         gates.judge(store, recs[3], rules({"metric": "metrics.alpha_mean", "check": "<= 9"}), baseline="zzz")
+    for empty in ("tag:", "tag:=golden"):  # issue 21 #11: refused, not looked up as an empty tag
+        with pytest.raises(gates.GateError, match=r"names no tag; write tag:KEY or tag:KEY=VALUE"):
+            gates.judge(store, recs[3], rules({"metric": "metrics.alpha_mean", "check": "<= 9"}), baseline=empty)
+
+
+def test_one_unreadable_record_never_hides_the_others(run) -> None:
+    """Issue 21 #11: a truncated record broke `microscope list` for every audit in the store."""
+    from microscope import audits
+
+    store, recs = run
+    good = store.get_bytes("audits/a2.json")
+    store.put_bytes("audits/a2.json", good[: len(good) // 2])
+    skipped: list[str] = []
+    listed = audits.list_all(store, unreadable=skipped)
+    assert [r.audit_id for r in listed] == ["a1", "a3"]
+    assert len(skipped) == 1 and skipped[0].startswith("audits/a2.json (")
 
 
 def test_unknown_paths_list_the_valid_ones(run) -> None:
