@@ -243,14 +243,14 @@ def check_finite(model: nn.Module, ref: ModelRef) -> dict[str, dict[str, int]]:
     return bad
 
 
-def function_digest(model: nn.Module, ref: ModelRef) -> str:
+def function_digest(model: nn.Module, ref: ModelRef, weights: str | None = None) -> str:
     """What decides the model's outputs, hashed: its weights (`model_digest`), its class and config (an
     activation, a norm's eps, RoPE θ), the module and kwargs of a bare state dict, and its tokenizer's
     files. The audit's cache keys are built on it, so a checkpoint with the same weights but another
     config or tokenizer is never served another model's activations or token ids."""
     import json
 
-    h = hashlib.sha256(model_digest(model).encode())
+    h = hashlib.sha256((weights or model_digest(model)).encode())  # `weights`: the caller hashed them already
     h.update(f"|{type(model).__module__}.{type(model).__qualname__}|{ref.module}|".encode())
     h.update(json.dumps(ref.kwargs, sort_keys=True, default=str).encode())
     config = getattr(model, "config", None)

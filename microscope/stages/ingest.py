@@ -37,8 +37,8 @@ def run(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
     docs = ds.read_documents(cfg.dataset)
     text_digest = ds.text_digest(docs)
     model = loading.load_model(ref)
-    digest = loading.function_digest(model, ref)
     weights = loading.model_digest(model)
+    digest = loading.function_digest(model, ref, weights)
     bad = loading.check_finite(model, ref)
     chash = canonical_hash(
         {"v": VERSION, "dataset": cfg.dataset.model_dump(), "tokenizer": ref.tokenizer, "text": text_digest}
@@ -111,8 +111,8 @@ def _run_images(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageR
     x, y = images.read_images(str(cfg.dataset.path))
     digest_xy = images.images_digest(x, y)
     model = loading.load_model(ref)
-    digest = loading.function_digest(model, ref)
     weights = loading.model_digest(model)
+    digest = loading.function_digest(model, ref, weights)
     bad = loading.check_finite(model, ref)
     chash = canonical_hash({"v": VERSION, "images": digest_xy})
 
