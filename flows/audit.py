@@ -72,6 +72,7 @@ def audit(
         cfg = resolve_config(config, {"model.source": model, "dataset.path": dataset})
         ref = resolve(cfg.model)
         st = open_store(store)
+        st.check_writable()
         if cfg.gate.rules is not None:  # bad rules are the caller's error: refuse before anything runs
             load_rules(cfg.gate.rules)
         req = AuditRequest(

@@ -61,6 +61,12 @@ def _fail(msg: str, code: int = EXIT_INPUT) -> int:
     return code
 
 
+def _positive_int(text: str) -> int:
+    if not text.lstrip("+").isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def _tags(pairs: list[str] | None) -> dict[str, str]:
     out = {}
     for p in pairs or []:
@@ -100,11 +106,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     audit_id = check_audit_id(args.audit_id) if args.audit_id is not None else audits.new_audit_id()
     print(f"microscope: audit {audit_id} of {ref.source} (store {store.uri})", file=sys.stderr)
-    if not os.environ.get("PREFECT_API_URL"):
+    store.check_writable()  # a read-only store is refused now, not after every stage ran
+    temporary = not os.environ.get("PREFECT_API_URL")
+    if temporary:
         print(
             "microscope: no PREFECT_API_URL: Prefect starts a temporary server (`microscope up` keeps one)",
             file=sys.stderr,
         )
+        from flows.server_guard import guard_temporary_server
+
+        guard_temporary_server()
 
     with _stdout_to_stderr():
         from flows.audit import audit
@@ -123,10 +134,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             return_state=True,
         )
     try:
-        record = audits.load(store, audit_id)
+        record, crash = audits.load(store, audit_id), None
     except Exception:  # noqa: BLE001 -- the flow died before saving its record
-        exc = state.result(raise_on_failure=False)
-        return _fail(f"audit {audit_id} crashed before saving its record: {exc}", EXIT_FAILED)
+        record, crash = None, state.result(raise_on_failure=False)
+    if temporary:  # stopped now, so that its "Stopping temporary server" is not what a user reads last
+        from flows.server_guard import stop_temporary_server
+
+        stop_temporary_server()
+    if record is None:
+        return _fail(f"audit {audit_id} crashed before saving its record: {crash}", EXIT_FAILED)
     _print_record(record, args.json)
     if record.status.value in ("failed", "partial"):
         return _fail(record.error or "a stage failed", EXIT_INPUT if _is_input_error(record) else EXIT_FAILED)
@@ -192,7 +208,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([json.loads(r.model_dump_json()) for r in records], indent=2))
         return 0
-    if not records:
+    if not records and args.run is not None:
+        print(f"no audits of run {args.run!r}; `microscope list` shows every audit", file=sys.stderr)
+    elif not records:
         print("no audits yet; start one with `microscope run --model PATH --dataset FILE`", file=sys.stderr)
     for r in records:
         model = (r.architecture.class_name if r.architecture else "?") + f" {(r.model_digest or '')[:12]}"
@@ -435,7 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     se = sub.add_parser("search", help="nearest layers or SAE features across all audits (Qdrant)")
     se.add_argument("what", choices=["layers", "features"])
     se.add_argument("--like", required=True, help="AUDIT:LAYER (layers) or AUDIT:HOOK:FEATURE (features)")
-    se.add_argument("-k", type=int, default=10)
+    se.add_argument("-k", type=_positive_int, default=10, help="how many neighbours (at least 1)")
     se.add_argument("--json", action="store_true")
     se.set_defaults(fn=cmd_search)
 
@@ -527,6 +545,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     except ValueError as exc:  # stage names and other argument checks
         return _fail(str(exc))
+    except OSError as exc:  # an unreadable, looping or over-long path given on the command line or in a config
+        from microscope.errors import describe_os_error
+
+        return _fail(describe_os_error(exc))
     except KeyboardInterrupt:
         return _fail("interrupted; finished stages are kept, re-run to resume", 130)
 

@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from microscope.errors import InputError
+from microscope.errors import InputError, describe_os_error, final_errno
 from microscope.settings import get_settings
 from microscope.stages.runner import finished
 from microscope.store import ArtifactStore
@@ -21,6 +21,8 @@ INPUT_ERROR = "InputError"  # the name of a stage flow run's Failed state when t
 
 
 def one_line(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and final_errno(exc) is not None:  # a full disk, a read-only store: no retry cures it
+        return describe_os_error(exc)
     msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return msg if type(exc).__module__.startswith("microscope") else f"{type(exc).__name__}: {msg}"
 
@@ -93,7 +95,8 @@ class Settler:
         if not isinstance(exc, BaseException):
             return StageRecord(stage=stage, status=StageStatus.failed, error=f"{label}: {exc}")
         error = f"{label}: {one_line(exc)}"
-        if not isinstance(exc, InputError):  # the user's own mistake needs no traceback
+        # the user's own mistake needs no traceback, nor does a full or read-only store (which could not take it)
+        if not isinstance(exc, InputError) and final_errno(exc) is None:
             key = f"audits/{self.audit_id}/{label.replace('/', '_')}.log"
             text = "".join(traceback.format_exception(exc))
             error += f" (traceback: {self.store.put_bytes(key, text.encode())})"

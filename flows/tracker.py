@@ -109,9 +109,11 @@ class AuditTracker:
         bad = [r for r in rec.stages.values() if r.status in (StageStatus.failed, StageStatus.partial)]
         failed = any(r.status == StageStatus.failed for r in bad)
         rec.status = StageStatus.failed if failed else StageStatus.partial if bad else StageStatus.completed
-        rec.error = "; ".join(f"{r.stage}: {r.error}" for r in bad) or None
+        # errors already start with their label ('ingest: …', 'quantize[nf4]: …'): not 'ingest: ingest: …'
+        rec.error = "; ".join(r.error if (r.error or "").startswith(r.stage) else f"{r.stage}: {r.error}" for r in bad)
+        rec.error = rec.error or None
         rec.finished_at = datetime.now(UTC)
-        audits.save(self.store, rec)
+        audits.save_or_spill(self.store, rec)
         audits.mark_finished(self.store, rec.audit_id)
         report = rec.stages.get("report")
         local = str(self.store.local_path(report.details["report_key"])) if rec.report_uri and report else None

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import json
 import secrets
+import tempfile
 from datetime import UTC, datetime
+from pathlib import Path
 
 from schemas.records import AuditRecord, AuditStart
+from schemas.stages import AUDIT_ID_MAX
 
-from microscope.errors import InputError
+from microscope.errors import InputError, StorageError, describe_os_error
 from microscope.store import ArtifactStore
 
 IN_FLIGHT = "audits/in-flight"
@@ -23,7 +26,26 @@ def save(store: ArtifactStore, record: AuditRecord) -> str:
     return store.put_bytes(f"audits/{record.audit_id}.json", record.model_dump_json(indent=2).encode())
 
 
+def save_or_spill(store: ArtifactStore, record: AuditRecord) -> str:
+    """Save the record; where the store cannot take it (full, read-only since the audit started), write it
+    to the local temp folder and say where, so that the audit's outcome is never lost."""
+    try:
+        return save(store, record)
+    except OSError as exc:
+        spill = Path(tempfile.gettempdir()) / "microscope-records" / f"{record.audit_id}.json"
+        spill.parent.mkdir(parents=True, exist_ok=True)
+        spill.write_text(record.model_dump_json(indent=2))
+        raise StorageError(
+            f"{describe_os_error(exc, f'the record of audit {record.audit_id} was not saved in {store.uri}')}; "
+            f"it is kept at {spill}: copy it to the store's audits/ folder"
+        ) from None
+
+
 def load(store: ArtifactStore, audit_id: str) -> AuditRecord:
+    if len(audit_id) > AUDIT_ID_MAX:  # before it becomes a path: the file system would say "name too long"
+        raise InputError(
+            f"'{audit_id[:20]}…' ({len(audit_id)} characters) is no audit id; ids have at most {AUDIT_ID_MAX}"
+        )
     key = f"audits/{audit_id}.json"
     if not store.exists(key):  # a unique prefix of an id; only records count (not logs, not markers)
         known = [
@@ -34,9 +56,18 @@ def load(store: ArtifactStore, audit_id: str) -> AuditRecord:
         matches = [k for k in known if k.startswith(audit_id)]
         if len(matches) == 1:
             key = f"audits/{matches[0]}.json"
+        elif matches:
+            shown = ", ".join(sorted(matches)[:3]) + (", …" if len(matches) > 3 else "")
+            raise InputError(f"'{audit_id}' matches {len(matches)} audits ({shown}); give more of the id")
         else:
             raise InputError(f"no audit '{audit_id}' in {store.uri}; `microscope list` shows the audits there")
-    return AuditRecord.model_validate_json(store.get_bytes(key))
+    try:
+        return AuditRecord.model_validate_json(store.get_bytes(key))
+    except ValueError as exc:  # pydantic's ValidationError (bad JSON too) is a ValueError
+        raise InputError(
+            f"audit record {store.uri_for(key)} is unreadable ({str(exc).splitlines()[-1].strip()}); "
+            "restore it from a backup or delete it"
+        ) from None
 
 
 def list_all(store: ArtifactStore, run_id: str | None = None, unreadable: list[str] | None = None) -> list[AuditRecord]:

@@ -41,7 +41,9 @@ def resolve_baseline(store: ArtifactStore, record: AuditRecord, spec: str, *, wa
     if spec not in ("previous", "first") and not spec.startswith("tag:"):
         try:
             return Baseline(results.load_audit(store, spec))
-        except InputError:
+        except InputError as exc:
+            if "matches" in str(exc):  # an ambiguous prefix: say which audits it matched
+                raise GateError(f"baseline {exc}") from None
             raise GateError(
                 f"baseline {spec!r} is no audit in {store.uri}; use previous, first, none, an audit id or tag:KEY"
             ) from None

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from schemas.config import EXAMPLES, canonical_hash
+from schemas.config import EXAMPLES, ConfigError, canonical_hash, read_yaml
 from schemas.gates import Check, GateRules, GateVerdict, Offender, Rule, RuleResult
 from schemas.records import AuditRecord, StageRecord, StageStatus
 
@@ -55,7 +55,6 @@ class Skip(Exception):  # a control-flow signal, not an error: the rule is skipp
 def load_rules(source: str | Path | dict[str, Any] | list[Any]) -> tuple[GateRules, str]:
     """Rules from a YAML file, a name under examples/ (`gates` → examples/gates.yaml), or an inline mapping
     ({baseline, rules}) or list of rules; and a label saying where they came from."""
-    import yaml
     from pydantic import ValidationError
 
     if isinstance(source, dict | list):
@@ -68,21 +67,42 @@ def load_rules(source: str | Path | dict[str, Any] | list[Any]) -> tuple[GateRul
             raise GateError(f"gate rules {source} not found; pass a YAML file or a name under examples/ (gates)")
         label = str(path)
         try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            raise GateError(f"{path} is not valid YAML{f' at line {mark.line + 1}' if mark else ''}; fix it") from None
+            data = read_yaml(path)  # strictly: a key given twice, an alias or a huge file is refused
+        except ConfigError as exc:
+            raise GateError(str(exc)) from None
     if isinstance(data, list):
         data = {"rules": data}
     if not isinstance(data, dict):
         raise GateError(f"{label} must be a mapping with `rules:` (and optionally `baseline:`)")
     try:
-        return GateRules.model_validate(data), label
+        rules = GateRules.model_validate(data)
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         msg = first["msg"].removeprefix("Value error, ")
         raise GateError(f"{label}: {where}: {msg}") from None
+    for i, rule in enumerate(rules.rules):
+        check_path(rule.metric, f"{label}: rules.{i}.metric")
+    return rules, label
+
+
+def check_path(path: str, where: str) -> None:
+    """What can be known of a metric path before any audit: its namespace, and for `layers.` that some
+    layer-table column could match (a typo is refused before the audit runs, not after)."""
+    ns, rest, _ = _split(path)
+    if ns not in NAMESPACES:
+        raise GateError(f"{where}: unknown namespace {ns!r} in {path!r}; use one of {', '.join(NAMESPACES)}")
+    if ns != "layers":
+        return  # their figure names depend on the stage's configuration: checked against the audit
+    parts = rest.split(".")
+    if len(parts) > 2 and _PER_BLOCK.search("." + ".".join(parts[-2:])):
+        return
+    rx = _glob(parts[-1])
+    if len(parts) < 2 or not any(rx.match(c) for c in LAYER_COLUMNS):
+        raise GateError(
+            f"{where}: {path!r} names no layer-table column; write layers.<matrix glob>.<column> with a column "
+            f"from {', '.join(LAYER_COLUMNS)}, or a per-block one such as act_norm.resid or quant_cosine[int8].mlp"
+        )
 
 
 # ---- metric paths -----------------------------------------------------------------------------
@@ -190,6 +210,9 @@ _PER_BLOCK = re.compile(
     r"\.(act_\w+|quant_\w+\[[^\]]+\]|sae_\w+(?:\[[^\]]+\])?|cka_(?:prev|next)|cka\[[^\]]+\]|attack_shift(?:\[[^\]]+\])?)"
     r"\.(resid|mlp|attn|\*)$"
 )
+# Every per-matrix column a layer table can hold (per-block columns follow _PER_BLOCK); a test holds a real
+# audit's table to it, so a new column cannot be missed here.
+LAYER_COLUMNS = (*results.WEIGHT_COLUMNS, *results.SENSITIVITY_COLUMNS, "effective_rank_share", "condition_z")
 _STAGE_OF = {"act_": "trace", "quant_": "quantize", "sae_": "sae", "cka": "metrics.cka", "attack_": "robustness"}
 
 

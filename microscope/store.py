@@ -14,10 +14,12 @@ import os
 import shutil
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from microscope.errors import InputError, TransientError
+from microscope.errors import InputError, StorageError, TransientError, describe_os_error
 
 MANIFEST = "manifest.json"
 TMP_MARK = ".tmp-"  # files being written carry it until renamed; a killed writer leaves them behind
@@ -29,6 +31,16 @@ def _check_key(key: str) -> str:
     if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"invalid artifact key {key!r}: use relative 'a/b/c' keys without '..'")
     return key
+
+
+@contextmanager
+def _removed_on_failure(tmp: Path) -> Iterator[None]:
+    """A write that fails (a full disk) takes its half-written file with it: the space is given back."""
+    try:
+        yield
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class ArtifactStore(ABC):
@@ -64,9 +76,14 @@ class ArtifactStore(ABC):
         """Remove every artifact under the folder `prefix` (`a/b` spares `a/bc`); returns how many."""
 
     @abstractmethod
-    def clean_orphans(self, prefix: str) -> int:
-        """Remove what killed writers left under `prefix` (temp files, unfinished uploads); returns how many.
-        Call only while holding the prefix's stage lock."""
+    def clean_orphans(self, prefix: str, why: str = "left half-written by a killed run") -> int:
+        """Remove what killed or failed writers left under `prefix` (temp files, unfinished uploads); returns
+        how many. Call only while holding the prefix's stage lock."""
+
+    @abstractmethod
+    def check_writable(self) -> None:
+        """Raise StorageError (one line) when nothing can be written here: checked before an audit starts,
+        so that a read-only store is not found out after every stage ran."""
 
     # Whether reading a cached stage re-hashes its artifacts (cheap on local disk; on S3 sizes are
     # checked instead: objects appear whole or not at all, and re-hashing would download everything).
@@ -121,25 +138,27 @@ class LocalStore(ArtifactStore):
     def put_bytes(self, key: str, data: bytes) -> str:
         dest = self._path(key)
         tmp = self._tmp(dest)
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
+        with _removed_on_failure(tmp):
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
         return str(dest)
 
     def put_file(self, key: str, path: Path, move: bool = False) -> str:
         dest = self._path(key)
         tmp = self._tmp(dest)
-        if move:
-            try:
-                os.replace(path, tmp)  # same filesystem: a rename, no copy
-            except OSError:
+        with _removed_on_failure(tmp):
+            if move:
+                try:
+                    os.replace(path, tmp)  # same filesystem: a rename, no copy
+                except OSError:
+                    shutil.copyfile(path, tmp)
+                    os.unlink(path)
+            else:
                 shutil.copyfile(path, tmp)
-                os.unlink(path)
-        else:
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, dest)
+            os.replace(tmp, dest)
         return str(dest)
 
     def size(self, key: str) -> int | None:
@@ -163,15 +182,23 @@ class LocalStore(ArtifactStore):
         shutil.rmtree(base)
         return n
 
-    def clean_orphans(self, prefix: str) -> int:
+    def clean_orphans(self, prefix: str, why: str = "left half-written by a killed run") -> int:
         base = self.root / prefix
         if not base.exists():
             return 0
         orphans = [p for p in base.rglob(f"*{TMP_MARK}*") if p.is_file()]
         for p in orphans:
-            log.warning("removing %s, left half-written by a killed run", p)
+            log.warning("removing %s, %s", p, why)
             p.unlink(missing_ok=True)
         return len(orphans)
+
+    def check_writable(self) -> None:
+        probe = self.root / f".write-probe{TMP_MARK}{uuid.uuid4().hex[:8]}"
+        try:
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise StorageError(describe_os_error(exc, f"store {self.uri} is not writable")) from None
 
     def get_bytes(self, key: str) -> bytes:
         try:
@@ -307,14 +334,32 @@ class S3Store(ArtifactStore):
                 n += len(keys)
         return n
 
-    def clean_orphans(self, prefix: str) -> int:
-        """Abort multipart uploads that a killed run started under `prefix` (their parts cost storage)."""
+    def clean_orphans(self, prefix: str, why: str = "left by a killed run") -> int:
+        """Abort multipart uploads that a killed run started under `prefix` (their parts cost storage), and
+        remove the local files staged for them."""
         resp = self._call(self.client.list_multipart_uploads, Bucket=self.bucket, Prefix=self._key(prefix) + "/")
         uploads = resp.get("Uploads", [])
         for u in uploads:
-            log.warning("aborting the unfinished upload of s3://%s/%s left by a killed run", self.bucket, u["Key"])
+            log.warning("aborting the unfinished upload of s3://%s/%s, %s", self.bucket, u["Key"], why)
             self._call(self.client.abort_multipart_upload, Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
-        return len(uploads)
+        from microscope.settings import get_settings
+
+        staged = get_settings().staging_dir() / "upload" / self.bucket / self._key(prefix)
+        files = [p for p in staged.rglob(f"*{TMP_MARK}*") if p.is_file()] if staged.is_dir() else []
+        for p in files:
+            p.unlink(missing_ok=True)
+        return len(uploads) + len(files)
+
+    def check_writable(self) -> None:
+        key = f".write-probe/{uuid.uuid4().hex}"
+        try:
+            self.put_bytes(key, b"")
+            self.delete(key)
+        except Exception as exc:  # noqa: BLE001 -- botocore raises several types for one meaning
+            raise StorageError(
+                f"store {self.uri} is not writable ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                "check the bucket, its credentials and their write permission"
+            ) from None
 
     def get_bytes(self, key: str) -> bytes:
         from botocore.exceptions import ClientError

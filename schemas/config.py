@@ -412,7 +412,6 @@ def resolve_config(config: str | Path | dict[str, Any] | None, overrides: dict[s
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> AuditConfig:
     """Read a YAML config (or defaults when `path` is None) and apply dotted-key overrides."""
-    import yaml
 
     data: dict[str, Any] = {}
     origin = "the defaults"
@@ -421,15 +420,7 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         origin = str(p)
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist; pass an existing YAML file to --config")
-        if p.stat().st_size > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{p} is {p.stat().st_size} bytes; a config is a few KB (at most {MAX_CONFIG_BYTES})")
-        try:
-            with open(p, encoding="utf-8") as f:  # a file: errors name it
-                loaded = yaml.load(f, Loader=_strict_loader())  # a SafeLoader subclass
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"{p} is not valid YAML{where}; fix the syntax") from None
+        loaded = read_yaml(p)
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -439,6 +430,24 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
 
 
 MAX_CONFIG_BYTES = 1 << 20
+
+
+def read_yaml(p: Path) -> Any:
+    """A config-sized YAML file (configs, gate rules), parsed strictly: at most 1 MiB, no key given twice,
+    no aliases; every refusal one line naming the file and line."""
+    import yaml
+
+    if p.stat().st_size > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{p} is {p.stat().st_size} bytes; a config is a few KB (at most {MAX_CONFIG_BYTES})")
+    try:
+        with open(p, encoding="utf-8") as f:  # a file: errors name it
+            return yaml.load(f, Loader=_strict_loader())  # a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{p} is not valid YAML{where}; fix the syntax") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{p} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
 
 
 def _strict_loader() -> type:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,10 @@ def locate(source: str, revision: str | None = None) -> Path:
     p = Path(source).expanduser()
     if p.exists():
         return p.resolve()
+    if p.is_symlink():  # exists() is False for a link that loops or dangles: it is no hub id either
+        raise InputError(
+            f"model path {source} is a symbolic link that loops or leads nowhere; point it at the checkpoint"
+        )
     if looks_like_path(source):
         raise InputError(f"model path {source} does not exist; pass an HF folder, a weights file or a hub id")
     return _download(source, revision)
@@ -112,8 +117,16 @@ def fingerprint(path: Path, extra: dict[str, Any] | None = None) -> str:
     return h.hexdigest()
 
 
+# bytes per element of each safetensors dtype (the format's own table)
+_ST_DTYPES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+              "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}  # fmt: skip
+
+
 def check_safetensors(path: Path) -> None:
-    """Parse the header and check the data fits in the file, so truncation is caught before loading."""
+    """Parse the header and check every tensor against it before any loader does: a known dtype, a shape
+    of non-negative ints, offsets that hold exactly shape × dtype bytes, tensors that tile the data without
+    gaps or overlaps, and data that fits in the file (truncation, tampering and corruption are named here,
+    not deep in a loader)."""
     import struct
 
     size = path.stat().st_size
@@ -123,13 +136,41 @@ def check_safetensors(path: Path) -> None:
             if n > size - 8 or n > 100_000_000:
                 raise ValueError("header length exceeds the file")
             header = json.loads(f.read(n))
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+        spans = sorted((_tensor_span(name, v), name) for name, v in header.items() if name != "__metadata__")
+        end = 0
+        for (begin, stop), name in spans:
+            if begin != end:
+                raise ValueError(f"tensor {name!r} starts at byte {begin} of the data, not at {end} (a gap or overlap)")
+            end = stop
         if 8 + n + end > size:
             raise ValueError(f"data ends at byte {8 + n + end} but the file has {size}")
     except (ValueError, struct.error, KeyError, TypeError, UnicodeDecodeError) as exc:
         raise InputError(
             f"{path} is not a valid safetensors file ({exc}); it is truncated or corrupt, re-save or re-download it"
         ) from None
+
+
+def _tensor_span(name: str, entry: Any) -> tuple[int, int]:
+    """[begin, end) of one tensor's bytes, checked against its dtype and shape."""
+    if not isinstance(entry, dict) or entry.get("dtype") not in _ST_DTYPES:
+        raise ValueError(
+            f"tensor {name!r} has no known dtype ({entry.get('dtype') if isinstance(entry, dict) else entry})"
+        )
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise ValueError(f"tensor {name!r} has shape {shape}, not a list of sizes")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and o >= 0 for o in offsets)):
+        raise ValueError(f"tensor {name!r} has data_offsets {offsets}, not two byte positions")
+    begin, stop = offsets
+    want = math.prod(shape) * _ST_DTYPES[entry["dtype"]]
+    if stop - begin != want:
+        raise ValueError(
+            f"tensor {name!r} ({entry['dtype']} {shape}) needs {want} bytes but its offsets [{begin}, {stop}] hold "
+            f"{stop - begin}"
+        )
+    return begin, stop
 
 
 def read_state_dict(path: Path) -> dict[str, Any]:

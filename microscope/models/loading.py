@@ -112,14 +112,31 @@ def _load_model(ref: ModelRef) -> nn.Module:
             auto = transformers.AutoModelForCausalLM if _is_causal_hf(config) else transformers.AutoModel
             model, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: config/weight shapes differ
+            if "ignore_mismatched_sizes" in str(exc):  # its "report" went to a log: say what it said
+                raise InputError(_shape_mismatch(auto, path, dtype)) from None
             raise InputError(f"transformers cannot load {path}: {str(exc).strip().splitlines()[0]}") from None
         _check_coverage(path, sorted(info["missing_keys"]), sorted(info["unexpected_keys"]), ref)
     else:
         model = _load_bare(path, ref, dtype)
+    if next(model.parameters(), None) is None:
+        raise InputError(
+            f"{path.name} builds a model with no parameters; there is nothing to audit (check model.module)"
+        )
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(dtype) if ref.dtype != "float32" else model
+
+
+def _shape_mismatch(auto: Any, path: Path, dtype: torch.dtype) -> str:
+    """Which tensors differ in shape between config.json and the weights (transformers only logs it)."""
+    _, info = auto.from_pretrained(path, dtype=dtype, output_loading_info=True, ignore_mismatched_sizes=True)
+    bad = sorted(info.get("mismatched_keys") or [], key=lambda m: m[0])
+    shown = "; ".join(f"{k}: weights {list(a)}, config.json {list(b)}" for k, a, b in bad[:3])
+    more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+    return (
+        f"{path.name}: config.json does not fit the saved weights: {shown}{more}; fix config.json or re-save the model"
+    )
 
 
 def _load_bare(path: Path, ref: ModelRef, dtype: torch.dtype) -> nn.Module:

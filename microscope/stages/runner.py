@@ -159,7 +159,11 @@ def run_stage(
             return done
         store.clean_orphans(prefix)
         run = StageRun(store, stage, prefix, config_hash, variant)
-        with timed(run.times):
-            record = compute(run)
+        try:
+            with timed(run.times):
+                record = compute(run)
+        except BaseException:  # a full disk: what this run half-wrote goes, so the record still fits
+            store.clean_orphans(prefix, why="half-written by this failed run")
+            raise
         record = record.model_copy(update=run.times)
         return publish(store, prefix, record)

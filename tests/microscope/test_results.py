@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from microscope import results
-from microscope.errors import InputError
+from microscope.errors import GateError, InputError
 from microscope.store import ArtifactStore, open_store
 from tests.conftest import FINISHED_RUN
 
@@ -207,3 +207,18 @@ def test_a_failed_stage_never_raises(audits) -> None:
     )
     assert "OOM" in df.attrs["missing"][f"sae[{HOOK}]"]
     assert results.features(store, rec, HOOK).attrs["missing"]["sae"].startswith(f"the SAE on {HOOK} failed")
+
+
+def test_every_layer_column_of_a_real_audit_passes_the_pre_run_path_check(audits) -> None:
+    """gates.check_path refuses a typo'd layer column before an audit runs, from a static vocabulary: a real
+    table's every column must pass it, so a column added to the table cannot be refused by mistake."""
+    from microscope.gates import IDENTITY, check_path
+
+    store, recs = audits
+    table = results.layer_table(store, results.load_audit(store, recs["step1"]["audit_id"]))
+    columns = [c for c in table.columns if c not in IDENTITY]
+    assert len(columns) > 20, columns  # weights, sensitivity, per-block act/quant/sae/cka columns
+    for c in columns:
+        check_path(f"layers.*.{c}", "test")
+    with pytest.raises(GateError, match="names no layer-table column"):
+        check_path("layers.*.nonexistent_metric", "test")
