@@ -11,7 +11,7 @@ from typing import Any
 
 from prefect import get_run_logger
 
-from microscope.errors import InputError, describe_os_error, final_errno
+from microscope.errors import InputError, StorageError, describe_os_error, final_errno
 from microscope.settings import get_settings
 from microscope.stages.runner import finished
 from microscope.store import ArtifactStore
@@ -96,7 +96,7 @@ class Settler:
             return StageRecord(stage=stage, status=StageStatus.failed, error=f"{label}: {exc}")
         error = f"{label}: {one_line(exc)}"
         # the user's own mistake needs no traceback, nor does a full or read-only store (which could not take it)
-        if not isinstance(exc, InputError) and final_errno(exc) is None:
+        if not isinstance(exc, InputError | StorageError) and final_errno(exc) is None:
             key = f"audits/{self.audit_id}/{label.replace('/', '_')}.log"
             text = "".join(traceback.format_exception(exc))
             error += f" (traceback: {self.store.put_bytes(key, text.encode())})"

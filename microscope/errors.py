@@ -56,11 +56,15 @@ def final_errno(exc: BaseException) -> int | None:
     return code if code in _FINAL_ERRNOS else None
 
 
-def describe_os_error(exc: OSError, action: str = "") -> str:
+def out_of_space(exc: BaseException) -> bool:
+    return final_errno(exc) in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def describe_os_error(exc: OSError, action: str = "", where: str | None = None) -> str:
     """One line for an OSError a user must fix: what happened, where, and what to do."""
     code = final_errno(exc)
     what = _FINAL_ERRNOS.get(code or -1, exc.strerror or type(exc).__name__)
-    where = f" ({exc.filename})" if exc.filename else ""
+    where = f" ({exc.filename or where})" if exc.filename or where else ""
     fix = {
         errno.ENOSPC: "free space there or point --store at another disk",
         errno.EDQUOT: "free space there or point --store at another disk",

@@ -23,6 +23,7 @@ from typing import Any
 
 from schemas.records import StageRecord, StageStatus
 
+from microscope.errors import StorageError, describe_os_error, out_of_space
 from microscope.settings import get_settings
 from microscope.store import MANIFEST, ArtifactStore
 
@@ -162,8 +163,12 @@ def run_stage(
         try:
             with timed(run.times):
                 record = compute(run)
-        except BaseException:  # a full disk: what this run half-wrote goes, so the record still fits
-            store.clean_orphans(prefix, why="half-written by this failed run")
+        except BaseException as exc:
+            if out_of_space(exc):  # what it wrote can never be finished here: the room goes to the audit record
+                store.delete_prefix(prefix)
+                raise StorageError(describe_os_error(exc, where=store.uri_for(prefix))) from exc  # type: ignore[arg-type]
+            else:  # its finished parts stay (a re-run resumes from them); half-written files go
+                store.clean_orphans(prefix, why="half-written by this failed run")
             raise
         record = record.model_copy(update=run.times)
         return publish(store, prefix, record)
