@@ -90,7 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from schemas.config import resolve_config
     from schemas.stages import check_audit_id
 
-    # Everything a user can get wrong is checked before anything starts (exit 2, one line).
+    # Everything a user can get wrong is checked before anything starts (exit 2, one line), cheapest first.
+    audit_id = check_audit_id(args.audit_id) if args.audit_id is not None else audits.new_audit_id()
     cfg = resolve_config(args.config, {"model.source": args.model, "dataset.path": args.dataset})
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages is not None else []
     if args.stages is not None and not stages:
@@ -104,7 +105,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         load_rules(cfg.gate.rules)
     store = open_store(args.store)
-    audit_id = check_audit_id(args.audit_id) if args.audit_id is not None else audits.new_audit_id()
     print(f"microscope: audit {audit_id} of {ref.source} (store {store.uri})", file=sys.stderr)
     store.check_writable()  # a read-only store is refused now, not after every stage ran
     temporary = not os.environ.get("PREFECT_API_URL")
