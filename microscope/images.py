@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,3 +48,74 @@ def images_digest(x: np.ndarray, y: np.ndarray) -> str:
         h.update(str((a.dtype, a.shape)).encode())
         h.update(np.ascontiguousarray(a).tobytes())
     return h.hexdigest()
+
+
+def check_fits(model: Any, x: np.ndarray, y: np.ndarray, path: str | Path) -> int:
+    """The model must take x's images and have a class for every label: checked with one forward of the first
+    image, so a mismatch is refused at ingest rather than as a torch error stages later. Returns the classes."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            out = model(torch.from_numpy(x[:1]).to(_dtype(model)))
+    except (RuntimeError, ValueError, IndexError) as exc:  # what conv, linear and view raise for a wrong shape
+        raise InputError(_shape_mismatch(model, x, path, exc)) from None
+    logits = getattr(out, "logits", out)  # HF classifiers answer an output object
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[0] != 1:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise InputError(
+            f"{path}: the model answers one image with {got}, not [1, classes] logits; audit an image classifier"
+        )
+    classes = int(logits.shape[1])
+    if int(y.max()) >= classes:
+        raise InputError(
+            f"{path}: y holds label {int(y.max())} but the model has {classes} classes (labels 0-{classes - 1}); "
+            "fix the labels or pass the model they belong to"
+        )
+    return classes
+
+
+def _shape_mismatch(model: Any, x: np.ndarray, path: str | Path, exc: Exception) -> str:
+    """One line: x's shape, what the model takes where that can be told (the channels of its first convolution,
+    confirmed by a forward; the inputs of an MLP's first layer), else torch's own complaint (its first line)."""
+    from torch import nn
+
+    c, h, w = x.shape[1:]
+    shape = f"(N={len(x)}, {c}, {h}, {w})"
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    if convs and convs[0].in_channels != c and _runs(model, (convs[0].in_channels, h, w)):
+        want = convs[0].in_channels
+        return (
+            f"{path}: x has shape {shape} but the model takes ({want}, {h}, {w}) images; "
+            f"give x shape (N, {want}, {h}, {w})"
+        )
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    if not convs and linears and linears[0].in_features != c * h * w:
+        return (
+            f"{path}: x has shape {shape}, {c * h * w} values per image, but the model's first layer takes "
+            f"{linears[0].in_features}; give x the shape the model was trained on"
+        )
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"{path}: x has shape {shape} but the model cannot run {c}×{h}×{w} images ({reason}); "
+        "give x the channels and H×W the model was trained on"
+    )
+
+
+def _runs(model: Any, shape: tuple[int, int, int]) -> bool:
+    """Whether the model runs one all-zero image of `shape` (C, H, W)."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            model(torch.zeros((1, *shape), dtype=_dtype(model)))
+    except (RuntimeError, ValueError, IndexError):
+        return False
+    return True
+
+
+def _dtype(model: Any) -> Any:
+    """The dtype the model computes in (that of its first floating-point parameter): images go in at it."""
+    import torch
+
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

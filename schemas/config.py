@@ -91,9 +91,24 @@ class DatasetConfig(Section):
         description="How a .txt file splits into documents: one per line, per blank-line paragraph, or whole file.",
     )
     seq_len: int = Field(128, ge=2, le=65536, description="Tokens per packed window.")
-    max_tokens: int = Field(65536, ge=2, description="Stop packing after this many tokens.")
-    min_doc_tokens: int = Field(1, ge=1, description="Documents shorter than this (in tokens) fail validation.")
-    max_doc_tokens: int = Field(1_000_000, ge=1, description="Documents longer than this (in tokens) fail validation.")
+    max_tokens: int = Field(
+        65536,
+        ge=2,
+        description="Stop packing after this many tokens. The whole file is still read (its digest, encoding and "
+        "records are checked), but documents past the windows are not tokenized.",
+    )
+    min_doc_tokens: int = Field(
+        1,
+        ge=1,
+        description="Tokenized documents shorter than this (in tokens) fail validation; a document cut at "
+        "max_tokens is read on to this length first.",
+    )
+    max_doc_tokens: int = Field(
+        1_000_000,
+        ge=1,
+        description="Tokenized documents longer than this (in tokens) fail validation; a document cut at "
+        "max_tokens counts the tokens read of it.",
+    )
 
     @field_validator("encoding")
     @classmethod

@@ -34,45 +34,47 @@ def dataset_fingerprint(path: str | None) -> str:
 def run(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
     if images.is_image_dataset(cfg.dataset.path):
         return _run_images(ref, cfg, store)
-    docs = ds.read_documents(cfg.dataset)
-    text_digest = ds.text_digest(docs)
+    scan = ds.scan(cfg.dataset)  # the whole file, streamed: its digest, and any bad byte or record anywhere
     model = loading.load_model(ref)
     weights = loading.model_digest(model)
     digest = loading.function_digest(model, ref, weights)
     bad = loading.check_finite(model, ref)
     chash = canonical_hash(
-        {"v": VERSION, "dataset": cfg.dataset.model_dump(), "tokenizer": ref.tokenizer, "text": text_digest}
+        {"v": VERSION, "dataset": cfg.dataset.model_dump(), "tokenizer": ref.tokenizer, "text": scan.digest}
     )
 
     def compute(run: StageRun) -> StageRecord:
         arch = loading.describe(model)
         tokenizer = loading.load_tokenizer(ref)
-        token_lists, n_tokens = ds.token_lengths(docs, tokenizer)
-        checks = validate_documents(docs, n_tokens, cfg.dataset)
+        read = ds.tokenize(
+            ds.pieces(cfg.dataset), tokenizer, ds.token_budget(tokenizer, cfg.dataset), cfg.dataset.min_doc_tokens
+        )
+        checks = validate_documents(*_checked_documents(read, scan), cfg.dataset)
         raise_on_failure(checks, cfg.dataset.path or "", cfg.dataset)
-        packed = ds.pack(token_lists, tokenizer, cfg.dataset)
+        packed = ds.pack(read.token_lists, tokenizer, cfg.dataset, more=not read.exhausted)
         if packed.input_ids.shape[0] == 0:
             raise InputError(
-                f"dataset {cfg.dataset.path} has {int(n_tokens.sum())} tokens, fewer than one window of "
+                f"dataset {cfg.dataset.path} has {int(read.counts.sum())} tokens, fewer than one window of "
                 f"dataset.seq_len={cfg.dataset.seq_len}; lower seq_len or add text"
             )
         dataset_digest = ds.tokens_digest(packed, type(tokenizer).__name__ + str(tokenizer.vocab_size))
         summary = DatasetSummary(
             source=str(cfg.dataset.path),
-            text_digest=text_digest,
-            n_documents=len(docs),
+            text_digest=scan.digest,
+            n_documents=scan.documents,
             n_tokens=int(packed.input_ids.size),
             n_windows=int(packed.input_ids.shape[0]),
             seq_len=cfg.dataset.seq_len,
-            tokens_per_doc_mean=float(n_tokens.mean()) if len(n_tokens) else 0.0,
-            tokens_per_doc_max=int(n_tokens.max()) if len(n_tokens) else 0,
+            # over the documents tokenized; one cut at the budget counts the tokens read of it
+            tokens_per_doc_mean=float(read.counts.mean()) if len(read.counts) else 0.0,
+            tokens_per_doc_max=int(read.counts.max()) if len(read.counts) else 0,
             truncated=packed.truncated,
             checks=checks,
         )
         tmp = store.staging_path(run.key("tokens.parquet"))
         ds.write_tokens(packed, tmp)
         return run.record(
-            input_digests={"model_files": ref.source_fingerprint, "text": text_digest},
+            input_digests={"model_files": ref.source_fingerprint, "text": scan.digest},
             artifacts={
                 "tokens": store.put_file(run.key("tokens.parquet"), tmp, move=True),
                 **_describe(run, arch, summary),
@@ -91,10 +93,22 @@ def run(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
                 "dataset_digest": dataset_digest,
                 "modality": "text",
                 "tokens_key": run.key("tokens.parquet"),
+                # every document is read (decoded, digested); tokenizing stops when the windows are full
+                "documents_read": scan.documents,
+                "documents_tokenized": len(read.token_lists),
+                "last_document_cut": read.cut,
             },
         )
 
     return run_stage(store, "ingest", stage_prefix(digest, "ingest", chash), chash, compute)
+
+
+def _checked_documents(read: ds.Tokenized, scan: ds.Scan) -> tuple[list[str | None], np.ndarray]:
+    """What validation checks: the documents tokenized (token lengths are known only for them; the rest never
+    reach the model) and every record without text in the file, tokenized or not, with 0 tokens as before."""
+    unread_nulls = scan.nulls - read.heads.count(None)
+    docs = read.heads + [None] * unread_nulls
+    return docs, np.concatenate([read.counts, np.zeros(unread_nulls, dtype=np.int64)])
 
 
 def _describe(run: StageRun, arch: Architecture, summary: DatasetSummary) -> dict[str, str]:
@@ -114,6 +128,7 @@ def _run_images(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageR
     weights = loading.model_digest(model)
     digest = loading.function_digest(model, ref, weights)
     bad = loading.check_finite(model, ref)
+    images.check_fits(model, x, y, str(cfg.dataset.path))  # before the cache: an old record may predate the check
     chash = canonical_hash({"v": VERSION, "images": digest_xy})
 
     def compute(run: StageRun) -> StageRecord:
