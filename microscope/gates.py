@@ -22,24 +22,24 @@ from __future__ import annotations
 
 import fnmatch
 import math
-import re
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from schemas.config import EXAMPLES, ConfigError, canonical_hash, read_yaml
+from schemas.config import canonical_hash
 from schemas.gates import Check, GateRules, GateVerdict, Offender, Rule, RuleResult
 from schemas.records import AuditRecord, StageRecord, StageStatus
 
 from microscope import results
 from microscope.errors import GateError
 from microscope.gate_baselines import Baseline, resolve_baseline
+from microscope.gate_rules import NAMESPACES, PER_BLOCK, column_glob, split_path
+from microscope.gate_rules import check_path as check_path
+from microscope.gate_rules import load_rules as load_rules
 from microscope.store import ArtifactStore
 
 if TYPE_CHECKING:
     import pandas as pd
 
-NAMESPACES = ("layers", "metrics", "quantize", "sae", "robustness")
 EPS_FIGURES = {"pgd": "pgd", "fgsm": "fgsm", "noise": "noise", "robust_accuracy": "pgd"}
 MAX_OFFENDERS = 20
 IDENTITY = ("name", "layer", "role", "rows", "cols", "spectrum", "anomaly", "anomalies", "anomaly_reasons")
@@ -47,62 +47,6 @@ IDENTITY = ("name", "layer", "role", "rows", "cols", "spectrum", "anomaly", "ano
 
 class Skip(Exception):  # a control-flow signal, not an error: the rule is skipped
     """The path is valid but this audit has nothing there (its stage did not run)."""
-
-
-# ---- rules ------------------------------------------------------------------------------------
-
-
-def load_rules(source: str | Path | dict[str, Any] | list[Any]) -> tuple[GateRules, str]:
-    """Rules from a YAML file, a name under examples/ (`gates` → examples/gates.yaml), or an inline mapping
-    ({baseline, rules}) or list of rules; and a label saying where they came from."""
-    from pydantic import ValidationError
-
-    if isinstance(source, dict | list):
-        data, label = source, "the inline gate rules"
-    else:
-        path = Path(source)
-        if not path.is_file() and "/" not in str(source) and (EXAMPLES / f"{source}.yaml").is_file():
-            path = EXAMPLES / f"{source}.yaml"
-        if not path.is_file():
-            raise GateError(f"gate rules {source} not found; pass a YAML file or a name under examples/ (gates)")
-        label = str(path)
-        try:
-            data = read_yaml(path)  # strictly: a key given twice, an alias or a huge file is refused
-        except ConfigError as exc:
-            raise GateError(str(exc)) from None
-    if isinstance(data, list):
-        data = {"rules": data}
-    if not isinstance(data, dict):
-        raise GateError(f"{label} must be a mapping with `rules:` (and optionally `baseline:`)")
-    try:
-        rules = GateRules.model_validate(data)
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        raise GateError(f"{label}: {where}: {msg}") from None
-    for i, rule in enumerate(rules.rules):
-        check_path(rule.metric, f"{label}: rules.{i}.metric")
-    return rules, label
-
-
-def check_path(path: str, where: str) -> None:
-    """What can be known of a metric path before any audit: its namespace, and for `layers.` that some
-    layer-table column could match (a typo is refused before the audit runs, not after)."""
-    ns, rest, _ = _split(path)
-    if ns not in NAMESPACES:
-        raise GateError(f"{where}: unknown namespace {ns!r} in {path!r}; use one of {', '.join(NAMESPACES)}")
-    if ns != "layers":
-        return  # their figure names depend on the stage's configuration: checked against the audit
-    parts = rest.split(".")
-    if len(parts) > 2 and _PER_BLOCK.search("." + ".".join(parts[-2:])):
-        return
-    rx = _glob(parts[-1])
-    if len(parts) < 2 or not any(rx.match(c) for c in LAYER_COLUMNS):
-        raise GateError(
-            f"{where}: {path!r} names no layer-table column; write layers.<matrix glob>.<column> with a column "
-            f"from {', '.join(LAYER_COLUMNS)}, or a per-block one such as act_norm.resid or quant_cosine[int8].mlp"
-        )
 
 
 # ---- metric paths -----------------------------------------------------------------------------
@@ -148,16 +92,10 @@ def _figure_map(record: AuditRecord, ns: str) -> dict[str, dict[str, float]]:
     return {v: dict(r.metrics) for v, r in recs.items()}
 
 
-def _split(path: str) -> tuple[str, str, float | None]:
-    base, _, eps = path.partition("@eps=")
-    ns, _, rest = base.partition(".")
-    return ns, rest, float(eps) if eps else None
-
-
 def elements(src: _Sources, path: str) -> dict[str, float]:
     """Element key -> value (NaN where undefined) for a metric path; `Skip` when its stage did not run,
     `GateError` (listing the valid paths) when the path cannot exist."""
-    ns, rest, eps = _split(path)
+    ns, rest, eps = split_path(path)
     rec = src.record
     if ns not in NAMESPACES:
         raise GateError(f"unknown metric namespace {ns!r} in {path!r}; {valid_paths(src)}")
@@ -178,19 +116,14 @@ def elements(src: _Sources, path: str) -> dict[str, float]:
     return {k: _float(f.get(figure)) for k, f in matched.items()}
 
 
-def _glob(pattern: str) -> re.Pattern[str]:
-    """A column glob: only `*` is a wildcard (column names hold brackets: quant_cosine[int8].resid)."""
-    return re.compile(".*".join(re.escape(p) for p in pattern.split("*")) + r"\Z")
-
-
 def _layer_elements(src: _Sources, rest: str, path: str) -> dict[str, float]:
     """`<matrix glob>.<column glob>`: a column name holds at most one dot (`sae_fvu.resid`), so the column
     part is the last two segments when they match a column, else the last one. With several matching
     columns each element is `matrix:column`."""
     parts = rest.split(".")
     # a per-block column is `<figure>.<hook>` (act_…, quant_…[v], sae_…, cka…, attack_…): two segments
-    k = 2 if len(parts) > 2 and _PER_BLOCK.search("." + ".".join(parts[-2:])) else 1
-    rx = _glob(".".join(parts[-k:]))
+    k = 2 if len(parts) > 2 and PER_BLOCK.search("." + ".".join(parts[-2:])) else 1
+    rx = column_glob(".".join(parts[-k:]))
     matched = [c for c in src.layer_columns() if rx.match(c)] if len(parts) > k else []
     matrix_glob = ".".join(parts[:-k])
     if not matched:
@@ -206,13 +139,6 @@ def _layer_elements(src: _Sources, rest: str, path: str) -> dict[str, float]:
     return {f"{n}:{c}": _float(v) for c in matched for n, v in zip(picked["name"], picked[c], strict=True)}
 
 
-_PER_BLOCK = re.compile(
-    r"\.(act_\w+|quant_\w+\[[^\]]+\]|sae_\w+(?:\[[^\]]+\])?|cka_(?:prev|next)|cka\[[^\]]+\]|attack_shift(?:\[[^\]]+\])?)"
-    r"\.(resid|mlp|attn|\*)$"
-)
-# Every per-matrix column a layer table can hold (per-block columns follow _PER_BLOCK); a test holds a real
-# audit's table to it, so a new column cannot be missed here.
-LAYER_COLUMNS = (*results.WEIGHT_COLUMNS, *results.SENSITIVITY_COLUMNS, "effective_rank_share", "condition_z")
 _STAGE_OF = {"act_": "trace", "quant_": "quantize", "sae_": "sae", "cka": "metrics.cka", "attack_": "robustness"}
 
 
@@ -223,7 +149,7 @@ def _absent_column(src: _Sources, rest: str, path: str) -> NoReturn:
     for c in (*results.WEIGHT_COLUMNS, *results.SENSITIVITY_COLUMNS):
         if rest.endswith("." + c):
             raise Skip(missing.get("metrics") or missing.get("metrics.sensitivity") or f"no {c} in this audit")
-    m = _PER_BLOCK.search(rest)
+    m = PER_BLOCK.search(rest)
     if m:
         stage = next(v for k, v in _STAGE_OF.items() if m[1].startswith(k))
         raise Skip(missing.get(stage) or f"audit {src.record.audit_id} has no {m[1]} at its {m[2]} hooks")
