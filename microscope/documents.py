@@ -12,7 +12,7 @@ import codecs
 import hashlib
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ class Scan:
     digest: str  # sha256 of the documents' text, in order
     documents: int
     nulls: int  # records without text
+    stamp: tuple[int, int] | None = field(default=None, compare=False)  # the file's (size, mtime_ns) when read
 
 
 # ---- reading ------------------------------------------------------------------------------------------
@@ -73,6 +74,7 @@ def scan(cfg: DatasetConfig) -> Scan:
     (0x00 for a record without text), the digest ingest had when it held the documents, so cache keys stay."""
     h = hashlib.sha256()
     documents = nulls = 0
+    before = _stamp(cfg)
     for text, last in pieces(cfg):
         if text is None:
             h.update(b"\x00")
@@ -82,7 +84,22 @@ def scan(cfg: DatasetConfig) -> Scan:
             if last:
                 h.update(b"\x1e")
         documents += int(last)
-    return Scan(h.hexdigest(), documents, nulls)
+    return Scan(h.hexdigest(), documents, nulls, before)
+
+
+def _stamp(cfg: DatasetConfig) -> tuple[int, int] | None:
+    p = _local_file(cfg)
+    if p is None:
+        return None
+    st = p.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def check_unchanged(cfg: DatasetConfig, scanned: Scan) -> None:
+    """The file is read twice (the digest, then the tokens): a file rewritten in between would give tokens that
+    its cache key does not describe; refused instead."""
+    if scanned.stamp is not None and _stamp(cfg) != scanned.stamp:
+        raise InputError(f"dataset {cfg.path} changed while it was being read; run the audit again once it is written")
 
 
 def _utf8(text: str, cfg: DatasetConfig, document: int) -> bytes:

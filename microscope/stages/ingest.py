@@ -11,6 +11,7 @@ from schemas.records import Architecture, DatasetSummary, ModelRef, StageRecord
 
 from microscope import dataset as ds
 from microscope import images
+from microscope.documents import check_unchanged
 from microscope.errors import InputError
 from microscope.models import loading
 from microscope.stages.runner import StageRun, run_stage, stage_prefix
@@ -49,6 +50,7 @@ def run(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageRecord:
         read = ds.tokenize(
             ds.pieces(cfg.dataset), tokenizer, ds.token_budget(tokenizer, cfg.dataset), cfg.dataset.min_doc_tokens
         )
+        check_unchanged(cfg.dataset, scan)
         checks = validate_documents(*_checked_documents(read, scan), cfg.dataset)
         raise_on_failure(checks, cfg.dataset.path or "", cfg.dataset)
         packed = ds.pack(read.token_lists, tokenizer, cfg.dataset, more=not read.exhausted)

@@ -326,3 +326,17 @@ def test_hub_rows_and_json_surrogates_are_read_or_refused(tmp_path: Path, monkey
     (tmp_path / "s.jsonl").write_text('{"text": "ok"}\n{"text": "bad \\ud800 here"}\n')
     with pytest.raises(InputError, match=r"s.jsonl: document 2 holds '\\ud800', a lone surrogate"):
         ds.scan(DatasetConfig(path=str(tmp_path / "s.jsonl")))
+
+
+def test_a_file_rewritten_between_its_two_reads_is_refused(tmp_path: Path) -> None:
+    """The digest and the tokens come from two reads: a file changed in between is refused, not mis-keyed."""
+    from microscope.documents import check_unchanged
+
+    p = tmp_path / "d.txt"
+    p.write_text("one line\nanother line\n")
+    cfg = DatasetConfig(path=str(p))
+    scanned = ds.scan(cfg)
+    check_unchanged(cfg, scanned)  # untouched: fine
+    p.write_text("one line\nanother line\nand a third\n")
+    with pytest.raises(InputError, match=r"changed while it was being read; run the audit again"):
+        check_unchanged(cfg, scanned)
