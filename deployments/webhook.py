@@ -6,13 +6,16 @@ deployment through the Prefect REST API with an idempotency key derived from the
 (run_id, step, checkpoint) is one flow run whichever delivery, replica or restart it arrives through,
 because the Prefect server is the one place that dedupes. It keeps no state of its own.
 
-    POST /v1/checkpoints             202 {flow_run_id, deployment, duplicate} | 401 | 413 | 422 | 503
+    POST /v1/checkpoints             202 {flow_run_id, deployment, duplicate} | 401 | 408 | 413 | 422 | 431 | 503
     GET  /v1/checkpoints/{id}        the run's state; when finished, the audit's status, report, figures
     GET  /v1/schema                  the body's JSON Schema
     GET  /healthz  /readyz  /metrics liveness, readiness (Prefect reachable), Prometheus counters
 
-Anything a sender can send gets a 4xx or a 503 (retry later; nothing is lost), never a 500. The access
-log is one JSON line per request, without secrets or bodies.
+Anything a sender can send gets a 4xx or a 503 (retry later; nothing is lost), never a 500 and never a
+TCP reset: headers over 16 KiB get 431, headers or a body slower than MICROSCOPE_WEBHOOK_READ_TIMEOUT_S
+get 408. A valid message is refused (422) when a path it names lies outside the allowed roots
+(MICROSCOPE_WEBHOOK_CHECKPOINT_ROOTS) or its callback_url reaches a non-public address (unless
+MICROSCOPE_CALLBACK_ALLOW_PRIVATE). The access log is one JSON line per request, without secrets or bodies.
 """
 
 from __future__ import annotations
@@ -20,9 +23,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -34,8 +38,10 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 
+from deployments.webhook_transport import MAX_HEADER_BYTES, guarded_protocol, listen
+from microscope.result_callback import CallbackRefused, CallbackUnresolved, callback_target
 from microscope.settings import get_settings
-from schemas.webhook import MAX_BODY_BYTES, Accepted, AuditStatus, CheckpointReady
+from schemas.webhook import MAX_BODY_BYTES, Accepted, AuditStatus, CheckpointReady, normalise_root
 
 log = logging.getLogger("microscope.webhook")
 RETRY_AFTER_S = 5
@@ -45,6 +51,8 @@ FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 # Within bounds, though: beyond these the 413 goes out at once with `Connection: close`.
 DRAIN_MAX_BYTES = 64 * 2**20
 DRAIN_MAX_S = 30.0
+DNS_TIMEOUT_S = 5.0
+SIGNATURE_HEADERS = ("webhook-id", "webhook-timestamp", "webhook-signature")
 
 
 class Unavailable(Exception):
@@ -142,16 +150,33 @@ def check_secret(secret: str) -> None:
         )
 
 
-def _verify(secrets: list[str], body: bytes, headers: dict[str, str]) -> str | None:
+def check_roots(roots: Sequence[str]) -> list[str]:
+    """The allowed roots, normalised (`normalise_root`); ValueError when there are none, since a receiver that
+    refuses every checkpoint helps nobody."""
+    if not roots:
+        raise ValueError(
+            "MICROSCOPE_WEBHOOK_CHECKPOINT_ROOTS is empty, so every checkpoint would be refused; list where "
+            "checkpoints may come from, e.g. 's3://ckpts/ /data/checkpoints/' (default: s3://)"
+        )
+    return [normalise_root(r) for r in roots]
+
+
+def _unsigned(headers: dict[str, str]) -> str | None:
+    """Which signature headers are missing, or None."""
+    missing = [h for h in SIGNATURE_HEADERS if not headers.get(h)]
+    if not missing:
+        return None
+    return f"missing {', '.join(missing)} header{'s' if len(missing) > 1 else ''}"
+
+
+def _verify(secrets: list[str], text: str, headers: dict[str, str]) -> str | None:
     """None when one of the secrets signed this body at an acceptable time; else why not (for the log)."""
     from standardwebhooks.webhooks import Webhook
 
-    if not all(headers.get(h) for h in ("webhook-id", "webhook-timestamp", "webhook-signature")):
-        return "missing webhook-id, webhook-timestamp or webhook-signature header"
-    try:
-        text = body.decode()
-    except UnicodeDecodeError:
-        return "body is not UTF-8"
+    if why := _unsigned(headers):
+        return why
+    if not re.fullmatch(r"[0-9]{1,15}", headers["webhook-timestamp"]):
+        return "webhook-timestamp is not a unix time in whole seconds"
     reason = "signature does not match"
     for secret in secrets:
         try:
@@ -168,14 +193,16 @@ def _field_errors(exc: ValidationError) -> str:
 
 
 def create_app(prefect_url: str | None = None) -> FastAPI:
-    from prefect.settings import PREFECT_API_URL
-
     s = get_settings()
     secrets = s.webhook_secrets()
     if not secrets:
         raise ValueError("MICROSCOPE_WEBHOOK_SECRET is not set; create one with `microscope webhook secret`")
     for secret in secrets:  # a receiver that reports healthy and then refuses every delivery helps nobody
         check_secret(secret)
+    roots = check_roots(s.webhook_checkpoint_roots)
+    allow_private, read_timeout_s = s.callback_allow_private, s.webhook_read_timeout_s
+    from prefect.settings import PREFECT_API_URL  # after the checks above: a second of imports
+
     url = prefect_url or PREFECT_API_URL.value()
     if not url:
         raise ValueError("PREFECT_API_URL is not set; point it at the Prefect server that runs the audits")
@@ -228,24 +255,51 @@ def create_app(prefect_url: str | None = None) -> FastAPI:
             response.headers["connection"] = "close"
         return response
 
-    @app.post("/v1/checkpoints", status_code=202, response_model=Accepted)
-    async def checkpoint_ready(request: Request) -> Response:
-        request.state.log["webhook_id"] = request.headers.get("webhook-id", "")[:100]
+    async def read_body(request: Request) -> bytes | Response:
+        """The body, or the answer to one too large (413) or too slow (408: it would hold the connection)."""
         declared = request.headers.get("content-length", "")
         chunks = request.stream()
         if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             return await too_large(request, chunks, 0)
         body = bytearray()
-        async for chunk in chunks:
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                return await too_large(request, chunks, len(body))
-        if why := _verify(secrets, bytes(body), dict(request.headers)):
+        try:
+            async with asyncio.timeout(read_timeout_s):
+                async for chunk in chunks:
+                    body += chunk
+                    if len(body) > MAX_BODY_BYTES:
+                        break
+        except TimeoutError:
+            detail = f"body not received within {read_timeout_s:g} s; send it at once"
+            response = refuse(request, 408, "slow_body", detail)
+            response.headers["connection"] = "close"
+            return response
+        if len(body) > MAX_BODY_BYTES:  # outside the read deadline: draining has its own
+            return await too_large(request, chunks, len(body))
+        return bytes(body)
+
+    @app.post("/v1/checkpoints", status_code=202, response_model=Accepted)
+    async def checkpoint_ready(request: Request) -> Response:
+        request.state.log["webhook_id"] = request.headers.get("webhook-id", "")[:100]
+        body = await read_body(request)
+        if isinstance(body, Response):
+            return body
+        headers = dict(request.headers)
+        if why := _unsigned(headers):
             return refuse(request, 401, "signature", f"webhook signature refused: {why}")
         try:
-            msg = CheckpointReady.model_validate_json(bytes(body))
+            text = body.decode()
+        except UnicodeDecodeError as exc:  # not a signature problem: the sender encoded the message wrongly
+            return refuse(request, 422, "body", f"body: not UTF-8 (byte {exc.start}); send the JSON message as UTF-8")
+        if why := _verify(secrets, text, headers):
+            return refuse(request, 401, "signature", f"webhook signature refused: {why}")
+        try:
+            msg = CheckpointReady.model_validate_json(text)
         except ValidationError as exc:
             return refuse(request, 422, "body", _field_errors(exc))
+        if why := msg.outside_roots(roots):
+            return refuse(request, 422, "roots", why)
+        if refusal := await _callback_refusal(msg.callback_url, allow_private):
+            return refuse(request, *refusal)
         request.state.log |= {"run_id": msg.run_id[:100], "step": msg.step}
         try:
             flow_run_id, duplicate = await api.start(msg)
@@ -262,7 +316,7 @@ def create_app(prefect_url: str | None = None) -> FastAPI:
     @app.get("/v1/checkpoints/{flow_run_id}", response_model=AuditStatus)
     async def checkpoint_status(flow_run_id: str, request: Request) -> Response:
         """Signed like a delivery (over an empty body): figures and report locations are not public."""
-        if why := _verify(secrets, b"", dict(request.headers)):
+        if why := _verify(secrets, "", dict(request.headers)):
             return _json(401, {"detail": f"webhook signature refused: {why}"})
         try:
             uuid.UUID(flow_run_id)
@@ -322,6 +376,22 @@ def _with_record(out: AuditStatus, message: str | None) -> AuditStatus:
     )
 
 
+async def _callback_refusal(url: str | None, allow_private: bool) -> tuple[int, str, str] | None:
+    """(status, reason, detail) when `url` must not be called back (422) or its host cannot be resolved now
+    (503: the sender retries); None when it may."""
+    if url is None:
+        return None
+    try:
+        async with asyncio.timeout(DNS_TIMEOUT_S):
+            await asyncio.to_thread(callback_target, url, allow_private)
+    except CallbackRefused as exc:
+        return 422, "callback", f"callback_url: {exc}"
+    except (CallbackUnresolved, TimeoutError) as exc:
+        why = str(exc) or f"DNS did not answer within {DNS_TIMEOUT_S:g} s"
+        return 503, "unavailable", f"callback_url: {why}; retry later, nothing was lost"
+    return None
+
+
 async def _discard(chunks: AsyncIterator[bytes], seen: int) -> bool:
     """Read and drop the rest of a refused body; True when it ended within DRAIN_MAX_BYTES and DRAIN_MAX_S."""
     try:
@@ -340,9 +410,15 @@ def _json(status: int, body: dict[str, Any], retry: bool = False) -> JSONRespons
 
 
 def serve(host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Run the receiver on uvicorn (the access log is ours: one JSON line per request)."""
+    """Run the receiver on uvicorn's h11 protocol, guarded (deployments/webhook_transport.py); the access log is ours: one
+    JSON line per request. A port in use is a ValueError (the CLI's exit 2), not uvicorn's exit 3."""
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     app = create_app()
-    uvicorn.run(app, host=host, port=port, access_log=False, log_level="warning")
+    sock = listen(host, port)
+    protocol = guarded_protocol(get_settings().webhook_read_timeout_s)
+    config = uvicorn.Config(
+        app, http=protocol, h11_max_incomplete_event_size=MAX_HEADER_BYTES, access_log=False, log_level="warning"
+    )
+    uvicorn.Server(config).run(sockets=[sock])

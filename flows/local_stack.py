@@ -113,6 +113,8 @@ class LocalStack:
             raise RuntimeError(
                 f"port {self.webhook_port} already has a webhook receiver; stop it or pass --webhook-port"
             )
+        for k, v in laptop_webhook_settings(self.host).items():  # the receiver's, and the served audits' callbacks
+            os.environ[k] = env[k] = v
         cmd = [sys.executable, "-m", "flows.cli", "webhook", "serve", "--host", self.host]
         p = self._spawn([*cmd, "--port", str(self.webhook_port)], "webhook.log", env)
         _wait(f"{hook}/healthz", 60, p, "the webhook receiver")
@@ -138,6 +140,32 @@ class LocalStack:
                 p.wait(20)
             except subprocess.TimeoutExpired:
                 os.killpg(p.pid, signal.SIGKILL)
+
+
+def laptop_webhook_settings(host: str) -> dict[str, str]:
+    """What a stack listening on loopback accepts unless the environment says otherwise: checkpoints at any local
+    path (the trainer writes them to this disk) and result callbacks to this machine (the trainer listens here).
+    Its senders are on this machine already; a stack on another address keeps the strict defaults."""
+    from microscope.settings import get_settings
+
+    if host != "localhost" and not _is_loopback(host):
+        return {}
+    given = get_settings().model_fields_set
+    out = {}
+    if "webhook_checkpoint_roots" not in given:
+        out["MICROSCOPE_WEBHOOK_CHECKPOINT_ROOTS"] = "s3:// /"
+    if "callback_allow_private" not in given:
+        out["MICROSCOPE_CALLBACK_ALLOW_PRIVATE"] = "true"
+    return out
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def serve_audits(limit: int) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -80,6 +80,23 @@ class Settings(BaseSettings):
         None, description="Where senders (callbacks, `microscope notify`) POST checkpoints."
     )
     audit_deployment: str = Field("audit/checkpoint", description="The deployment a received checkpoint starts.")
+    webhook_checkpoint_roots: Annotated[tuple[str, ...], NoDecode] = Field(
+        ("s3://",),
+        description="Where the receiver takes checkpoints (and dataset and config paths) from: s3://bucket/prefix "
+        "and absolute-path prefixes, separated by spaces; anything else is refused with 422. Default: any s3:// "
+        "URI and no local path. Empty: the receiver refuses to start (it would refuse every checkpoint).",
+    )
+    callback_allow_private: bool = Field(
+        False,
+        description="Let result callbacks go to loopback, private, link-local and other non-public addresses (a "
+        "laptop, a test). Off: the receiver refuses such a callback_url with 422 and the audit refuses to POST there.",
+    )
+    webhook_read_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="Seconds a client has to send a request's headers, and again its body: a slower one gets 408 "
+        "and the connection is closed (against slowloris clients holding connections open).",
+    )
     gate_notify_block: str | None = Field(
         None,
         description="The Prefect notification block (`<block type>/<name>`, e.g. slack-webhook/ml-team) that the "
@@ -88,6 +105,11 @@ class Settings(BaseSettings):
 
     def webhook_secrets(self) -> list[str]:
         return self.webhook_secret.get_secret_value().split() if self.webhook_secret else []
+
+    @field_validator("webhook_checkpoint_roots", mode="before")
+    @classmethod
+    def _split_roots(cls, v: Any) -> Any:
+        return tuple(v.split()) if isinstance(v, str) else v  # the environment's form: separated by spaces
 
     @field_validator("device")
     @classmethod

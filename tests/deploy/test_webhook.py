@@ -96,18 +96,25 @@ def prefect_port() -> int:
     return free_port()
 
 
-def start_receiver(api_url: str, home: Path) -> tuple[subprocess.Popen, Receiver]:
-    port = free_port()
+def spawn_receiver(
+    api_url: str, home: Path, port: int | None = None, **extra: str
+) -> tuple[subprocess.Popen, Receiver]:
+    """`microscope webhook serve` on `port` (default: a free one) with `extra` settings, not yet answering."""
+    port = port or free_port()
     log = home / f"receiver-{port}.log"
     proc = subprocess.Popen(
         [str(VENV_BIN / "microscope"), "webhook", "serve", "--port", str(port)],
-        env=_env(api_url, home),
+        env=_env(api_url, home, **extra),
         stdout=open(log, "w"),
         stderr=subprocess.STDOUT,
     )
-    url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/healthz", 60, proc)
-    return proc, Receiver(url, log)
+    return proc, Receiver(f"http://127.0.0.1:{port}", log)
+
+
+def start_receiver(api_url: str, home: Path, **extra: str) -> tuple[subprocess.Popen, Receiver]:
+    proc, rec = spawn_receiver(api_url, home, **extra)
+    wait_http(f"{rec.url}/healthz", 60, proc)
+    return proc, rec
 
 
 @pytest.fixture(scope="module")
@@ -357,3 +364,77 @@ def test_oversized_bodies_always_get_the_413(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(20)
+
+
+class CallbackSink:
+    """A training job's callback_url on 127.0.0.1: keeps (Host header, headers, body) of every POST."""
+
+    def __init__(self) -> None:
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, dict[str, str], str]] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length", 0))).decode()
+                sink.requests.append((self.headers["host"], dict(self.headers), body))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+def test_result_callbacks_are_checked_where_they_are_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 21 #9: a callback_url that reaches the audit another way (`microscope run --callback-url`) is checked
+    when the result is POSTed, and the POST goes to the address that was checked (pinned against DNS rebinding)
+    with the URL's name kept in the Host header."""
+    from standardwebhooks.webhooks import Webhook
+
+    from microscope.result_callback import CallbackTarget, pin, post_result
+
+    sink = CallbackSink()
+    url = f"http://127.0.0.1:{sink.port}/results"
+    monkeypatch.delenv("MICROSCOPE_CALLBACK_ALLOW_PRIVATE", raising=False)
+    try:
+        why = post_result(url, {"status": "completed"}, SECRET_OLD, give_up_after_s=5)
+        assert why == (
+            f"{url} refused: host 127.0.0.1 is a loopback address; results go to public addresses only, unless "
+            "MICROSCOPE_CALLBACK_ALLOW_PRIVATE=true on the receiver and the audits"
+        )
+        assert sink.requests == []  # refused before connecting, and not retried
+        monkeypatch.setenv("MICROSCOPE_CALLBACK_ALLOW_PRIVATE", "true")
+        assert post_result(url, {"status": "completed"}, SECRET_OLD, give_up_after_s=5) is None
+        (_, headers, body), *_ = sink.requests
+        assert Webhook(SECRET_OLD).verify(body, headers) == {"status": "completed"}
+
+        target = pin(f"http://results.example:{sink.port}/results?run=7", "127.0.0.1")
+        assert target == CallbackTarget(f"{url}?run=7", {"host": f"results.example:{sink.port}"})
+        assert httpx.post(target.url, content=b"{}", headers=target.headers).status_code == 204
+        assert sink.requests[-1][0] == f"results.example:{sink.port}"  # connected to the address, named by the URL
+        assert pin("https://u:p@results.example/r", "2606:4700::1") == CallbackTarget(
+            "https://u:p@[2606:4700::1]/r", {"host": "results.example"}, {"sni_hostname": "results.example"}
+        )  # TLS checks the certificate against the name
+    finally:
+        sink.server.shutdown()
+
+
+def test_a_laptop_stack_takes_local_checkpoints_and_callbacks_on_loopback_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`microscope up` on 127.0.0.1: its trainer writes checkpoints to this disk and listens here; elsewhere, and
+    where the environment says otherwise, the receiver's strict defaults hold."""
+    from flows.local_stack import laptop_webhook_settings
+
+    for name in ("MICROSCOPE_WEBHOOK_CHECKPOINT_ROOTS", "MICROSCOPE_CALLBACK_ALLOW_PRIVATE"):
+        monkeypatch.delenv(name, raising=False)
+    local = {"MICROSCOPE_WEBHOOK_CHECKPOINT_ROOTS": "s3:// /", "MICROSCOPE_CALLBACK_ALLOW_PRIVATE": "true"}
+    assert laptop_webhook_settings("127.0.0.1") == laptop_webhook_settings("localhost") == local
+    assert laptop_webhook_settings("0.0.0.0") == laptop_webhook_settings("10.1.2.3") == {}
+    monkeypatch.setenv("MICROSCOPE_WEBHOOK_CHECKPOINT_ROOTS", "/data/ckpts/")
+    monkeypatch.setenv("MICROSCOPE_CALLBACK_ALLOW_PRIVATE", "false")
+    assert laptop_webhook_settings("127.0.0.1") == {}

@@ -55,11 +55,23 @@ class ResultSink:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     home = tmp_path_factory.mktemp("trainers")
+    # The trainers write checkpoints (and the tests their datasets) under pytest's folder, and the result sink
+    # listens on 127.0.0.1: allowed explicitly, as on a laptop.
+    local = {
+        "MICROSCOPE_WEBHOOK_CHECKPOINT_ROOTS": f"s3:// {tmp_path_factory.getbasetemp()}",
+        "MICROSCOPE_CALLBACK_ALLOW_PRIVATE": "true",
+    }
     with prefect_server(home) as api:
         deploy(api, home)
-        proc, receiver = start_receiver(api, home)
+        proc, receiver = start_receiver(api, home, **local)
         try:
-            yield {"api": httpx.Client(base_url=api, timeout=30), "api_url": api, "receiver": receiver, "home": home}
+            yield {
+                "api": httpx.Client(base_url=api, timeout=30),
+                "api_url": api,
+                "receiver": receiver,
+                "home": home,
+                "local": local,
+            }
         finally:
             proc.terminate()
             proc.wait(20)
@@ -146,6 +158,7 @@ def test_hf_trainer_checkpoints_are_audited_and_the_result_called_back(
 
     # a real worker runs them (each stage in the audit's own process here; see test_deployments_e2e for pods)
     env = _env(stack["api_url"], stack["home"], MICROSCOPE_EXECUTION="local", PREFECT_WORKER_QUERY_SECONDS="1")
+    env |= stack["local"]  # the audits POST their results to the sink on 127.0.0.1
     log = open(tmp_path / "worker.log", "w")
     worker = subprocess.Popen(
         [str(VENV_BIN / "prefect"), "worker", "start", "--pool", "microscope-gpu", "--type", "process"],

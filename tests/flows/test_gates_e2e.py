@@ -89,7 +89,7 @@ def python(code: str, env: dict[str, str]) -> str:
 def gated(tmp_path_factory: pytest.TempPathFactory, prefect_api: str, tiny_gpt2_dir: Path, corpus_file: Path) -> dict:
     root = tmp_path_factory.mktemp("gates")
     (root / "audit.yaml").write_text(CONFIG)
-    env = cli_env(root, prefect_api, MICROSCOPE_WEBHOOK_SECRET=SECRET)
+    env = cli_env(root, prefect_api, MICROSCOPE_WEBHOOK_SECRET=SECRET, MICROSCOPE_CALLBACK_ALLOW_PRIVATE="true")
     alerts = Receiver()
     # The team's notification block and the automation `make deploy` registers for it (register.py's code).
     python(
