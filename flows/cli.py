@@ -137,10 +137,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         record, crash = audits.load(store, audit_id), None
     except Exception:  # noqa: BLE001 -- the flow died before saving its record
         record, crash = None, state.result(raise_on_failure=False)
-    if temporary:  # stopped now, so that its "Stopping temporary server" is not what a user reads last
-        from flows.server_guard import stop_temporary_server
+    if temporary:  # Prefect stops it at exit: its "Stopping temporary server" is not what a user reads last
+        from flows.server_guard import quiet_stop_message
 
-        stop_temporary_server()
+        quiet_stop_message()
     if record is None:
         return _fail(f"audit {audit_id} crashed before saving its record: {crash}", EXIT_FAILED)
     _print_record(record, args.json)

@@ -4,8 +4,8 @@ Without `PREFECT_API_URL`, Prefect starts a uvicorn server as a child process an
 command killed with SIGKILL (an OOM kill, a CI timeout) never runs that exit hook: the server is
 re-parented to PID 1 and keeps its port and ~270 MB for good. A tiny guard process (standard library
 only, no imports of ours: it starts in milliseconds) waits on both processes' pidfds and stops the server
-when the command is gone. `stop_temporary_server()` stops it on a normal end, before the command's last
-line, so that the error is what a user reads last, not Prefect's "Stopping temporary server".
+when the command is gone. `quiet_stop_message()` drops Prefect's "Stopping temporary server" at exit, so that
+the error is what a user reads last.
 
 Run as a script: `python -S server_guard.py PARENT_PID SERVER_PID`.
 """
@@ -53,7 +53,7 @@ def guard_temporary_server() -> None:
 
     def run_guarded(self: Any) -> subprocess.Popen[Any]:
         proc = original(self)
-        self.microscope_guard = subprocess.Popen(
+        self.microscope_guard = subprocess.Popen(  # kept: it ends with the server
             [sys.executable, "-S", str(Path(__file__)), str(os.getpid()), str(proc.pid)],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
@@ -66,15 +66,17 @@ def guard_temporary_server() -> None:
     SubprocessASGIServer._run_uvicorn_command = run_guarded  # type: ignore[method-assign]
 
 
-def stop_temporary_server() -> None:
-    """Stop the temporary servers this process started (Prefect would at exit, after our last line)."""
-    from prefect.server.api.server import SubprocessASGIServer
+def quiet_stop_message() -> None:
+    """Prefect stops its temporary server at exit, after flushing its logs (stopping it sooner leaves its log
+    and event clients retrying a dead server for a minute), and says so: dropped, so that a command's last
+    line is its result or its error."""
+    import logging
 
-    for server in list(SubprocessASGIServer._instances.values()):
-        if server.server_process is not None:
-            server.stop()
-        if (guard := getattr(server, "microscope_guard", None)) is not None:
-            guard.wait(GRACE_S)  # it ends as soon as the server has
+    class DropStopping(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return not str(record.msg).startswith("Stopping temporary server")
+
+    logging.getLogger("prefect").addFilter(DropStopping())  # the logger Prefect's server helper writes to
 
 
 if __name__ == "__main__":
