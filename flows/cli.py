@@ -179,6 +179,10 @@ def _print_record(record: Any, as_json: bool) -> None:
         from schemas.gates import GateVerdict
 
         print(f"gate           {GateVerdict.model_validate(gate.details).summary()}")
+    if bad := (record.stages["ingest"].details.get("nonfinite") if "ingest" in record.stages else None):
+        from microscope.models.loading import describe_nonfinite
+
+        print(f"warning        {describe_nonfinite(bad)} (model.allow_nonfinite): figures that read them mean little")
     if record.model_digest:
         print(f"model digest   {record.model_digest[:16]}")
     if record.report_uri:

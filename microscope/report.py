@@ -20,6 +20,7 @@ from schemas.records import Architecture, DatasetSummary, StageRecord, StageStat
 
 from microscope import charts
 from microscope.figures import is_number
+from microscope.models.loading import describe_nonfinite
 
 if TYPE_CHECKING:
     from jinja2 import Environment
@@ -125,6 +126,7 @@ def _header(stages: dict[str, StageRecord], arch: Architecture | None, title: st
         "dataset_digest": digests.get("dataset_digest", "")[:16],
         "rendered": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "stages": list(stages.values()),
+        "nonfinite": describe_nonfinite(digests["nonfinite"]) if digests.get("nonfinite") else None,
     }
 
 

@@ -251,13 +251,18 @@ def check_finite(model: nn.Module, ref: ModelRef) -> dict[str, dict[str, int]]:
     refused, naming the tensors, unless model.allow_nonfinite; returns the counts (empty when finite)."""
     bad = nonfinite(model)
     if bad and not ref.allow_nonfinite:
-        named = ", ".join(f"{k} ({v['nan']} NaN, {v['inf']} Inf)" for k, v in list(bad.items())[:3])
-        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
         raise InputError(
-            f"{len(bad)} weight tensor(s) hold non-finite values: {named}{more}; fix the checkpoint or set "
-            "model.allow_nonfinite: true to audit it anyway"
+            f"{describe_nonfinite(bad)}; fix the checkpoint or set model.allow_nonfinite: true to audit it anyway"
         )
     return bad
+
+
+def describe_nonfinite(bad: dict[str, dict[str, int]]) -> str:
+    """'2 weight tensor(s) hold non-finite values: a (3 NaN, 0 Inf), b (…)': the refusal, and the warning the
+    record, the command line and the report carry when the audit was asked for anyway."""
+    named = ", ".join(f"{k} ({v['nan']} NaN, {v['inf']} Inf)" for k, v in list(bad.items())[:3])
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return f"{len(bad)} weight tensor(s) hold non-finite values: {named}{more}"
 
 
 def function_digest(model: nn.Module, ref: ModelRef, weights: str | None = None) -> str:

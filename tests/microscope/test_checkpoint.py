@@ -263,7 +263,7 @@ def test_a_state_dict_that_does_not_fit_names_the_keys(tmp_path: Path) -> None:
 
 
 def test_nonfinite_weights_are_refused_naming_the_tensors(
-    tmp_path: Path, tiny_gpt2_dir: Path, corpus_file: Path
+    tmp_path: Path, tiny_gpt2_dir: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Issue 21 #3: NaN/Inf weights are counted per tensor and refused (or, asked for, audited and recorded)."""
     import shutil
@@ -300,3 +300,24 @@ def test_nonfinite_weights_are_refused_naming_the_tensors(
     ):
         run(False)
     assert run(True).details["nonfinite"] == expected
+    # audited anyway: the report says so above everything else, the command line under the stages
+    from flows.cli import _print_record
+    from microscope.report import _header
+    from schemas.records import AuditRecord
+
+    said = "1 weight tensor(s) hold non-finite values: transformer.h.1.mlp.c_fc.weight (3 NaN, 1 Inf)"
+    rec = run(True)
+    assert _header({"ingest": rec}, None, None)["nonfinite"] == said
+    audit = AuditRecord.model_validate(
+        {
+            "audit_id": "a",
+            "created_at": "2026-12-06T00:00:00Z",
+            "status": "completed",
+            "config": {},
+            "model": {"source": "m", "source_fingerprint": "0"},
+            "store_uri": "s",
+            "stages": {"ingest": rec.model_dump(mode="json")},
+        }  # fmt: skip
+    )
+    _print_record(audit, as_json=False)
+    assert f"warning        {said} (model.allow_nonfinite)" in capsys.readouterr().out
