@@ -121,6 +121,12 @@ def default_store_uri() -> str:
     return get_settings().store_uri
 
 
+def prefect_ui_url() -> str:
+    """Where the Prefect UI is (PREFECT_UI_URL, else PREFECT_API_URL without /api); empty when neither is set."""
+    s = get_settings()
+    return s.prefect_ui_url or (s.prefect_api_url or "").removesuffix("/api")
+
+
 def store_uri() -> str:
     return param("store") or default_store_uri()
 

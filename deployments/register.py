@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -26,10 +26,13 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere: the project's pa
 
 from deployments.pool_templates import POOLS, load_template  # noqa: E402
 
+if TYPE_CHECKING:
+    from microscope.settings import Settings
+
 RESULTS_BLOCK = "microscope-results"  # s3-bucket/microscope-results: PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None, settings: Settings) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--pool-type", choices=["kubernetes", "process"], default="kubernetes")
     p.add_argument("--gpu-image", help="image of GPU-pool jobs (default: the template's)")
@@ -39,7 +42,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--credentials-secret", help="Secret with S3 / MLflow / Qdrant settings, as envFrom")
     p.add_argument("--pool-overrides", type=Path, help="folder with gpu.json / cpu.json: job-variable defaults")
     p.add_argument("--project-dir", help="where the project lives in the job's image or machine")
-    p.add_argument("--watch-prefix", default=os.environ.get("MICROSCOPE_WATCH_PREFIX", "s3://checkpoints"))
+    p.add_argument("--watch-prefix", default=settings.watch_prefix, help="default: MICROSCOPE_WATCH_PREFIX")
     p.add_argument("--wait", type=float, default=300, help="seconds to wait for the Prefect API")
     p.add_argument("--skip-deploy", action="store_true", help="pools (and the results block) only")
     p.add_argument(
@@ -50,7 +53,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def wait_for_api(timeout_s: float) -> None:
+def wait_for_api(timeout_s: float, api_url: str) -> None:
     """The chart's hook runs beside a server that may still be starting."""
     from prefect.client.orchestration import get_client
 
@@ -60,9 +63,7 @@ def wait_for_api(timeout_s: float) -> None:
             if client.api_healthcheck() is None:
                 return
         if time.monotonic() > deadline:
-            sys.exit(
-                f"error: the Prefect API at {os.environ.get('PREFECT_API_URL')} did not answer; check PREFECT_API_URL"
-            )
+            sys.exit(f"error: the Prefect API at {api_url} did not answer; check PREFECT_API_URL")
         time.sleep(3)
 
 
@@ -113,11 +114,8 @@ def ensure_pools(args: argparse.Namespace) -> None:
                 print(f"work pool {name} ({args.pool_type}): updated")
 
 
-def ensure_results_block() -> None:
+def ensure_results_block(s: Settings) -> None:
     """Prefect's results on the S3 store, so a retry or a cache hit on one pod finds another pod's result."""
-    from microscope.settings import get_settings
-
-    s = get_settings()
     if not s.store_uri.startswith("s3://"):
         return
     from prefect_aws import AwsClientParameters, AwsCredentials, S3Bucket
@@ -145,9 +143,6 @@ Report: {{ event.payload.report or 'none' }}"""
 def ensure_gate_automation(block: str | None) -> str:
     """The automation that sends `block`'s message on every `microscope.gate.failed` event (created, or
     updated in place); without a block, one line saying how to name one. Returns what it did."""
-    from microscope.settings import get_settings
-
-    block = block or get_settings().gate_notify_block
     if not block:
         return "gate alerts: off (name a notification block with MICROSCOPE_GATE_NOTIFY_BLOCK=<type>/<name>)"
     from prefect.automations import Automation
@@ -207,15 +202,18 @@ def deploy(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    if not os.environ.get("PREFECT_API_URL"):
+    from microscope.settings import get_settings
+
+    settings = get_settings()  # read once, here: the flags' defaults, the Prefect API, the store
+    args = parse_args(argv, settings)
+    if not settings.prefect_api_url:
         sys.exit("error: PREFECT_API_URL is not set; point it at the Prefect server to register with")
-    wait_for_api(args.wait)
+    wait_for_api(args.wait, settings.prefect_api_url)
     ensure_pools(args)
-    ensure_results_block()
+    ensure_results_block(settings)
     if not args.skip_deploy:
         deploy(args)
-    print(ensure_gate_automation(args.gate_notify_block))
+    print(ensure_gate_automation(args.gate_notify_block or settings.gate_notify_block))
 
 
 if __name__ == "__main__":

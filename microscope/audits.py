@@ -1,11 +1,14 @@
 """The audit index: one JSON record per audit under `audits/` in the artifact store, saved when the audit
-ends, and a small marker per audit still running under `audits/in-flight/`."""
+ends, and a small marker per audit still running under `audits/in-flight/`. Listed two ways: `list_all`
+validates each record (the gates, a run's series), `list_audits` reads the plain JSON of each into an
+`AuditRef` (what a picker shows, fast on large records)."""
 
 from __future__ import annotations
 
 import json
 import secrets
 import tempfile
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -84,6 +87,50 @@ def list_all(store: ArtifactStore, run_id: str | None = None, unreadable: list[s
                 unreadable.append(f"{k} ({str(exc).splitlines()[0]})")
     if run_id is not None:
         out = [r for r in out if r.run_id == run_id]
+        return sorted(out, key=lambda r: (r.step if r.step is not None else -1, r.created_at))
+    return sorted(out, key=lambda r: r.created_at)
+
+
+@dataclass(frozen=True)
+class AuditRef:
+    """An audit as the index lists it: what a picker shows, without the stage details."""
+
+    audit_id: str
+    run_id: str | None
+    step: int | None
+    status: str
+    created_at: datetime
+    model_source: str
+    digest: str | None  # the weights' digest (None when ingest failed)
+
+
+def list_audits(
+    store: ArtifactStore, run_id: str | None = None, model: str | None = None, status: str | None = None
+) -> list[AuditRef]:
+    """Every audit in the store, oldest first; with `run_id` that run's in step order. `model` matches a
+    substring of the checkpoint's source or a prefix of its digest; `status` the audit's status."""
+    out = []
+    for key in store.list("audits"):
+        if not key.endswith(".json") or key.count("/") != 1:
+            continue
+        raw = json.loads(store.get_bytes(key))  # plain JSON: no validation of the (large) stage details
+        ref = AuditRef(
+            audit_id=raw["audit_id"],
+            run_id=raw.get("run_id"),
+            step=raw.get("step"),
+            status=str(raw["status"]),
+            created_at=datetime.fromisoformat(raw["created_at"]),
+            model_source=(raw.get("model") or {}).get("source", ""),
+            digest=raw.get("model_digest"),
+        )
+        if run_id is not None and ref.run_id != run_id:
+            continue
+        if model is not None and model not in ref.model_source and not (ref.digest or "").startswith(model):
+            continue
+        if status is not None and ref.status != str(status):
+            continue
+        out.append(ref)
+    if run_id is not None:
         return sorted(out, key=lambda r: (r.step if r.step is not None else -1, r.created_at))
     return sorted(out, key=lambda r: r.created_at)
 

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from schemas.records import AuditRecord, StageRecord, StageStatus
 
+from microscope import audits
 from microscope.errors import InputError
 from microscope.store import ArtifactStore
 
@@ -339,15 +340,13 @@ def match_run_previous(
     at the highest step below `rec.step` with a finished SAE on that hook of the same d_in; the latest such
     audit when a step was audited twice) to `rec`'s, previous → this. Never raises for a hook: a missing,
     failed or incomparable SAE, or a failed computation, is the outcome's `reason`."""
-    from microscope.results import list_audits, load_audit
-
     hooks = sorted(rec.saes)
     if rec.run_id is None or rec.step is None:
         why = f"audit {rec.audit_id} is not part of a training run (no run_id/step): nothing earlier to match"
         return [PairOutcome(h, None, rec.audit_id, reason=why) for h in hooks]
     earlier = [
         r
-        for r in list_audits(store, run_id=rec.run_id)
+        for r in audits.list_audits(store, run_id=rec.run_id)
         if r.step is not None and r.step < rec.step and r.audit_id != rec.audit_id
     ]
     earlier.reverse()  # highest step first; within a step, the latest audit first
@@ -356,7 +355,7 @@ def match_run_previous(
     def record(audit_id: str) -> AuditRecord | None:
         if audit_id not in loaded:
             try:
-                loaded[audit_id] = load_audit(store, audit_id)
+                loaded[audit_id] = audits.load(store, audit_id)
             except Exception:  # noqa: BLE001 -- an unreadable record is skipped like one without the SAE
                 loaded[audit_id] = None
         return loaded[audit_id]

@@ -3,16 +3,19 @@
 Logit statistics follow llama.cpp's `--kl-divergence` report: KL(p_fp ‖ p_q) of next-token
 distributions (mean and 99th percentile), top-1 agreement, mean |Δp| of the reference token and the
 change in perplexity. Activation drift is cosine similarity and relative error per hook point.
+`fidelity` (token windows) and `image_fidelity` (a classifier's images) run both models and return them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 
 from microscope.figures import Figure, Undefined
+from microscope.trace import capture, hook_name
 
 NO_LOGITS = (
     "the model has no output logits (no head): there is no output distribution to compare, so logit "
@@ -101,3 +104,55 @@ class ActivationDrift:
             }
             for k in sorted(self.n)
         }
+
+
+def _logits(out: Any) -> Any:
+    return getattr(out, "logits", None)
+
+
+def fidelity(
+    fp_model: Any, q_model: Any, ids: np.ndarray, points: dict[tuple[int, str], str], batch: int, causal: bool
+) -> tuple[dict[str, Figure], dict[str, dict[str, float]]]:
+    """Logit statistics (undefined where the model has no logits) and per-hook activation drift on `ids`."""
+    logit_fid, drift = LogitFidelity(), ActivationDrift()
+    names = {lh: hook_name(*lh) for lh in points}
+    device = next(fp_model.parameters()).device
+    for lo in range(0, len(ids), batch):
+        x = torch.from_numpy(ids[lo : lo + batch].astype(np.int64)).to(device)
+        with torch.inference_mode(), capture(fp_model, points) as acts_fp:
+            out_fp = fp_model(input_ids=x)
+        with torch.inference_mode(), capture(q_model, points) as acts_q:
+            out_q = q_model(input_ids=x)
+        for lh in points:
+            drift.update(names[lh], acts_fp[lh].float().cpu(), acts_q[lh].float().cpu())
+        lf, lq = _logits(out_fp), _logits(out_q)
+        x = x.cpu()  # the statistics are NumPy: compared on the CPU
+        lf, lq = (None if t is None else t.cpu() for t in (lf, lq))
+        if lf is not None and lq is not None:
+            if causal:  # position t predicts token t+1
+                logit_fid.update(lf[:, :-1].float(), lq[:, :-1].float(), x[:, 1:])
+            else:
+                logit_fid.update(lf.float(), lq.float(), None)
+    return logit_fid.summary(), drift.summary()
+
+
+def _classify(model: Any, x: Any) -> Any:
+    """Float32 logits on the CPU; the images go in at the model's own dtype (fp16 and bf16 variants)."""
+    from microscope.robustness.surfaces import float_dtype
+
+    return model(x.to(float_dtype(model))).float().cpu()
+
+
+def image_fidelity(fp_model: Any, q_model: Any, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
+    """A classifier's fidelity on its images: class-distribution KL, top-1 agreement, |Δp| of the true
+    class and Δ perplexity of the labels, plus the accuracy of both models."""
+    lf, acc = LogitFidelity(), {"fp": 0, "q": 0}
+    for lo in range(0, len(x), 256):
+        xb, yb = torch.from_numpy(x[lo : lo + 256]), torch.from_numpy(y[lo : lo + 256])
+        device = next(fp_model.parameters()).device
+        with torch.inference_mode():
+            out_fp, out_q = (_classify(m, xb.to(device)) for m in (fp_model, q_model))
+        lf.update(out_fp, out_q, yb)
+        acc["fp"] += int((out_fp.argmax(-1) == yb).sum())
+        acc["q"] += int((out_q.argmax(-1) == yb).sum())
+    return lf.summary() | {"accuracy_fp": acc["fp"] / len(x), "accuracy_q": acc["q"] / len(x)}

@@ -70,7 +70,7 @@ class _Sources:
 
 
 def _finished(record: AuditRecord, stage: str) -> None:
-    if (why := results._why(record, stage)) is not None:
+    if (why := results.why_missing(record, stage)) is not None:
         raise Skip(why)
 
 

@@ -5,11 +5,16 @@ from __future__ import annotations
 import hashlib
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from microscope.errors import InputError
+
+if TYPE_CHECKING:
+    from schemas.records import StageRecord
+
+    from microscope.store import ArtifactStore
 
 
 def is_image_dataset(path: str | None) -> bool:
@@ -40,6 +45,14 @@ def read_images(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
             f"{p}: y must hold one non-negative integer label per image ({len(x)}); got {y.shape} {y.dtype}"
         )
     return x.astype(np.float32), y.astype(np.int64)
+
+
+def load_images(record: StageRecord, store: ArtifactStore) -> tuple[np.ndarray, np.ndarray]:
+    """The images and labels ingest copied into the store (its `images_key`)."""
+    import io
+
+    with np.load(io.BytesIO(store.get_bytes(record.details["images_key"])), allow_pickle=False) as f:
+        return f["x"], f["y"]
 
 
 def images_digest(x: np.ndarray, y: np.ndarray) -> str:

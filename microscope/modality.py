@@ -46,7 +46,7 @@ class TextData(AuditData):
         self.ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
 
     def fidelity(self, fp_model: Any, q_model: Any, arch: Architecture, cfg: AuditConfig) -> Any:
-        from microscope.stages.quantize import fidelity
+        from microscope.fidelity import fidelity
         from microscope.trace import resolve_layers, resolve_points
 
         held_out = self.ids[-cfg.quantize.eval_windows :]
@@ -92,12 +92,12 @@ class ImageData(AuditData):
     kind, activations = "images", False
 
     def __init__(self, ingest: StageRecord, store: ArtifactStore):
-        from microscope.stages.ingest import load_images
+        from microscope.images import load_images
 
         self.x, self.y = load_images(ingest, store)
 
     def fidelity(self, fp_model: Any, q_model: Any, arch: Architecture, cfg: AuditConfig) -> Any:
-        from microscope.stages.quantize import image_fidelity
+        from microscope.fidelity import image_fidelity
 
         return len(self.x), image_fidelity(fp_model, q_model, self.x, self.y), {}
 

@@ -9,13 +9,13 @@ add a section. A figure a stage could not define is shown as "undefined" with it
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from schemas.gates import GateVerdict
+from schemas.hooks import hook_parts, matrix_role
 from schemas.records import Architecture, DatasetSummary, StageRecord, StageStatus
 
 from microscope import charts
@@ -159,11 +159,6 @@ def _trace_view(trace: StageRecord | None) -> dict[str, Any]:
     return {"trace_rows": rows, "trace_charts": chart_list, "trace_prefix": trace.details.get("prefix", "")}
 
 
-def _hook_parts(hook_name: str) -> tuple[int, str]:
-    """'blocks.2.hook_resid_post' -> (2, 'resid')."""
-    return int(hook_name.split(".")[1]), hook_name.rsplit("_", 1)[0].split("hook_")[-1]
-
-
 def _variant_view(variants: dict[str, dict[str, StageRecord]]) -> dict[str, Any]:
     """Rows of the variants table, drift charts by layer, the worst (variant, hook), eval tokens."""
     rows, cos, err = [], {}, {}
@@ -186,7 +181,7 @@ def _variant_view(variants: dict[str, dict[str, StageRecord]]) -> dict[str, Any]
         )
         eval_tokens = max(eval_tokens, int(d.get("eval_tokens", 0)))
         for hook_name, drift in (d.get("drift") or {}).items():
-            layer, hook = _hook_parts(hook_name)
+            layer, hook = hook_parts(hook_name)
             cos.setdefault(hook, {}).setdefault(name, []).append((layer, drift["cosine"]))
             err.setdefault(hook, {}).setdefault(name, []).append((layer, drift["rel_error"]))
             if worst is None or drift["rel_error"] > worst["rel_error"]:
@@ -229,16 +224,11 @@ def _gate_view(rec: StageRecord | None) -> GateVerdict | None:
     return GateVerdict.model_validate(rec.details)
 
 
-def _role(name: str) -> str:
-    """The matrix's name inside its block: 'transformer.h.3.mlp.c_fc.weight' -> 'mlp.c_fc'."""
-    return re.sub(r"^.*?\.\d+\.", "", name).removesuffix(".weight")
-
-
 def _alpha_chart(rows: list[dict[str, Any]]) -> list[Markup]:
     series: dict[str, list[tuple[float, float]]] = {}
     for r in rows:
         if r["layer"] >= 0 and is_number(r["alpha"]):
-            series.setdefault(_role(r["name"]), []).append((r["layer"], r["alpha"]))
+            series.setdefault(matrix_role(r["name"]), []).append((r["layer"], r["alpha"]))
     top = dict(sorted(series.items(), key=lambda kv: -len(kv[1]))[:ALPHA_ROLES])
     return [_svg(charts.by_layer(top, "power-law α by block", "α"))] if top else []
 
@@ -279,7 +269,7 @@ def _fisher_charts(rec: StageRecord) -> list[Markup]:
     table: dict[int, dict[str, float]] = {}
     for r in rec.details.get("sensitivity") or []:
         if r["layer"] >= 0 and r["fisher_trace"] > 0:
-            table.setdefault(r["layer"], {})[_role(r["name"])] = math.log10(r["fisher_trace"])
+            table.setdefault(r["layer"], {})[matrix_role(r["name"])] = math.log10(r["fisher_trace"])
     out = []
     if table:
         roles, layers = sorted({k for row in table.values() for k in row}), sorted(table)

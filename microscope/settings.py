@@ -102,6 +102,22 @@ class Settings(BaseSettings):
         description="The Prefect notification block (`<block type>/<name>`, e.g. slack-webhook/ml-team) that the "
         "automation `make deploy` registers sends a message with when a gate fails.",
     )
+    watch_prefix: str = Field(
+        "s3://checkpoints",
+        description="Prefix the checkpoint-watching deployment polls for new checkpoints: the default of "
+        "`deployments/register.py --watch-prefix` (chart: register.watchPrefix).",
+    )
+    prefect_api_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("PREFECT_API_URL"),
+        description="The Prefect server's API ($PREFECT_API_URL, Prefect's own name): what `deployments/register.py` "
+        "registers with, and the viewer's link to a flow run when PREFECT_UI_URL is not set (without its /api).",
+    )
+    prefect_ui_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("PREFECT_UI_URL"),
+        description="The Prefect UI ($PREFECT_UI_URL, Prefect's own name) the viewer links flow runs to.",
+    )
 
     def webhook_secrets(self) -> list[str]:
         return self.webhook_secret.get_secret_value().split() if self.webhook_secret else []
@@ -165,7 +181,7 @@ def get_settings() -> Settings:
 def _env_key() -> tuple[tuple[str, str], ...]:
     import os
 
-    names = ("MICROSCOPE_", "MLFLOW_TRACKING_URI", "QDRANT_", "AWS_ENDPOINT_URL")
+    names = ("MICROSCOPE_", "MLFLOW_TRACKING_URI", "QDRANT_", "AWS_ENDPOINT_URL", "PREFECT_API_URL", "PREFECT_UI_URL")
     env = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(names)))
     return (("cwd", os.getcwd()), *env)  # the default home is relative to the working directory
 

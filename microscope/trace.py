@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from schemas.activations import STATS_METADATA_KEY, activation_schema
 from schemas.config import TraceConfig
+from schemas.hooks import hook_name
 from schemas.records import HookPoints
 
 from microscope.errors import InputError, is_oom
@@ -30,13 +31,7 @@ if TYPE_CHECKING:
     import torch.nn as nn
 
 MAX_PENDING = 2  # batches queued for the writer thread
-TL_NAMES = {"resid": "hook_resid_post", "mlp": "hook_mlp_out", "attn": "hook_attn_out"}
 Progress = Callable[[int, int], None]
-
-
-def hook_name(layer: int, hook: str) -> str:
-    """TransformerLens-style name, e.g. blocks.3.hook_resid_post: also the dataset's folder name."""
-    return f"blocks.{layer}.{TL_NAMES[hook]}"
 
 
 def resolve_layers(layers: list[int] | str, n_layers: int) -> list[int]:

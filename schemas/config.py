@@ -252,9 +252,9 @@ class SAEConfig(Section):
     @field_validator("hooks")
     @classmethod
     def _hook_names(cls, v: list[str]) -> list[str]:
-        import re
+        from schemas.hooks import is_hook_name
 
-        bad = [h for h in v if not re.fullmatch(r"blocks\.\d+\.hook_(resid_post|mlp_out|attn_out)", h)]
+        bad = [h for h in v if not is_hook_name(h)]
         if bad:
             raise ValueError(f"{bad} are not hook names; write them as blocks.<layer>.hook_resid_post|mlp_out|attn_out")
         return v

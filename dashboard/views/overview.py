@@ -144,7 +144,7 @@ with c3:
     st.markdown("**Prefect flow run**")
     if rec.prefect_flow_run_id:
         st.code(rec.prefect_flow_run_id, language=None)
-        ui = os.environ.get("PREFECT_UI_URL") or os.environ.get("PREFECT_API_URL", "").removesuffix("/api")
+        ui = state.prefect_ui_url()
         if ui.startswith("http"):
             st.link_button("Open in Prefect", f"{ui.rstrip('/')}/runs/flow-run/{rec.prefect_flow_run_id}")
     else:

@@ -18,7 +18,7 @@ store, refs, rec = state.current_audit()
 st.header(f"SAE features · {rec.audit_id}")
 hooks = sorted(rec.saes)
 if not hooks:
-    state.notices({"sae": results._why(rec, "sae") or f"no SAE was trained: {results.HOW['sae']}"})
+    state.notices({"sae": results.why_missing(rec, "sae") or f"no SAE was trained: {results.HOW['sae']}"})
     st.stop()
 hook = state.choose("SAE (hook)", hooks, "hook")
 sae = rec.saes[hook]

@@ -175,13 +175,6 @@ def _run_images(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageR
     return run_stage(store, "ingest", stage_prefix(digest, "ingest", chash), chash, compute)
 
 
-def load_images(record: StageRecord, store: ArtifactStore) -> tuple[np.ndarray, np.ndarray]:
-    import io
-
-    with np.load(io.BytesIO(store.get_bytes(record.details["images_key"])), allow_pickle=False) as f:
-        return f["x"], f["y"]
-
-
 def load_outputs(record: StageRecord, store: ArtifactStore) -> tuple[Architecture, DatasetSummary]:
     prefix = record.details["prefix"]
     arch = Architecture.model_validate(store.get_json(f"{prefix}/architecture.json"))

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 from schemas.config import AuditConfig, canonical_hash
 from schemas.records import Architecture, ModelRef, StageRecord
 
 from microscope import quantization as qz
-from microscope.fidelity import ActivationDrift, LogitFidelity
-from microscope.figures import Figure, split
+from microscope.figures import split
 from microscope.modality import open_data
 from microscope.models import loading
 from microscope.stages.runner import StageRun, run_stage, stage_prefix
 from microscope.store import ArtifactStore
-from microscope.trace import capture, hook_name
 
 VERSION = "1"
 
@@ -26,62 +22,6 @@ def config_hash(cfg: AuditConfig, fmt: str, dataset_digest: str) -> str:
     q = cfg.quantize.model_dump(exclude={"formats", "trace_variants"})
     points = {"layers": cfg.trace.layers, "hooks": cfg.trace.hooks}
     return canonical_hash({"v": VERSION, "format": fmt, "quantize": q, "points": points, "dataset": dataset_digest})
-
-
-def _logits(out: Any) -> Any:
-    return getattr(out, "logits", None)
-
-
-def fidelity(
-    fp_model: Any, q_model: Any, ids: np.ndarray, points: dict[tuple[int, str], str], batch: int, causal: bool
-) -> tuple[dict[str, Figure], dict[str, dict[str, float]]]:
-    """Logit statistics (undefined where the model has no logits) and per-hook activation drift on `ids`."""
-    import torch
-
-    logit_fid, drift = LogitFidelity(), ActivationDrift()
-    names = {lh: hook_name(*lh) for lh in points}
-    device = next(fp_model.parameters()).device
-    for lo in range(0, len(ids), batch):
-        x = torch.from_numpy(ids[lo : lo + batch].astype(np.int64)).to(device)
-        with torch.inference_mode(), capture(fp_model, points) as acts_fp:
-            out_fp = fp_model(input_ids=x)
-        with torch.inference_mode(), capture(q_model, points) as acts_q:
-            out_q = q_model(input_ids=x)
-        for lh in points:
-            drift.update(names[lh], acts_fp[lh].float().cpu(), acts_q[lh].float().cpu())
-        lf, lq = _logits(out_fp), _logits(out_q)
-        x = x.cpu()  # the statistics are NumPy: compared on the CPU
-        lf, lq = (None if t is None else t.cpu() for t in (lf, lq))
-        if lf is not None and lq is not None:
-            if causal:  # position t predicts token t+1
-                logit_fid.update(lf[:, :-1].float(), lq[:, :-1].float(), x[:, 1:])
-            else:
-                logit_fid.update(lf.float(), lq.float(), None)
-    return logit_fid.summary(), drift.summary()
-
-
-def _classify(model: Any, x: Any) -> Any:
-    """Float32 logits on the CPU; the images go in at the model's own dtype (fp16 and bf16 variants)."""
-    from microscope.robustness.surfaces import float_dtype
-
-    return model(x.to(float_dtype(model))).float().cpu()
-
-
-def image_fidelity(fp_model: Any, q_model: Any, x: np.ndarray, y: np.ndarray) -> dict[str, Any]:
-    """A classifier's fidelity on its images: class-distribution KL, top-1 agreement, |Δp| of the true
-    class and Δ perplexity of the labels, plus the accuracy of both models."""
-    import torch
-
-    lf, acc = LogitFidelity(), {"fp": 0, "q": 0}
-    for lo in range(0, len(x), 256):
-        xb, yb = torch.from_numpy(x[lo : lo + 256]), torch.from_numpy(y[lo : lo + 256])
-        device = next(fp_model.parameters()).device
-        with torch.inference_mode():
-            out_fp, out_q = (_classify(m, xb.to(device)) for m in (fp_model, q_model))
-        lf.update(out_fp, out_q, yb)
-        acc["fp"] += int((out_fp.argmax(-1) == yb).sum())
-        acc["q"] += int((out_q.argmax(-1) == yb).sum())
-    return lf.summary() | {"accuracy_fp": acc["fp"] / len(x), "accuracy_q": acc["q"] / len(x)}
 
 
 def run(

@@ -13,10 +13,10 @@ from safetensors.torch import save_file
 
 from microscope import quantization as qz
 from microscope.errors import InputError
+from microscope.fidelity import fidelity
 from microscope.models import loading
 from microscope.native_int8 import linear_weight
 from microscope.quant4bit import dequantize_matmul
-from microscope.stages.quantize import fidelity
 from microscope.trace import resolve_points
 from schemas.config import ConfigError, ModelConfig, QuantizeConfig, load_config
 from tests.conftest import build_model

@@ -1,0 +1,82 @@
+"""Reading finished audits: the one API the HTML report, the Streamlit viewer and CI gates read through.
+
+Prefect-free and read-only: everything comes from the artifact store (`audits/<id>.json` records and the
+artifacts their stages list). Nothing here computes a stage. A partial or failed audit never raises: a
+table lacks the columns a stage did not produce (none is fabricated) and `df.attrs["missing"]` maps the
+stage (or `stage[variant]`, `metrics.sensitivity`, `metrics.cka`) to one line saying why and how to
+produce it. Only a request for something that cannot exist raises `InputError` (an unknown audit id, a
+feature index past the SAE's width).
+
+    list_audits(store, run_id=None, model=None, status=None) -> list[AuditRef]   (record JSON only)
+    load_audit(store, audit_id) -> AuditRecord                                   (= audits.load)
+    manifest_digest(store, record) -> str     the cache key beside the audit id (st.cache_data)
+    layer_table(store, record) -> DataFrame   one row per weight matrix, per-layer figures joined
+    features(store, record, hook) -> DataFrame                  the SAE's features table
+    feature_contexts(store, record, hook, feature) -> list[dict] a feature's top-activating contexts
+    run_series(store, run_id, layers=False) -> DataFrame        a training run's audits by step
+
+One module per subject: `index` (the audit index, the cache key), `missing` (why a figure is absent and how
+to produce it), `layers` (the joined per-layer table: its grain and columns are described there), `sae`
+(SAE features, their contexts and fate), `variants` (the quantized variants), `architecture` (module tree,
+memory), `robustness`, `run` (a training run's series and projection) and `verdicts` (the gate). Read them
+through this package: `from microscope import results; results.layer_table(...)`.
+"""
+
+from microscope.results.architecture import BYTES, memory_table, module_table
+from microscope.results.index import AuditRef, list_audits, load_audit, manifest_digest
+from microscope.results.layers import (
+    FLAGGED_COLUMNS,
+    SAE_FIGURES,
+    SAE_VARIANT_FIGURES,
+    SENSITIVITY_COLUMNS,
+    TIED,
+    TRACE_FIGURES,
+    WEIGHT_COLUMNS,
+    layer_table,
+)
+from microscope.results.missing import HOW, number, variant_why_missing, why_missing
+from microscope.results.robustness import SWEEP_ATTACKS, autoattack_table, brittle_features, robustness_curves
+from microscope.results.run import PROJECTION_FEATURES, layer_features, run_projection, run_series
+from microscope.results.sae import FEATURE_COLUMNS, feature_contexts, feature_fate, features, variant_fate
+from microscope.results.variants import QUANT_FIGURES, drift_table, quantization_table
+from microscope.results.verdicts import gate_history, gate_verdict
+
+__all__ = [
+    "BYTES",
+    "FEATURE_COLUMNS",
+    "FLAGGED_COLUMNS",
+    "HOW",
+    "PROJECTION_FEATURES",
+    "QUANT_FIGURES",
+    "SAE_FIGURES",
+    "SAE_VARIANT_FIGURES",
+    "SENSITIVITY_COLUMNS",
+    "SWEEP_ATTACKS",
+    "TIED",
+    "TRACE_FIGURES",
+    "WEIGHT_COLUMNS",
+    "AuditRef",
+    "autoattack_table",
+    "brittle_features",
+    "drift_table",
+    "feature_contexts",
+    "feature_fate",
+    "features",
+    "gate_history",
+    "gate_verdict",
+    "layer_features",
+    "layer_table",
+    "list_audits",
+    "load_audit",
+    "manifest_digest",
+    "memory_table",
+    "module_table",
+    "number",
+    "quantization_table",
+    "robustness_curves",
+    "run_projection",
+    "run_series",
+    "variant_fate",
+    "variant_why_missing",
+    "why_missing",
+]

@@ -1,0 +1,93 @@
+"""The architecture's module tree and the weight memory per block, in full precision and per variant."""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from schemas.records import AuditRecord, StageStatus
+
+from microscope.results.layers import layer_table
+from microscope.results.missing import HOW, why_missing
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+BYTES = {"float32": 4.0, "float64": 8.0, "float16": 2.0, "bfloat16": 2.0}
+
+
+def module_table(record: AuditRecord) -> pd.DataFrame:
+    """The architecture's modules as a tree: `name`, `parent` (the enclosing listed module, "" at the
+    top), `depth`, `type`, `params`, `share` (of the model's parameters). Empty, with `attrs["missing"]`,
+    when ingest did not record an architecture."""
+    import pandas as pd
+
+    arch = record.architecture
+    if arch is None:
+        df = pd.DataFrame(columns=["name", "parent", "depth", "type", "params", "share"])
+        df.attrs["missing"] = {"ingest": why_missing(record, "ingest") or "ingest recorded no architecture"}
+        return df
+    names = {m.name for m in arch.modules}
+    rows = []
+    for m in arch.modules:
+        parts = m.name.split(".")
+        parent = next((".".join(parts[:i]) for i in range(len(parts) - 1, 0, -1) if ".".join(parts[:i]) in names), "")
+        rows.append({"name": m.name, "parent": parent, "type": m.type, "params": m.params})
+    depth: dict[str, int] = {}
+    for r in rows:  # parents come before their children in the architecture's module list
+        r["depth"] = depth[r["name"]] = depth.get(r["parent"], -1) + 1 if r["parent"] else 0
+        r["share"] = r["params"] / arch.n_params if arch.n_params else math.nan
+    df = pd.DataFrame(rows, columns=["name", "parent", "depth", "type", "params", "share"])
+    df.attrs["missing"] = {}
+    return df
+
+
+def memory_table(record: AuditRecord, table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Weight memory per block (`layer`, -1 for everything outside the blocks) in full precision and in each
+    quantized variant the audit made, in bytes: `bytes[fp]`, `bytes[<v>]`. A matrix inside a block is stored
+    in the variant's format (its bytes per weight from `microscope.quantization.FORMATS`, scales included);
+    matrices outside the blocks (embeddings, heads) stay at the model's dtype, as transformers' quantizers
+    leave them. Biases and norms are not in the table (`metrics` measures 2-D weights only), so the column
+    sums are a lower bound of the quantize stage's `measured_bytes`, kept in `attrs["measured"]`."""
+    import pandas as pd
+
+    from microscope.quantization import FORMATS
+
+    t = table if table is not None else layer_table(None, record)  # type: ignore[arg-type]
+    if "rows" not in t.columns or t.empty or t["rows"].isna().all():
+        df = pd.DataFrame(columns=["layer", "matrices", "params", "bytes[fp]"])
+        df.attrs["missing"] = {"metrics": t.attrs.get("missing", {}).get("metrics", HOW["metrics"])}
+        df.attrs["measured"] = {}
+        return df
+    fp_bytes = BYTES.get(record.architecture.dtype if record.architecture else "float32", 4.0)
+    produced = {
+        v: recs["quantize"].details.get("produced", v)
+        for v, recs in sorted(record.variants.items())
+        if "quantize" in recs and recs["quantize"].status != StageStatus.failed
+    }
+    rows = []
+    for layer, g in t.groupby("layer", sort=True):
+        n = (g["rows"] * g["cols"]).astype(float)
+        row: dict[str, Any] = {"layer": int(layer), "matrices": len(g), "params": int(n.sum())}
+        row["bytes[fp]"] = float(n.sum() * fp_bytes)
+        for v, fmt in produced.items():
+            f = FORMATS.get(fmt)
+            if f is None or layer < 0:
+                row[f"bytes[{v}]"] = float(n.sum() * (f.other_bytes if f and fp_bytes > f.other_bytes else fp_bytes))
+            else:
+                row[f"bytes[{v}]"] = float(
+                    sum(o * i * f.quantized_bytes(int(i)) for o, i in zip(g["rows"], g["cols"], strict=True))
+                )
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    df.attrs["missing"] = {}
+    df.attrs["measured"] = {
+        v: recs["quantize"].metrics.get("measured_bytes")
+        for v, recs in record.variants.items()
+        if "quantize" in recs and "measured_bytes" in recs["quantize"].metrics
+    }
+    if record.variants:
+        fp = next(iter(record.variants.values())).get("quantize")
+        if fp is not None and "fp_bytes" in fp.metrics:
+            df.attrs["measured"]["fp"] = fp.metrics["fp_bytes"]
+    return df
