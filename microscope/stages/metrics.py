@@ -6,8 +6,9 @@ from __future__ import annotations
 import io as _io
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -204,16 +205,42 @@ def sensitivity(
     measures how strongly each block moves the output representation).
     Also returns the Fisher diagonal itself, tensor by tensor, for storage and the report's heatmaps."""
     import torch
-    from torch.func import functional_call
 
     from microscope.sensitivity import hutchinson_trace
 
     if hasattr(model, "set_attn_implementation"):
         model.set_attn_implementation("eager")  # double backward through fused attention is not implemented
     params = {k: v.detach() for k, v in model.named_parameters()}
-    causal = arch.is_causal and arch.has_unembedding
-
     device = next(model.parameters()).device
+    loss_fn, ids = _loss_fn(model, arch, ids, labels, device)
+    x = torch.from_numpy(ids.astype(np.int64)).to(device)
+    fisher, grads_total = _empirical_fisher(loss_fn, params, x)
+    hutch = hutchinson_trace(loss_fn, params, x, probes=cfg.metrics.hutchinson_probes, seed=cfg.seed)
+    blocks = _blocks_path(arch)
+    rows = [
+        {
+            "name": k,
+            "layer": layer_index(k, blocks),
+            "grad_norm": float(grads_total[k].norm()),
+            "fisher_trace": float(fisher[k].sum()),
+            "fisher_max": float(fisher[k].max()),
+            "hessian_trace": hutch[k][0],
+            "hessian_trace_se": hutch[k][1],
+        }
+        for k in sorted(params)
+    ]
+    return rows, {k: v.cpu() for k, v in fisher.items()}
+
+
+def _loss_fn(
+    model: Any, arch: Architecture, ids: np.ndarray, labels: np.ndarray | None, device: Any
+) -> tuple[Callable[[dict[str, Any], Any], Any], np.ndarray]:
+    """The loss of `sensitivity` as a function of (parameters, a batch of samples), and the samples it
+    takes (for a classifier, indices into its images)."""
+    import torch
+    from torch.func import functional_call
+
+    causal = arch.is_causal and arch.has_unembedding
     if labels is not None:  # a classifier: samples are indices into the images, so both loops can slice them
         images, targets = torch.from_numpy(ids).to(device), torch.from_numpy(labels).to(device)
 
@@ -232,7 +259,15 @@ def sensitivity(
             h = out.last_hidden_state if hasattr(out, "last_hidden_state") else out
             return h.pow(2).mean()
 
-    x = torch.from_numpy(ids.astype(np.int64)).to(device)
+    return loss_fn, ids
+
+
+def _empirical_fisher(
+    loss_fn: Callable[[dict[str, Any], Any], Any], params: dict[str, Any], x: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Fisher diagonal (mean squared per-sample gradient) and the mean gradient, per parameter tensor."""
+    import torch
+
     fisher = {k: torch.zeros_like(v) for k, v in params.items()}
     grads_total = {k: torch.zeros_like(v) for k, v in params.items()}
     for i in range(len(x)):  # per-sample (per-window) gradients: the empirical Fisher
@@ -242,21 +277,7 @@ def sensitivity(
             if gi is not None:
                 fisher[k] += gi.pow(2) / len(x)
                 grads_total[k] += gi / len(x)
-    hutch = hutchinson_trace(loss_fn, params, x, probes=cfg.metrics.hutchinson_probes, seed=cfg.seed)
-    blocks = _blocks_path(arch)
-    rows = [
-        {
-            "name": k,
-            "layer": layer_index(k, blocks),
-            "grad_norm": float(grads_total[k].norm()),
-            "fisher_trace": float(fisher[k].sum()),
-            "fisher_max": float(fisher[k].max()),
-            "hessian_trace": hutch[k][0],
-            "hessian_trace_se": hutch[k][1],
-        }
-        for k in sorted(params)
-    ]
-    return rows, {k: v.cpu() for k, v in fisher.items()}
+    return fisher, grads_total
 
 
 FISHER_MAP_CELLS = 32
@@ -287,6 +308,23 @@ def _pool(a: np.ndarray, cells: int) -> np.ndarray:
     return np.array([[a[np.ix_(r, c)].mean() for c in cols] for r in rows])
 
 
+@dataclass
+class _Inputs:
+    """What the metrics stage joins: the checkpoint, its data and settings, the weight shards, and the
+    traces CKA compares (this audit's, its variants', other audits')."""
+
+    ref: ModelRef
+    ingest: StageRecord
+    arch: Architecture
+    cfg: AuditConfig
+    store: ArtifactStore
+    shards: list[StageRecord]
+    traces: dict[str, str]
+    trace: StageRecord | None
+    variant_traces: dict[str, StageRecord] | None
+    compare: dict[str, StageRecord] | None
+
+
 def run(
     ref: ModelRef,
     ingest: StageRecord,
@@ -305,47 +343,21 @@ def run(
     traces |= {f"audit:{k}": v.config_hash or "" for k, v in (compare or {}).items()}
     chash = config_hash(cfg, ingest.details["dataset_digest"], traces)
     prefix = stage_prefix(ingest.details["model_digest"], "metrics", chash)
-    return run_stage(
-        store,
-        "metrics",
-        prefix,
-        chash,
-        lambda run: _compute(run, ref, ingest, arch, cfg, store, shards, traces, trace, variant_traces, compare),
-    )
+    inp = _Inputs(ref, ingest, arch, cfg, store, shards, traces, trace, variant_traces, compare)
+    return run_stage(store, "metrics", prefix, chash, lambda run: _compute(run, inp))
 
 
-def _compute(
-    run: StageRun,
-    ref: ModelRef,
-    ingest: StageRecord,
-    arch: Architecture,
-    cfg: AuditConfig,
-    store: ArtifactStore,
-    shards: list[StageRecord],
-    traces: dict[str, str],
-    trace: StageRecord | None,
-    variant_traces: dict[str, StageRecord] | None,
-    compare: dict[str, StageRecord] | None,
-) -> StageRecord:
-    rows = sorted((r for s in shards for r in s.details["weights"]), key=lambda r: r["name"])
-    spectra: dict[str, np.ndarray] = {}
-    raw: dict[str, np.ndarray] = {}
-    for s in shards:
-        spectra |= dict(np.load(_io.BytesIO(store.get_bytes(s.details["spectra_key"]))))
-        raw |= dict(np.load(_io.BytesIO(store.get_bytes(s.details["vectors_key"]))))
+def _compute(run: StageRun, inp: _Inputs) -> StageRecord:
+    cfg, store, shards = inp.cfg, inp.store, inp.shards
+    rows, spectra, raw = _joined_shards(store, shards)
     flag(rows, cfg)
     vectors = standardise_layers(raw)
     sens: list[dict[str, Any]] = []
     maps: list[dict[str, Any]] = []
     fisher_key = None
     if cfg.metrics.sensitivity:
-        model = loading.load_model(ref, loading.compute_device())
-        inputs, labels = open_data(ingest, store).sensitivity_inputs(cfg)
-        sens, fisher = sensitivity(model, arch, inputs, cfg, labels=labels)
-        maps = fisher_maps(fisher, sens)
-        fisher_key = f"{run.prefix}/fisher.safetensors"
-        store.put_bytes(fisher_key, _safetensors(fisher))
-    cka = _cka(store, trace, variant_traces or {}, compare or {}, cfg.metrics.cka_tokens)
+        sens, maps, fisher_key = _sensitivity_figures(run, inp)
+    cka = _cka(store, inp.trace, inp.variant_traces or {}, inp.compare or {}, cfg.metrics.cka_tokens)
     artifacts = {
         "spectra": store.put_bytes(f"{run.prefix}/spectra.npz", _npz(spectra)),
         "layer_vectors": store.put_bytes(f"{run.prefix}/layer_vectors.npz", _npz(vectors)),
@@ -354,6 +366,54 @@ def _compute(
     }
     if fisher_key:
         artifacts["fisher"] = store.uri_for(fisher_key)
+    metrics, undefined = _summary(rows, sens)
+    return run.record(
+        input_digests={
+            "model": inp.ingest.details["model_digest"],
+            "dataset": inp.ingest.details["dataset_digest"],
+            **inp.traces,
+        },
+        artifacts=artifacts,
+        metrics=metrics,
+        undefined=undefined,
+        details={
+            "weights": rows,
+            "sensitivity": sens,
+            "fisher_maps": maps,
+            "fisher_key": fisher_key,
+            "cka": cka,
+            "vectors_key": f"{run.prefix}/layer_vectors.npz",
+            "shards": [s.details["prefix"] for s in shards],
+        },
+    )
+
+
+def _joined_shards(
+    store: ArtifactStore, shards: list[StageRecord]
+) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The shards' weight rows (sorted by name), spectra and raw layer embeddings, joined."""
+    rows = sorted((r for s in shards for r in s.details["weights"]), key=lambda r: r["name"])
+    spectra: dict[str, np.ndarray] = {}
+    raw: dict[str, np.ndarray] = {}
+    for s in shards:
+        spectra |= dict(np.load(_io.BytesIO(store.get_bytes(s.details["spectra_key"]))))
+        raw |= dict(np.load(_io.BytesIO(store.get_bytes(s.details["vectors_key"]))))
+    return rows, spectra, raw
+
+
+def _sensitivity_figures(run: StageRun, inp: _Inputs) -> tuple[list[dict[str, Any]], list[dict[str, Any]], str]:
+    """Sensitivity rows and Fisher heatmaps on the audit's data; the Fisher diagonal stored in full."""
+    model = loading.load_model(inp.ref, loading.compute_device())
+    inputs, labels = open_data(inp.ingest, inp.store).sensitivity_inputs(inp.cfg)
+    sens, fisher = sensitivity(model, inp.arch, inputs, inp.cfg, labels=labels)
+    maps = fisher_maps(fisher, sens)
+    fisher_key = f"{run.prefix}/fisher.safetensors"
+    inp.store.put_bytes(fisher_key, _safetensors(fisher))
+    return sens, maps, fisher_key
+
+
+def _summary(rows: list[dict[str, Any]], sens: list[dict[str, Any]]) -> tuple[dict[str, float], dict[str, str]]:
+    """The stage's figures over all matrices, split into defined ones and the reasons of undefined ones."""
     fitted = [r for r in rows if figures.is_number(r["alpha"])]
     no_fit = figures.Undefined(f"none of the {len(rows)} matrices' spectra has a power-law fit (see each α)")
     metrics, undefined = figures.split(
@@ -368,21 +428,7 @@ def _compute(
     if sens:
         metrics["hessian_trace_total"] = float(sum(r["hessian_trace"] for r in sens))
         metrics["fisher_trace_total"] = float(sum(r["fisher_trace"] for r in sens))
-    return run.record(
-        input_digests={"model": ingest.details["model_digest"], "dataset": ingest.details["dataset_digest"], **traces},
-        artifacts=artifacts,
-        metrics=metrics,
-        undefined=undefined,
-        details={
-            "weights": rows,
-            "sensitivity": sens,
-            "fisher_maps": maps,
-            "fisher_key": fisher_key,
-            "cka": cka,
-            "vectors_key": f"{run.prefix}/layer_vectors.npz",
-            "shards": [s.details["prefix"] for s in shards],
-        },
-    )
+    return metrics, undefined
 
 
 def _sample_rows(store: ArtifactStore, parts: list[str], n: int) -> np.ndarray:

@@ -5,6 +5,7 @@ features whose activations move most under attack."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,33 @@ def _model(ref: ModelRef, variant: str, cfg: AuditConfig) -> Any:
     return load_variant(ref, variant, cfg.quantize, loading.compute_device())
 
 
+@dataclass
+class _Job:
+    """One robustness evaluation: the checkpoint (or one of its variants), its data and settings, the SAEs
+    whose features it follows, and where to report progress."""
+
+    ref: ModelRef
+    ingest: StageRecord
+    arch: Architecture
+    cfg: AuditConfig
+    store: ArtifactStore
+    variant: str
+    saes: dict[str, StageRecord]
+    progress: Callable[[int, int], None] | None
+
+
+class _Steps:
+    """Counts finished attack steps (one per AutoAttack norm, then one per sweep ε) for `progress`."""
+
+    def __init__(self, total: int, progress: Callable[[int, int], None] | None) -> None:
+        self.total, self.done, self.progress = total, 0, progress
+
+    def tick(self, _msg: str = "") -> None:
+        self.done += 1
+        if self.progress:
+            self.progress(self.done, self.total)
+
+
 def run(
     ref: ModelRef,
     ingest: StageRecord,
@@ -61,46 +89,84 @@ def run(
         cfg, ingest.details["dataset_digest"], variant, {h: r.config_hash or "" for h, r in saes.items()}
     )
     prefix = stage_prefix(ingest.details["model_digest"], "robustness", chash)
+    job = _Job(ref, ingest, arch, cfg, store, variant, saes, progress)
     return run_stage(
         store,
         "robustness",
         prefix,
         chash,
-        lambda run: _compute(run, ref, ingest, arch, cfg, store, variant, saes, progress),
+        lambda run: _compute(run, job),
         variant=None if variant == "fp" else variant,
     )
 
 
-def _compute(
-    run: StageRun,
-    ref: ModelRef,
-    ingest: StageRecord,
-    arch: Architecture,
-    cfg: AuditConfig,
-    store: ArtifactStore,
-    variant: str,
-    saes: dict[str, StageRecord],
-    progress: Callable[[int, int], None] | None,
-) -> StageRecord:
-
+def _compute(run: StageRun, job: _Job) -> StageRecord:
     from microscope.robustness.attacks import sweep
-    from microscope.robustness.reference import autoattack
-    from microscope.robustness.surfaces import DEFAULT_EPS, surface_for
+    from microscope.robustness.surfaces import DEFAULT_EPS
 
-    rc = cfg.robustness
-    data = open_data(ingest, store)
-    model = _model(ref, variant, cfg)
-    causal = arch.is_causal and arch.has_unembedding
+    cfg, rc, store = job.cfg, job.cfg.robustness, job.store
+    data = open_data(job.ingest, store)
+    surface = _frozen_surface(job, data)
+    x, y, label, index = data.attack_inputs(surface, cfg)
+    eps = DEFAULT_EPS[surface.kind] | rc.eps
+    steps = _Steps(len(rc.norms) + len(rc.sweep), job.progress)
+    aa_results = _autoattacks(run, job, surface, x, y, eps, steps)
+    curves, adv = sweep(
+        surface, x, y, list(rc.sweep), rc.pgd_steps, rc.pgd_restarts, cfg.seed, rc.batch_size, steps.tick
+    )
+    curves["eps_units"] = [surface.to_units(e) for e in rc.sweep]
+    shifts = (
+        feature_shifts(surface, x, adv, job.saes, store, rc.feature_shifts)
+        if job.saes and adv is not None and data.activations and rc.feature_shifts
+        else {}
+    )
+    layers = layer_shifts(surface, x, adv, job.arch, cfg) if adv is not None and data.activations else {}
+    results = {
+        "variant": job.variant,
+        "surface": surface.kind,
+        "label": label,
+        "samples": index,
+        "eps": eps,
+        "autoattack": aa_results,
+        "curves": curves,
+        "feature_shifts": shifts,
+        "layer_shifts": layers,
+    }
+    artifacts = {"results": store.put_json(f"{run.prefix}/results.json", results)}
+    # Accuracy under attack is undefined (with its reason) when the model gets no sample right.
+    metrics, undefined = split(summary.figures(curves, aa_results, len(x)))
+    return run.record(
+        input_digests={"model": job.ingest.details["model_digest"], "dataset": job.ingest.details["dataset_digest"]},
+        artifacts=artifacts,
+        metrics=metrics,
+        undefined=undefined,
+        details={k: v for k, v in results.items() if k != "samples"},
+    )
+
+
+def _frozen_surface(job: _Job, data: Any) -> Any:
+    """The model (or variant) behind the attack surface its data kind calls for, its weights frozen."""
+    from microscope.robustness.surfaces import surface_for
+
+    model = _model(job.ref, job.variant, job.cfg)
+    causal = job.arch.is_causal and job.arch.has_unembedding
     try:
         surface = surface_for(model, data.kind, causal)
     except ValueError as exc:
         raise InputError(f"robustness: {exc}") from None
     for p in surface.parameters():
         p.requires_grad_(False)
-    x, y, label, index = data.attack_inputs(surface, cfg)
-    eps = DEFAULT_EPS[surface.kind] | rc.eps
-    steps_total = len(rc.norms) + len(rc.sweep)
-    done = 0
+    return surface
+
+
+def _autoattacks(
+    run: StageRun, job: _Job, surface: Any, x: Any, y: Any, eps: dict[str, float], steps: _Steps
+) -> list[dict[str, Any]]:
+    """The reference AutoAttack per norm, each result published on its own so a killed run resumes
+    from the norms it finished."""
+    from microscope.robustness.reference import autoattack
+
+    cfg, rc, store = job.cfg, job.cfg.robustness, job.store
     aa_results = []
     for norm in rc.norms:
         key = f"{run.prefix}/autoattack-{norm}.json"
@@ -115,45 +181,8 @@ def _compute(
             r["eps_units"] = surface.to_units(eps[norm])
             store.put_json(key, r)
             aa_results.append(r)
-        done += 1
-        if progress:
-            progress(done, steps_total)
-
-    def tick(_msg: str) -> None:
-        nonlocal done
-        done += 1
-        if progress:
-            progress(done, steps_total)
-
-    curves, adv = sweep(surface, x, y, list(rc.sweep), rc.pgd_steps, rc.pgd_restarts, cfg.seed, rc.batch_size, tick)
-    curves["eps_units"] = [surface.to_units(e) for e in rc.sweep]
-    shifts = (
-        feature_shifts(surface, x, adv, saes, store, rc.feature_shifts)
-        if saes and adv is not None and data.activations and rc.feature_shifts
-        else {}
-    )
-    layers = layer_shifts(surface, x, adv, arch, cfg) if adv is not None and data.activations else {}
-    results = {
-        "variant": variant,
-        "surface": surface.kind,
-        "label": label,
-        "samples": index,
-        "eps": eps,
-        "autoattack": aa_results,
-        "curves": curves,
-        "feature_shifts": shifts,
-        "layer_shifts": layers,
-    }
-    artifacts = {"results": store.put_json(f"{run.prefix}/results.json", results)}
-    # Accuracy under attack is undefined (with its reason) when the model gets no sample right.
-    metrics, undefined = split(summary.figures(curves, aa_results, len(x)))
-    return run.record(
-        input_digests={"model": ingest.details["model_digest"], "dataset": ingest.details["dataset_digest"]},
-        artifacts=artifacts,
-        metrics=metrics,
-        undefined=undefined,
-        details={k: v for k, v in results.items() if k != "samples"},
-    )
+        steps.tick()
+    return aa_results
 
 
 def layer_shifts(surface: Any, x: Any, adv: Any, arch: Architecture, cfg: AuditConfig) -> dict[str, float]:

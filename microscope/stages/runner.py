@@ -154,11 +154,8 @@ def run_stage(
     done = finished(store, prefix)
     if done is not None:
         return done
-    with stage_lock(store, prefix):
-        done = finished(store, prefix, repair=True)  # another run finished it while we waited
-        if done is not None:
-            return done
-        store.clean_orphans(prefix)
+
+    def compute_one(_: list[str]) -> dict[str, StageRecord]:
         run = StageRun(store, stage, prefix, config_hash, variant)
         try:
             with timed(run.times):
@@ -171,4 +168,31 @@ def run_stage(
                 store.clean_orphans(prefix, why="half-written by this failed run")
             raise
         record = record.model_copy(update=run.times)
-        return publish(store, prefix, record)
+        return {prefix: publish(store, prefix, record)}
+
+    return compute_unfinished(store, prefix, [prefix], compute_one)[prefix]
+
+
+def compute_unfinished(
+    store: ArtifactStore,
+    lock: str,
+    prefixes: list[str],
+    compute: Callable[[list[str]], dict[str, StageRecord]],
+) -> dict[str, StageRecord]:
+    """The runner's steps after its first look, for one prefix or several computed together (one SAE fit
+    trains the SAEs of several hooks): under `lock`, each prefix another run finished while we waited
+    is read back (a damaged one repaired), the others' orphans are cleaned, then `compute` gets those
+    left and returns their published records. Records keyed by prefix: those found finished first."""
+    done: dict[str, StageRecord] = {}
+    with stage_lock(store, lock):
+        todo = []
+        for prefix in prefixes:
+            other = finished(store, prefix, repair=True)  # another run finished it while we waited
+            if other is not None:
+                done[prefix] = other
+            else:
+                store.clean_orphans(prefix)
+                todo.append(prefix)
+        if todo:
+            done |= compute(todo)
+    return done

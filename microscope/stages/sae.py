@@ -23,7 +23,7 @@ from microscope.sae.architectures import build
 from microscope.sae.checkpoints import checkpoint_sync, discard_finished
 from microscope.sae.data import ShuffledBatches, activation_scale, geometric_median, parquet_chunks, parquet_rows
 from microscope.sae.evaluate import downstream, reconstruction
-from microscope.stages.runner import finished, publish, stage_lock, stage_prefix, timed
+from microscope.stages.runner import compute_unfinished, finished, publish, stage_prefix, timed
 from microscope.store import ArtifactStore
 
 VERSION = "2"  # 2: contexts carry per-token activations; features.parquet has each variant's fate
@@ -106,18 +106,17 @@ def run_many(
             done[hook] = planned
         else:
             plans.append(planned)
-    if plans:
+    if plans:  # another run may train them while we wait for the group's lock: theirs are read back then
+        inp = _Inputs(ref, ingest, arch, trace, cfg, store, ids, held, variant_traces, progress)
         group = canonical_hash([p.prefix for p in plans])
-        with stage_lock(store, f"sae-group/{group}"):
-            for p in list(plans):  # another run may have trained them while we waited
-                other = finished(store, p.prefix, repair=True)
-                if other is not None:
-                    done[p.hook] = other
-                    plans.remove(p)
-                else:
-                    store.clean_orphans(p.prefix)
-            if plans:
-                done |= _train(plans, ref, ingest, arch, trace, cfg, store, ids, held, variant_traces, progress)
+        records = compute_unfinished(
+            store,
+            f"sae-group/{group}",
+            [p.prefix for p in plans],
+            lambda todo: _train([p for p in plans if p.prefix in todo], inp),
+        )
+        hook_of = {p.prefix: p.hook for p in plans}
+        done |= {hook_of[prefix]: record for prefix, record in records.items()}
     # Now that these SAEs are published, the training checkpoints kept for resuming them can go (and any a
     # killed run left of SAEs published since); a cached run sweeps what a kill before this line left.
     discard_finished(store, _checkpoint_root(ingest))
@@ -129,71 +128,74 @@ def _checkpoint_root(ingest: StageRecord) -> str:
     return stage_prefix(ingest.details["model_digest"], "sae-checkpoints", "").rstrip("/")
 
 
-def _train(
-    plans: list[_Plan],
-    ref: ModelRef,
-    ingest: StageRecord,
-    arch: Architecture,
-    trace: StageRecord,
-    cfg: AuditConfig,
-    store: ArtifactStore,
-    ids: np.ndarray,
-    held: set[int],
-    variant_traces: dict[str, StageRecord] | None,
-    progress: bool,
-) -> dict[str, StageRecord]:
-    """One fit for all `plans` (one pass over their row-aligned data), then each SAE saved on its own."""
+@dataclass
+class _Inputs:
+    """What every SAE of one `run_many` is trained and described from: the model, its data, the settings."""
+
+    ref: ModelRef
+    ingest: StageRecord
+    arch: Architecture
+    trace: StageRecord
+    cfg: AuditConfig
+    store: ArtifactStore
+    ids: np.ndarray  # [windows, context] token ids of the dataset
+    held: set[int]  # the held-out windows: evaluation, never training
+    variant_traces: dict[str, StageRecord] | None
+    progress: bool
+
+
+@dataclass
+class _Fit:
+    """One finished fit of one or more SAEs: Lightning's result, its steps, its timing, its hooks."""
+
+    result: Any
+    steps: int
+    times: dict[str, Any]
+    trained_with: list[str]
+
+
+def _train(plans: list[_Plan], inp: _Inputs) -> dict[str, StageRecord]:
+    """One fit for all `plans` (one pass over their row-aligned data), then each SAE saved on its own:
+    their records, keyed by prefix."""
+    times: dict[str, Any] = {}
+    with timed(times):
+        result, steps = _fit(plans, inp)
+    fitted = _Fit(result, steps, times, [p.hook for p in plans])
+    return {plan.prefix: _finalize(plan, result.all_curves[i], fitted, inp) for i, plan in enumerate(plans)}
+
+
+def _fit(plans: list[_Plan], inp: _Inputs) -> tuple[Any, int]:
+    """Train the SAEs of `plans` together, resuming from the store's training checkpoint if one is there."""
     from microscope.sae.data import joint_chunks
     from microscope.sae.training import SAEModule, find_lr, fit
 
-    c = cfg.sae
-    done: dict[str, StageRecord] = {}
-    times: dict[str, Any] = {}
-    with timed(times):
-        chunks = plans[0].train if len(plans) == 1 else joint_chunks([p.train for p in plans])
-        data = ShuffledBatches(chunks, c.batch_size, c.buffer_tokens, c.epochs, cfg.seed, tuple(p.scale for p in plans))
-        steps = data.count()
-        module = SAEModule(
-            [p.sae for p in plans],
-            lr=3e-4 if c.lr == "auto" else float(c.lr),
-            dead_window=c.dead_window,
-            lr_warmup_steps=c.lr_warmup_steps,
-            resample_every=c.resample_every,
-        )
-        if c.lr == "auto":
-            module.lr = find_lr(module, data)
-        # Training checkpoints live in the store, so a restarted pod resumes where the killed one stopped.
-        members = [p.prefix for p in plans]
-        ckpt = f"{_checkpoint_root(ingest)}/{canonical_hash(members)}"
-        ckpt_dir, sync = checkpoint_sync(store, ckpt, members)
-        result = fit(
-            module,
-            data,
-            steps,
-            checkpoint_dir=ckpt_dir,
-            checkpoint_every=c.checkpoint_every,
-            progress=progress,
-            callbacks=[sync] if sync else None,
-        )
-    for i, plan in enumerate(plans):
-        done[plan.hook] = _finalize(
-            plan,
-            result.all_curves[i],
-            result,
-            steps,
-            ref,
-            ingest,
-            arch,
-            trace,
-            cfg,
-            store,
-            ids,
-            held,
-            variant_traces,
-            dict(times),
-            [p.hook for p in plans],
-        )
-    return done
+    c = inp.cfg.sae
+    chunks = plans[0].train if len(plans) == 1 else joint_chunks([p.train for p in plans])
+    data = ShuffledBatches(chunks, c.batch_size, c.buffer_tokens, c.epochs, inp.cfg.seed, tuple(p.scale for p in plans))
+    steps = data.count()
+    module = SAEModule(
+        [p.sae for p in plans],
+        lr=3e-4 if c.lr == "auto" else float(c.lr),
+        dead_window=c.dead_window,
+        lr_warmup_steps=c.lr_warmup_steps,
+        resample_every=c.resample_every,
+    )
+    if c.lr == "auto":
+        module.lr = find_lr(module, data)
+    # Training checkpoints live in the store, so a restarted pod resumes where the killed one stopped.
+    members = [p.prefix for p in plans]
+    ckpt = f"{_checkpoint_root(inp.ingest)}/{canonical_hash(members)}"
+    ckpt_dir, sync = checkpoint_sync(inp.store, ckpt, members)
+    result = fit(
+        module,
+        data,
+        steps,
+        checkpoint_dir=ckpt_dir,
+        checkpoint_every=c.checkpoint_every,
+        progress=inp.progress,
+        callbacks=[sync] if sync else None,
+    )
+    return result, steps
 
 
 def _plan(
@@ -238,76 +240,115 @@ def _plan(
     return _Plan(hook, chash, prefix, paths, train, test, scale, d_in, d_sae, sae)
 
 
-def _finalize(
-    plan: _Plan,
-    curves: list[dict[str, float]],
-    result: Any,
-    steps: int,
-    ref: ModelRef,
-    ingest: StageRecord,
-    arch: Architecture,
-    trace: StageRecord,
-    cfg: AuditConfig,
-    store: ArtifactStore,
-    ids: np.ndarray,
-    held: set[int],
-    variant_traces: dict[str, StageRecord] | None,
-    times: dict[str, Any],
-    trained_with: list[str],
-) -> StageRecord:
+def _finalize(plan: _Plan, curves: list[dict[str, float]], fitted: _Fit, inp: _Inputs) -> StageRecord:
     """Save, evaluate and describe one trained SAE; write its manifest last."""
     from microscope.models import loading
 
-    c, hook, prefix, sae = cfg.sae, plan.hook, plan.prefix, plan.sae
-    datasets = trace.details["datasets"]
-    sae.eval()
+    c, store, prefix = inp.cfg.sae, inp.store, plan.prefix
+    plan.sae.eval()
+    loaded, artifacts = _save_sae(plan, inp)
+    metrics_full = reconstruction(loaded.encode, loaded.decode, plan.test(), plan.d_sae)
+    density = metrics_full.pop("density")
+    hist = metrics_full.pop("density_hist")
+    model = loading.load_model(inp.ref, loading.compute_device())
+    metrics, undefined = _with_downstream({k: float(v) for k, v in metrics_full.items()}, plan, loaded, model, inp)
+    variant_metrics, fate, fate_skipped = _variant_effects(plan, loaded, metrics, inp)
+    table = _feature_table(plan, loaded, model, fate, inp)
+    artifacts |= _write_features(store, prefix, table, curves, density)
+    record = StageRecord(
+        stage="sae",
+        status=StageStatus.completed,
+        config_hash=plan.chash,
+        input_digests={"model": inp.ingest.details["model_digest"], "trace": inp.trace.config_hash or ""},
+        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
+        metrics={
+            **metrics,
+            "steps": float(fitted.result.steps),
+            "lr": float(fitted.result.lr),
+            "d_sae": float(plan.d_sae),
+        },
+        undefined=undefined,
+        details={
+            "prefix": prefix,
+            "hook": plan.hook,
+            "architecture": c.architecture,
+            "d_in": plan.d_in,
+            "d_sae": plan.d_sae,
+            "activation_scale": plan.scale,
+            "density_hist": hist,
+            "variants": variant_metrics,
+            "variant_fate_skipped": fate_skipped,
+            "resumed_from_step": fitted.result.resumed_from_step,
+            "train_tokens_per_epoch": fitted.steps * c.batch_size // c.epochs,
+            "trained_with": fitted.trained_with,
+            "top_features": _top_features(table, 12),
+        },
+        **dict(fitted.times),
+    )
+    return publish(store, prefix, record)
+
+
+def _save_sae(plan: _Plan, inp: _Inputs) -> tuple[Any, dict[str, str]]:
+    """Write the SAE's files to the store; return it as loaded back from them, with their URIs."""
+    hook = plan.hook
     with tempfile.TemporaryDirectory() as tmp:
         files = io.save(
-            sae,
+            plan.sae,
             Path(tmp) / "sae",
             plan.scale,
             {
                 "hook_name": hook,
-                "hook_module": datasets[hook]["module"],
-                "model_name": arch.class_name,
-                "model_digest": ingest.details["model_digest"],
-                "context_size": int(ids.shape[1]),
-                "dataset_digest": ingest.details["dataset_digest"],
+                "hook_module": inp.trace.details["datasets"][hook]["module"],
+                "model_name": inp.arch.class_name,
+                "model_digest": inp.ingest.details["model_digest"],
+                "context_size": int(inp.ids.shape[1]),
+                "dataset_digest": inp.ingest.details["dataset_digest"],
                 "prepend_bos": False,
             },
         )
         loaded = io.load(Path(tmp) / "sae")  # evaluate exactly what was saved: raw-activation weights
-        artifacts = {f"sae/{f.name}": store.put_file(f"{prefix}/sae/{f.name}", f) for f in files}
-    metrics_full = reconstruction(loaded.encode, loaded.decode, plan.test(), plan.d_sae)
-    density = metrics_full.pop("density")
-    hist = metrics_full.pop("density_hist")
-    metrics: dict[str, float] = {k: float(v) for k, v in metrics_full.items()}
-    model = loading.load_model(ref, loading.compute_device())
+        artifacts = {f"sae/{f.name}": inp.store.put_file(f"{plan.prefix}/sae/{f.name}", f) for f in files}
+    return loaded, artifacts
+
+
+def _with_downstream(
+    metrics: dict[str, float], plan: _Plan, loaded: Any, model: Any, inp: _Inputs
+) -> tuple[dict[str, float], dict[str, str]]:
+    """`metrics` plus the model's loss with the SAE spliced in on the held-out windows, split into
+    defined figures and the reasons of undefined ones."""
     on_model = copy.deepcopy(loaded).to(next(model.parameters()).device)  # spliced where the model runs
-    held_ids = ids[sorted(held)]
+    held_ids = inp.ids[sorted(inp.held)]
     # CE recovered can be undefined (a layer the model does not use): its reason goes to `undefined`.
-    metrics, undefined = split(
+    return split(
         metrics
         | downstream(
             model,
-            datasets[hook]["module"],
+            inp.trace.details["datasets"][plan.hook]["module"],
             lambda t: on_model(t),
             held_ids,
-            cfg.trace.batch_size,
-            arch.is_causal and arch.has_unembedding,
+            inp.cfg.trace.batch_size,
+            inp.arch.is_causal and inp.arch.has_unembedding,
         )
     )
+
+
+def _variant_effects(
+    plan: _Plan, loaded: Any, metrics: dict[str, float], inp: _Inputs
+) -> tuple[dict[str, dict[str, float]], dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str]]:
+    """Per variant: the SAE's reconstruction on its activations (and the shift from full precision), each
+    latent's fate, and why a fate was skipped."""
     variant_metrics = {}
     # Each variant's fate per latent (density on its activations, correlation with full precision) is
     # measured on the held-out rows variant_metrics uses: the same tokens for every variant, and the fp
     # density on them is density_eval.npy, so `density[<variant>]` compares with that file.
     fate: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     fate_skipped: dict[str, str] = {}
-    for name, vt in (variant_traces or {}).items():
-        vds = vt.details.get("datasets", {}).get(hook)
+    held = inp.held
+    for name, vt in (inp.variant_traces or {}).items():
+        vds = vt.details.get("datasets", {}).get(plan.hook)
         if vds is None:
             continue
-        vpaths = [store.local_path(k) for k in vds["parts"]]
+        vpaths = [inp.store.local_path(k) for k in vds["parts"]]
         vm = reconstruction(loaded.encode, loaded.decode, parquet_chunks(vpaths, held)(), plan.d_sae)
         variant_metrics[name] = {
             "fvu": vm["fvu"],
@@ -322,7 +363,17 @@ def _finalize(
             fate[name] = (v_density, corr)
         except feat.Misaligned as e:  # the fp and variant traces must hold the same tokens in the same order
             fate_skipped[name] = f"the variant's trace is not row-aligned with full precision's: {e}"
-    tokenizer = loading.load_tokenizer(ref)
+    return variant_metrics, fate, fate_skipped
+
+
+def _feature_table(
+    plan: _Plan, loaded: Any, model: Any, fate: dict[str, tuple[np.ndarray, np.ndarray]], inp: _Inputs
+) -> Any:
+    """One row per latent: density, mean activation, top contexts, logit effects, each variant's fate."""
+    from microscope.models import loading
+
+    c, ids = inp.cfg.sae, inp.ids
+    tokenizer = loading.load_tokenizer(inp.ref)
     vals, wins, poss, fires, sums = feat.top_activations(
         loaded.encode, parquet_rows(plan.paths), plan.d_sae, c.top_contexts
     )
@@ -340,40 +391,22 @@ def _finalize(
             tokenizer,
             c.top_logits,
         )
-    table = feat.table(all_density, mean_act, ctx, pos_l, neg_l, fate)
+    return feat.table(all_density, mean_act, ctx, pos_l, neg_l, fate)
+
+
+def _write_features(
+    store: ArtifactStore, prefix: str, table: Any, curves: list[dict[str, float]], density: np.ndarray
+) -> dict[str, str]:
+    """The feature table, training curves and held-out densities, written to the store: their URIs."""
     import pyarrow.parquet as pq
 
     tmp_f = store.staging_path(f"{prefix}/features.parquet")
     pq.write_table(table, tmp_f)
-    artifacts["features"] = store.put_file(f"{prefix}/features.parquet", tmp_f, move=True)
-    artifacts["curves"] = store.put_json(f"{prefix}/curves.json", curves)
-    artifacts["density"] = store.put_bytes(f"{prefix}/density_eval.npy", _npy(density))
-    record = StageRecord(
-        stage="sae",
-        status=StageStatus.completed,
-        config_hash=plan.chash,
-        input_digests={"model": ingest.details["model_digest"], "trace": trace.config_hash or ""},
-        artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
-        metrics={**metrics, "steps": float(result.steps), "lr": float(result.lr), "d_sae": float(plan.d_sae)},
-        undefined=undefined,
-        details={
-            "prefix": prefix,
-            "hook": hook,
-            "architecture": c.architecture,
-            "d_in": plan.d_in,
-            "d_sae": plan.d_sae,
-            "activation_scale": plan.scale,
-            "density_hist": hist,
-            "variants": variant_metrics,
-            "variant_fate_skipped": fate_skipped,
-            "resumed_from_step": result.resumed_from_step,
-            "train_tokens_per_epoch": steps * c.batch_size // c.epochs,
-            "trained_with": trained_with,
-            "top_features": _top_features(table, 12),
-        },
-        **times,
-    )
-    return publish(store, prefix, record)
+    return {
+        "features": store.put_file(f"{prefix}/features.parquet", tmp_f, move=True),
+        "curves": store.put_json(f"{prefix}/curves.json", curves),
+        "density": store.put_bytes(f"{prefix}/density_eval.npy", _npy(density)),
+    }
 
 
 def _sample(chunks: Any, n: int) -> np.ndarray:
