@@ -107,8 +107,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     store = open_store(args.store)
     print(f"microscope: audit {audit_id} of {ref.source} (store {store.uri})", file=sys.stderr)
     store.check_writable()  # a read-only store is refused now, not after every stage ran
-    temporary = not os.environ.get("PREFECT_API_URL")
-    if temporary:
+    if not os.environ.get("PREFECT_API_URL"):
         print(
             "microscope: no PREFECT_API_URL: Prefect starts a temporary server (`microscope up` keeps one)",
             file=sys.stderr,
@@ -134,15 +133,10 @@ def cmd_run(args: argparse.Namespace) -> int:
             return_state=True,
         )
     try:
-        record, crash = audits.load(store, audit_id), None
+        record = audits.load(store, audit_id)
     except Exception:  # noqa: BLE001 -- the flow died before saving its record
-        record, crash = None, state.result(raise_on_failure=False)
-    if temporary:  # Prefect stops it at exit: its "Stopping temporary server" is not what a user reads last
-        from flows.server_guard import quiet_stop_message
-
-        quiet_stop_message()
-    if record is None:
-        return _fail(f"audit {audit_id} crashed before saving its record: {crash}", EXIT_FAILED)
+        exc = state.result(raise_on_failure=False)
+        return _fail(f"audit {audit_id} crashed before saving its record: {exc}", EXIT_FAILED)
     _print_record(record, args.json)
     if record.status.value in ("failed", "partial"):
         return _fail(record.error or "a stage failed", EXIT_INPUT if _is_input_error(record) else EXIT_FAILED)

@@ -4,8 +4,8 @@ Without `PREFECT_API_URL`, Prefect starts a uvicorn server as a child process an
 command killed with SIGKILL (an OOM kill, a CI timeout) never runs that exit hook: the server is
 re-parented to PID 1 and keeps its port and ~270 MB for good. A tiny guard process (standard library
 only, no imports of ours: it starts in milliseconds) waits on both processes' pidfds and stops the server
-when the command is gone. `quiet_stop_message()` drops Prefect's "Stopping temporary server" at exit, so that
-the error is what a user reads last.
+when the command is gone. Prefect's "Stopping temporary server" at exit is dropped, so that the error is
+what a user reads last.
 
 Run as a script: `python -S server_guard.py PARENT_PID SERVER_PID`.
 """
@@ -44,7 +44,7 @@ def _guard(parent: int, server: int) -> None:
 
 
 def guard_temporary_server() -> None:
-    """Make every temporary server Prefect starts in this process come with a guard."""
+    """Make every temporary server Prefect starts in this process come with a guard, and stop quietly."""
     from prefect.server.api.server import SubprocessASGIServer
 
     original = SubprocessASGIServer._run_uvicorn_command
@@ -64,9 +64,10 @@ def guard_temporary_server() -> None:
 
     run_guarded.guarded = True  # type: ignore[attr-defined]
     SubprocessASGIServer._run_uvicorn_command = run_guarded  # type: ignore[method-assign]
+    _quiet_stop_message()
 
 
-def quiet_stop_message() -> None:
+def _quiet_stop_message() -> None:
     """Prefect stops its temporary server at exit, after flushing its logs (stopping it sooner leaves its log
     and event clients retrying a dead server for a minute), and says so: dropped, so that a command's last
     line is its result or its error."""
