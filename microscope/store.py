@@ -17,9 +17,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from microscope.errors import InputError, StorageError, TransientError, describe_os_error
+
+if TYPE_CHECKING:
+    from microscope.settings import Settings
 
 MANIFEST = "manifest.json"
 TMP_MARK = ".tmp-"  # files being written carry it until renamed; a killed writer leaves them behind
@@ -43,8 +46,18 @@ def _removed_on_failure(tmp: Path) -> Iterator[None]:
         raise
 
 
+def _settings(given: Settings | None) -> Settings:
+    """The settings a store was opened with: read once, where it is opened, unless its opener passes them."""
+    if given is not None:
+        return given
+    from microscope.settings import get_settings
+
+    return get_settings()
+
+
 class ArtifactStore(ABC):
     uri: str
+    settings: Settings  # what it was opened with: its scratch folders, S3 endpoint, where its locks live
 
     @abstractmethod
     def uri_for(self, key: str) -> str: ...
@@ -117,7 +130,8 @@ class ArtifactStore(ABC):
 
 
 class LocalStore(ArtifactStore):
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, settings: Settings | None = None):
+        self.settings = _settings(settings)
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.uri = str(self.root)
@@ -227,7 +241,7 @@ class LocalStore(ArtifactStore):
 class S3Store(ArtifactStore):
     """S3 or MinIO via boto3; the endpoint comes from the settings (`MICROSCOPE_S3_ENDPOINT_URL`)."""
 
-    def __init__(self, uri: str, endpoint_url: str | None = None):
+    def __init__(self, uri: str, endpoint_url: str | None = None, settings: Settings | None = None):
         import boto3
         from boto3.s3.transfer import TransferConfig
 
@@ -237,9 +251,8 @@ class S3Store(ArtifactStore):
             raise InputError(f"store URI {uri!r} names no bucket; write it as s3://bucket/prefix")
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
-        from microscope.settings import get_settings
-
-        endpoint = endpoint_url or get_settings().s3_endpoint_url
+        self.settings = _settings(settings)
+        endpoint = endpoint_url or self.settings.s3_endpoint_url
         self.client = boto3.client("s3", endpoint_url=endpoint)
         # Multipart above 16 MiB: the object appears only when the upload completes (atomic).
         self.transfer = TransferConfig(multipart_threshold=16 * 2**20, multipart_chunksize=16 * 2**20)
@@ -342,9 +355,7 @@ class S3Store(ArtifactStore):
         for u in uploads:
             log.warning("aborting the unfinished upload of s3://%s/%s, %s", self.bucket, u["Key"], why)
             self._call(self.client.abort_multipart_upload, Bucket=self.bucket, Key=u["Key"], UploadId=u["UploadId"])
-        from microscope.settings import get_settings
-
-        staged = get_settings().staging_dir() / "upload" / self.bucket / self._key(prefix)
+        staged = self.settings.staging_dir() / "upload" / self.bucket / self._key(prefix)
         files = [p for p in staged.rglob(f"*{TMP_MARK}*") if p.is_file()] if staged.is_dir() else []
         for p in files:
             p.unlink(missing_ok=True)
@@ -381,9 +392,7 @@ class S3Store(ArtifactStore):
         return sorted(out)
 
     def local_path(self, key: str) -> Path:
-        from microscope.settings import get_settings
-
-        dest = get_settings().staging_dir() / "s3-cache" / self.bucket / self._key(key)
+        dest = self.settings.staging_dir() / "s3-cache" / self.bucket / self._key(key)
         if not dest.exists():
             dest.parent.mkdir(parents=True, exist_ok=True)
             tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -392,19 +401,17 @@ class S3Store(ArtifactStore):
         return dest
 
     def staging_path(self, key: str) -> Path:
-        from microscope.settings import get_settings
-
-        p = get_settings().staging_dir() / "upload" / self.bucket / f"{self._key(key)}.tmp-{uuid.uuid4().hex[:8]}"
+        p = self.settings.staging_dir() / "upload" / self.bucket / f"{self._key(key)}.tmp-{uuid.uuid4().hex[:8]}"
         p.parent.mkdir(parents=True, exist_ok=True)
         return p
 
 
-def open_store(uri: str | None = None) -> ArtifactStore:
-    from microscope.settings import get_settings
-
-    uri = uri or get_settings().store_uri
+def open_store(uri: str | None = None, settings: Settings | None = None) -> ArtifactStore:
+    """The store at `uri` (default: the settings' store), opened with `settings` (default: read now)."""
+    s = _settings(settings)
+    uri = uri or s.store_uri
     if uri.startswith("s3://"):
-        return S3Store(uri)
+        return S3Store(uri, settings=s)
     if "://" in uri and not uri.startswith("file://"):
         raise InputError(f"unsupported store URI {uri!r}; use a folder path or s3://bucket/prefix")
-    return LocalStore(uri.removeprefix("file://"))
+    return LocalStore(uri.removeprefix("file://"), settings=s)

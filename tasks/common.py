@@ -8,8 +8,11 @@ from typing import Any
 
 from microscope import __version__
 from microscope.errors import is_retryable
+from microscope.stages.inputs import StageInputs
+from microscope.store import open_store
 from prefect.tasks import exponential_backoff
-from schemas.config import canonical_hash
+from schemas.config import AuditConfig, canonical_hash
+from schemas.stages import IngestOutput
 
 RETRIES = 3
 RETRY_DELAYS = exponential_backoff(backoff_factor=2)  # 2 s, 4 s, 8 s
@@ -19,6 +22,11 @@ def retry_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Retry I/O and network failures; a validation or input error fails at once."""
     exc = state.result(raise_on_failure=False)
     return isinstance(exc, BaseException) and is_retryable(exc)
+
+
+def stage_inputs(ing: IngestOutput, cfg: AuditConfig, store_uri: str) -> StageInputs:
+    """What a stage after ingest starts from, with the store opened in this task's process."""
+    return StageInputs.of(ing, cfg, open_store(store_uri))
 
 
 def cache_key(stage: str, **material: Any) -> str:

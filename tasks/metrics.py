@@ -10,7 +10,7 @@ from schemas.config import AuditConfig
 from schemas.records import StageRecord
 from schemas.stages import IngestOutput
 
-from tasks.common import RETRIES, RETRY_DELAYS, cache_key, retry_transient, stage_options
+from tasks.common import RETRIES, RETRY_DELAYS, cache_key, retry_transient, stage_inputs, stage_options
 
 
 def _shard_key(_ctx: Any, p: dict[str, Any]) -> str:
@@ -26,7 +26,7 @@ def _shard_key(_ctx: Any, p: dict[str, Any]) -> str:
 @task(cache_key_fn=_shard_key, task_run_name="weights-{shard}", **stage_options("metrics"))
 def weights_task(ing: IngestOutput, cfg: AuditConfig, store_uri: str, shard: int) -> StageRecord:
     """Spectra and statistics of one shard of the model's matrices."""
-    return metrics.run_shard(ing.model, ing.record, ing.architecture, cfg, open_store(store_uri), shard)
+    return metrics.run_shard(stage_inputs(ing, cfg, store_uri), shard)
 
 
 def _key(_ctx: Any, p: dict[str, Any]) -> str:
@@ -54,8 +54,7 @@ def metrics_task(
     compare: dict[str, StageRecord] | None = None,
 ) -> StageRecord:
     """The shards joined, anomaly flags, loss sensitivity and CKA."""
-    store = open_store(store_uri)
-    return metrics.run(ing.model, ing.record, ing.architecture, cfg, store, shards, trace, variant_traces, compare)
+    return metrics.run(stage_inputs(ing, cfg, store_uri), shards, trace, variant_traces, compare)
 
 
 TOP_TOKENS = 5  # a feature's strongest contexts' tokens in its Qdrant payload

@@ -3,13 +3,12 @@ from __future__ import annotations
 from typing import Any
 
 from microscope.stages import quantize
-from microscope.store import open_store
 from prefect import task
 from schemas.config import AuditConfig
 from schemas.records import StageRecord
 from schemas.stages import IngestOutput
 
-from tasks.common import cache_key, stage_options
+from tasks.common import cache_key, stage_inputs, stage_options
 
 
 def _key(_ctx: Any, p: dict[str, Any]) -> str:
@@ -25,4 +24,4 @@ def _key(_ctx: Any, p: dict[str, Any]) -> str:
 @task(cache_key_fn=_key, task_run_name="quantize-{fmt}", **stage_options("quantize"))
 def quantize_task(ing: IngestOutput, fmt: str, cfg: AuditConfig, store_uri: str) -> StageRecord:
     """One quantized variant: produced (with OOM fallback), measured, compared with full precision, saved."""
-    return quantize.run(ing.model, ing.record, ing.architecture, fmt, cfg, open_store(store_uri))
+    return quantize.run(stage_inputs(ing, cfg, store_uri), fmt)

@@ -3,13 +3,12 @@ from __future__ import annotations
 from typing import Any
 
 from microscope.stages import robustness
-from microscope.store import open_store
 from prefect import task
 from schemas.config import AuditConfig
 from schemas.records import StageRecord
 from schemas.stages import IngestOutput
 
-from tasks.common import Progress, cache_key, stage_options
+from tasks.common import Progress, cache_key, stage_inputs, stage_options
 
 
 def _key(_ctx: Any, p: dict[str, Any]) -> str:
@@ -34,7 +33,6 @@ def robustness_task(
     """AutoAttack per norm and the PGD/FGSM/noise sweeps on one variant (fp or a quantized format)."""
     progress = Progress(f"robustness {variant}: attacks", key="robustness-progress", unit="attack")
     try:
-        store = open_store(store_uri)
-        return robustness.run(ing.model, ing.record, ing.architecture, cfg, store, variant, saes, progress)
+        return robustness.run(stage_inputs(ing, cfg, store_uri), variant, saes, progress)
     finally:
         progress.close()

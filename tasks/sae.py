@@ -3,13 +3,12 @@ from __future__ import annotations
 from typing import Any
 
 from microscope.stages import sae
-from microscope.store import open_store
 from prefect import task
 from schemas.config import AuditConfig
 from schemas.records import StageRecord
 from schemas.stages import IngestOutput
 
-from tasks.common import cache_key, on_terminal, stage_options
+from tasks.common import cache_key, on_terminal, stage_inputs, stage_options
 
 
 def _key(_ctx: Any, p: dict[str, Any]) -> str:
@@ -33,7 +32,4 @@ def sae_task(
     variant_traces: dict[str, StageRecord] | None = None,
 ) -> dict[str, StageRecord]:
     """Train, evaluate and save the SAEs of `hooks` (one pass over their data); extract their features."""
-    store = open_store(store_uri)
-    return sae.run_many(
-        ing.model, ing.record, ing.architecture, trace, hooks, cfg, store, variant_traces, progress=on_terminal()
-    )
+    return sae.run_many(stage_inputs(ing, cfg, store_uri), trace, hooks, variant_traces, progress=on_terminal())

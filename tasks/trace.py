@@ -3,13 +3,12 @@ from __future__ import annotations
 from typing import Any
 
 from microscope.stages import trace
-from microscope.store import open_store
 from prefect import task
 from schemas.config import AuditConfig
 from schemas.records import StageRecord
 from schemas.stages import IngestOutput
 
-from tasks.common import Progress, cache_key, stage_options
+from tasks.common import Progress, cache_key, stage_inputs, stage_options
 
 
 def _key(_ctx: Any, p: dict[str, Any]) -> str:
@@ -28,6 +27,6 @@ def trace_task(ing: IngestOutput, cfg: AuditConfig, store_uri: str, variant: str
     """Activations at the configured hook points (of the full model or a quantized variant), to Parquet."""
     progress = Progress(f"trace {variant or 'fp'}: windows through the model", key="trace-progress")
     try:
-        return trace.run(ing.model, ing.record, ing.architecture, cfg, open_store(store_uri), progress, variant)
+        return trace.run(stage_inputs(ing, cfg, store_uri), progress, variant)
     finally:
         progress.close()

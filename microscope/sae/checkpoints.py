@@ -24,7 +24,7 @@ def checkpoint_sync(store: ArtifactStore, prefix: str, members: list[str]) -> tu
     store.put_json(f"{prefix}/{MEMBERS}", sorted(members))
     if isinstance(store, LocalStore):
         return store.local_path(prefix), None
-    local = _staging(prefix)
+    local = _staging(store, prefix)
     local.mkdir(parents=True, exist_ok=True)
     key = f"{prefix}/{LAST}"
     if store.exists(key) and not (local / LAST).exists():
@@ -73,13 +73,11 @@ def discard_finished(store: ArtifactStore, root: str) -> list[str]:
         if all(store.exists(f"{m}/{MANIFEST}") for m in store.get_json(f"{prefix}/{MEMBERS}")):
             n = store.delete_prefix(prefix)
             if not isinstance(store, LocalStore):
-                shutil.rmtree(_staging(prefix), ignore_errors=True)
+                shutil.rmtree(_staging(store, prefix), ignore_errors=True)
             log.info("deleted %d training checkpoint file(s) of published SAEs at %s", n, store.uri_for(prefix))
             done.append(prefix)
     return done
 
 
-def _staging(prefix: str) -> Path:
-    from microscope.settings import get_settings
-
-    return get_settings().staging_dir() / "sae-checkpoints" / prefix
+def _staging(store: ArtifactStore, prefix: str) -> Path:
+    return store.settings.staging_dir() / "sae-checkpoints" / prefix

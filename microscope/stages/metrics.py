@@ -13,13 +13,14 @@ from typing import Any
 
 import numpy as np
 from schemas.config import AuditConfig, canonical_hash
-from schemas.records import Architecture, ModelRef, StageRecord
+from schemas.records import Architecture, StageRecord
 
 from microscope import figures
 from microscope.cka import cka_matrix, linear_cka
 from microscope.modality import open_data
 from microscope.models import loading
 from microscope.spectra import esd_histogram, matrix_stats, mp_spikes, power_law_fit
+from microscope.stages.inputs import StageInputs
 from microscope.stages.runner import StageRun, run_stage, stage_prefix
 from microscope.store import ArtifactStore
 from microscope.vectors import layer_embedding, standardise_layers
@@ -140,23 +141,22 @@ def blas_threads(concurrent: int) -> Iterator[None]:
                 _BLAS_STATE["limiter"] = None
 
 
-def run_shard(
-    ref: ModelRef, ingest: StageRecord, arch: Architecture, cfg: AuditConfig, store: ArtifactStore, shard: int
-) -> StageRecord:
+def run_shard(inp: StageInputs, shard: int) -> StageRecord:
     """Weight statistics of one shard of the model's matrices (a task of its own, so shards can run on
     separate workers); cached by the weights' digest and the statistics' settings."""
+    cfg, store = inp.cfg, inp.store
     n = cfg.metrics.weight_shards
     chash = shard_hash(cfg)
-    prefix = stage_prefix(ingest.details["model_digest"], "metrics-weights", chash) + f"/shard-{shard}-of-{n}"
+    prefix = stage_prefix(inp.model_digest, "metrics-weights", chash) + f"/shard-{shard}-of-{n}"
 
     def compute(run: StageRun) -> StageRecord:
-        model = loading.load_model(ref)
+        model = loading.load_model(inp.ref)
         plan = shard_plan(model, n)
         names = plan[shard] if shard < len(plan) else []
         with blas_threads(n):
-            rows, spectra, vectors = weight_table(model, _blocks_path(arch), cfg, names)
+            rows, spectra, vectors = weight_table(model, _blocks_path(inp.arch), cfg, names)
         return run.record(
-            input_digests={"model": ingest.details["model_digest"]},
+            input_digests={"model": inp.model_digest},
             artifacts={
                 "spectra": store.put_bytes(run.key("spectra.npz"), _npz(spectra)),
                 "layer_vectors": store.put_bytes(run.key("layer_vectors.npz"), _npz(vectors)),
@@ -308,16 +308,11 @@ def _pool(a: np.ndarray, cells: int) -> np.ndarray:
     return np.array([[a[np.ix_(r, c)].mean() for c in cols] for r in rows])
 
 
-@dataclass
-class _Inputs:
+@dataclass(frozen=True)
+class _Inputs(StageInputs):
     """What the metrics stage joins: the checkpoint, its data and settings, the weight shards, and the
     traces CKA compares (this audit's, its variants', other audits')."""
 
-    ref: ModelRef
-    ingest: StageRecord
-    arch: Architecture
-    cfg: AuditConfig
-    store: ArtifactStore
     shards: list[StageRecord]
     traces: dict[str, str]
     trace: StageRecord | None
@@ -326,11 +321,7 @@ class _Inputs:
 
 
 def run(
-    ref: ModelRef,
-    ingest: StageRecord,
-    arch: Architecture,
-    cfg: AuditConfig,
-    store: ArtifactStore,
+    inp: StageInputs,
     shards: list[StageRecord],
     trace: StageRecord | None = None,
     variant_traces: dict[str, StageRecord] | None = None,
@@ -341,10 +332,12 @@ def run(
     traces = {"fp": trace.config_hash or ""} if trace else {}
     traces |= {k: v.config_hash or "" for k, v in (variant_traces or {}).items()}
     traces |= {f"audit:{k}": v.config_hash or "" for k, v in (compare or {}).items()}
-    chash = config_hash(cfg, ingest.details["dataset_digest"], traces)
-    prefix = stage_prefix(ingest.details["model_digest"], "metrics", chash)
-    inp = _Inputs(ref, ingest, arch, cfg, store, shards, traces, trace, variant_traces, compare)
-    return run_stage(store, "metrics", prefix, chash, lambda run: _compute(run, inp))
+    chash = config_hash(inp.cfg, inp.dataset_digest, traces)
+    prefix = stage_prefix(inp.model_digest, "metrics", chash)
+    joined = inp.extend(
+        _Inputs, shards=shards, traces=traces, trace=trace, variant_traces=variant_traces, compare=compare
+    )
+    return run_stage(inp.store, "metrics", prefix, chash, lambda run: _compute(run, joined))
 
 
 def _compute(run: StageRun, inp: _Inputs) -> StageRecord:
@@ -369,8 +362,8 @@ def _compute(run: StageRun, inp: _Inputs) -> StageRecord:
     metrics, undefined = _summary(rows, sens)
     return run.record(
         input_digests={
-            "model": inp.ingest.details["model_digest"],
-            "dataset": inp.ingest.details["dataset_digest"],
+            "model": inp.model_digest,
+            "dataset": inp.dataset_digest,
             **inp.traces,
         },
         artifacts=artifacts,

@@ -6,14 +6,14 @@ import tempfile
 from pathlib import Path
 
 from schemas.config import AuditConfig, canonical_hash
-from schemas.records import Architecture, ModelRef, StageRecord
+from schemas.records import StageRecord
 
 from microscope import quantization as qz
 from microscope.figures import split
 from microscope.modality import open_data
 from microscope.models import loading
+from microscope.stages.inputs import StageInputs
 from microscope.stages.runner import StageRun, run_stage, stage_prefix
-from microscope.store import ArtifactStore
 
 VERSION = "1"
 
@@ -24,33 +24,15 @@ def config_hash(cfg: AuditConfig, fmt: str, dataset_digest: str) -> str:
     return canonical_hash({"v": VERSION, "format": fmt, "quantize": q, "points": points, "dataset": dataset_digest})
 
 
-def run(
-    ref: ModelRef, ingest: StageRecord, arch: Architecture, fmt: str, cfg: AuditConfig, store: ArtifactStore
-) -> StageRecord:
+def run(inp: StageInputs, fmt: str) -> StageRecord:
     qz.check_format(fmt)
-    model_digest, dataset_digest = ingest.details["model_digest"], ingest.details["dataset_digest"]
-    chash = config_hash(cfg, fmt, dataset_digest)
-    prefix = stage_prefix(model_digest, "quantize", chash)
-    return run_stage(
-        store,
-        "quantize",
-        prefix,
-        chash,
-        lambda run: _compute(run, ref, ingest, arch, fmt, cfg, store),
-        variant=fmt,
-    )
+    chash = config_hash(inp.cfg, fmt, inp.dataset_digest)
+    prefix = stage_prefix(inp.model_digest, "quantize", chash)
+    return run_stage(inp.store, "quantize", prefix, chash, lambda run: _compute(run, inp, fmt), variant=fmt)
 
 
-def _compute(
-    run: StageRun,
-    ref: ModelRef,
-    ingest: StageRecord,
-    arch: Architecture,
-    fmt: str,
-    cfg: AuditConfig,
-    store: ArtifactStore,
-) -> StageRecord:
-    prefix = run.prefix
+def _compute(run: StageRun, inp: StageInputs, fmt: str) -> StageRecord:
+    ref, ingest, arch, cfg, store, prefix = inp.ref, inp.ingest, inp.arch, inp.cfg, inp.store, run.prefix
     device = loading.compute_device()
     fp_model = loading.load_model(ref, device)
     estimate = qz.estimate_bytes(fp_model, fmt, cfg.quantize)
@@ -79,7 +61,7 @@ def _compute(
         metrics["min_cosine"] = min(v["cosine"] for v in drift.values())
         metrics["max_rel_error"] = max(v["rel_error"] for v in drift.values())
     return run.record(
-        input_digests={"model": ingest.details["model_digest"], "dataset": ingest.details["dataset_digest"]},
+        input_digests={"model": inp.model_digest, "dataset": inp.dataset_digest},
         artifacts=artifacts,
         metrics=metrics,
         undefined=undefined,

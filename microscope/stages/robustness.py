@@ -17,7 +17,7 @@ from microscope.figures import split
 from microscope.modality import open_data
 from microscope.models import loading
 from microscope.robustness import summary
-from microscope.settings import get_settings
+from microscope.stages.inputs import StageInputs
 from microscope.stages.runner import StageRun, run_stage, stage_prefix
 from microscope.store import ArtifactStore
 
@@ -47,16 +47,11 @@ def _model(ref: ModelRef, variant: str, cfg: AuditConfig) -> Any:
     return load_variant(ref, variant, cfg.quantize, loading.compute_device())
 
 
-@dataclass
-class _Job:
+@dataclass(frozen=True)
+class _Job(StageInputs):
     """One robustness evaluation: the checkpoint (or one of its variants), its data and settings, the SAEs
     whose features it follows, and where to report progress."""
 
-    ref: ModelRef
-    ingest: StageRecord
-    arch: Architecture
-    cfg: AuditConfig
-    store: ArtifactStore
     variant: str
     saes: dict[str, StageRecord]
     progress: Callable[[int, int], None] | None
@@ -75,23 +70,17 @@ class _Steps:
 
 
 def run(
-    ref: ModelRef,
-    ingest: StageRecord,
-    arch: Architecture,
-    cfg: AuditConfig,
-    store: ArtifactStore,
+    inp: StageInputs,
     variant: str = "fp",
     saes: dict[str, StageRecord] | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> StageRecord:
     saes = {h: r for h, r in (saes or {}).items() if r.status.value != "failed"} if variant == "fp" else {}
-    chash = config_hash(
-        cfg, ingest.details["dataset_digest"], variant, {h: r.config_hash or "" for h, r in saes.items()}
-    )
-    prefix = stage_prefix(ingest.details["model_digest"], "robustness", chash)
-    job = _Job(ref, ingest, arch, cfg, store, variant, saes, progress)
+    chash = config_hash(inp.cfg, inp.dataset_digest, variant, {h: r.config_hash or "" for h, r in saes.items()})
+    prefix = stage_prefix(inp.model_digest, "robustness", chash)
+    job = inp.extend(_Job, variant=variant, saes=saes, progress=progress)
     return run_stage(
-        store,
+        inp.store,
         "robustness",
         prefix,
         chash,
@@ -136,7 +125,7 @@ def _compute(run: StageRun, job: _Job) -> StageRecord:
     # Accuracy under attack is undefined (with its reason) when the model gets no sample right.
     metrics, undefined = split(summary.figures(curves, aa_results, len(x)))
     return run.record(
-        input_digests={"model": job.ingest.details["model_digest"], "dataset": job.ingest.details["dataset_digest"]},
+        input_digests={"model": job.model_digest, "dataset": job.dataset_digest},
         artifacts=artifacts,
         metrics=metrics,
         undefined=undefined,
@@ -173,7 +162,7 @@ def _autoattacks(
         if store.exists(key):  # finished before an interruption: not attacked again
             aa_results.append(store.get_json(key))
         else:
-            state = get_settings().home_dir / "robustness-state" / run.prefix / f"autoattack-{norm}.json"
+            state = store.settings.home_dir / "robustness-state" / run.prefix / f"autoattack-{norm}.json"
             state.parent.mkdir(parents=True, exist_ok=True)
             r = autoattack(
                 surface, x, y, norm, eps[norm], rc.version, rc.attacks or None, cfg.seed, rc.batch_size, state

@@ -24,7 +24,6 @@ from typing import Any
 from schemas.records import StageRecord, StageStatus
 
 from microscope.errors import StorageError, describe_os_error, out_of_space
-from microscope.settings import get_settings
 from microscope.store import MANIFEST, ArtifactStore
 
 log = logging.getLogger("microscope.stages")
@@ -122,7 +121,7 @@ def stage_lock(store: ArtifactStore, name: str) -> Iterator[None]:
     holder dies), a Redis lock with a renewed lease when MICROSCOPE_REDIS_URL is set (pods)."""
     from microscope.locks import stage_lock as lock
 
-    s = get_settings()
+    s = store.settings
     with lock(
         f"{store.uri}|{name}",
         lock_dir=s.lock_dir,
@@ -157,16 +156,8 @@ def run_stage(
 
     def compute_one(_: list[str]) -> dict[str, StageRecord]:
         run = StageRun(store, stage, prefix, config_hash, variant)
-        try:
-            with timed(run.times):
-                record = compute(run)
-        except BaseException as exc:
-            if out_of_space(exc):  # what it wrote can never be finished here: the room goes to the audit record
-                store.delete_prefix(prefix)
-                raise StorageError(describe_os_error(exc, where=store.uri_for(prefix))) from exc  # type: ignore[arg-type]
-            else:  # its finished parts stay (a re-run resumes from them); half-written files go
-                store.clean_orphans(prefix, why="half-written by this failed run")
-            raise
+        with timed(run.times):
+            record = compute(run)
         record = record.model_copy(update=run.times)
         return {prefix: publish(store, prefix, record)}
 
@@ -182,7 +173,8 @@ def compute_unfinished(
     """The runner's steps after its first look, for one prefix or several computed together (one SAE fit
     trains the SAEs of several hooks): under `lock`, each prefix another run finished while we waited
     is read back (a damaged one repaired), the others' orphans are cleaned, then `compute` gets those
-    left and returns their published records. Records keyed by prefix: those found finished first."""
+    left and returns their published records (a failure cleaned up as `cleaned_after_failure` says).
+    Records keyed by prefix: those found finished first."""
     done: dict[str, StageRecord] = {}
     with stage_lock(store, lock):
         todo = []
@@ -194,5 +186,25 @@ def compute_unfinished(
                 store.clean_orphans(prefix)
                 todo.append(prefix)
         if todo:
-            done |= compute(todo)
+            with cleaned_after_failure(store, todo):
+                done |= compute(todo)
     return done
+
+
+@contextmanager
+def cleaned_after_failure(store: ArtifactStore, prefixes: list[str]) -> Iterator[None]:
+    """What a failed computation of `prefixes` leaves behind: out of space, nothing (what it wrote can never
+    be finished here: the room goes to the audit record, and the error says so in one line); otherwise its
+    finished parts stay (a re-run resumes from them) and its half-written files go."""
+    try:
+        yield
+    except BaseException as exc:
+        if out_of_space(exc):
+            unfinished = [p for p in prefixes if store.read_manifest(p) is None]  # an SAE of a joint fit may be out
+            for prefix in unfinished:
+                store.delete_prefix(prefix)
+            where = store.uri_for((unfinished or prefixes)[0])
+            raise StorageError(describe_os_error(exc, where=where)) from exc  # type: ignore[arg-type]
+        for prefix in prefixes:
+            store.clean_orphans(prefix, why="half-written by this failed run")
+        raise

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 from schemas.config import AuditConfig, SAEConfig, canonical_hash
-from schemas.records import Architecture, ModelRef, StageRecord, StageStatus
+from schemas.records import StageRecord, StageStatus
 
 from microscope import dataset as ds
 from microscope.errors import InputError
@@ -23,6 +23,7 @@ from microscope.sae.architectures import build
 from microscope.sae.checkpoints import checkpoint_sync, discard_finished
 from microscope.sae.data import ShuffledBatches, activation_scale, geometric_median, parquet_chunks, parquet_rows
 from microscope.sae.evaluate import downstream, reconstruction
+from microscope.stages.inputs import StageInputs
 from microscope.stages.runner import compute_unfinished, finished, publish, stage_prefix, timed
 from microscope.store import ArtifactStore
 
@@ -68,76 +69,65 @@ class _Plan:
 
 
 def run(
-    ref: ModelRef,
-    ingest: StageRecord,
-    arch: Architecture,
+    inp: StageInputs,
     trace: StageRecord,
     hook: str,
-    cfg: AuditConfig,
-    store: ArtifactStore,
     variant_traces: dict[str, StageRecord] | None = None,
     progress: bool = True,
 ) -> StageRecord:
-    return run_many(ref, ingest, arch, trace, [hook], cfg, store, variant_traces, progress)[hook]
+    return run_many(inp, trace, [hook], variant_traces, progress)[hook]
 
 
 def run_many(
-    ref: ModelRef,
-    ingest: StageRecord,
-    arch: Architecture,
+    inp: StageInputs,
     trace: StageRecord,
     hooks: list[str],
-    cfg: AuditConfig,
-    store: ArtifactStore,
     variant_traces: dict[str, StageRecord] | None = None,
     progress: bool = True,
 ) -> dict[str, StageRecord]:
     """Train the SAEs of `hooks` from one pass over their (row-aligned) datasets; hooks whose SAE is
     already in the store are returned from it."""
-    c = cfg.sae
-    ids, _ = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
+    c, store = inp.cfg.sae, inp.store
+    ids, _ = ds.read_tokens(store.local_path(inp.ingest.details["tokens_key"]))
     n_win = len(ids)
     held = set(range(n_win - max(1, int(round(n_win * c.eval_fraction))), n_win))
     done: dict[str, StageRecord] = {}
     plans: list[_Plan] = []
     for hook in hooks:
-        planned = _plan(hook, ingest, trace, cfg, store, held)
+        planned = _plan(hook, inp, trace, held)
         if isinstance(planned, StageRecord):
             done[hook] = planned
         else:
             plans.append(planned)
     if plans:  # another run may train them while we wait for the group's lock: theirs are read back then
-        inp = _Inputs(ref, ingest, arch, trace, cfg, store, ids, held, variant_traces, progress)
+        fit_inputs = inp.extend(
+            _Inputs, trace=trace, ids=ids, held=held, variant_traces=variant_traces, progress=progress
+        )
         group = canonical_hash([p.prefix for p in plans])
         records = compute_unfinished(
             store,
             f"sae-group/{group}",
             [p.prefix for p in plans],
-            lambda todo: _train([p for p in plans if p.prefix in todo], inp),
+            lambda todo: _train([p for p in plans if p.prefix in todo], fit_inputs),
         )
         hook_of = {p.prefix: p.hook for p in plans}
         done |= {hook_of[prefix]: record for prefix, record in records.items()}
     # Now that these SAEs are published, the training checkpoints kept for resuming them can go (and any a
     # killed run left of SAEs published since); a cached run sweeps what a kill before this line left.
-    discard_finished(store, _checkpoint_root(ingest))
+    discard_finished(store, _checkpoint_root(inp))
     return done
 
 
-def _checkpoint_root(ingest: StageRecord) -> str:
+def _checkpoint_root(inp: StageInputs) -> str:
     """Where fits keep their training checkpoints: one folder per fit, named by the SAEs it trains."""
-    return stage_prefix(ingest.details["model_digest"], "sae-checkpoints", "").rstrip("/")
+    return stage_prefix(inp.model_digest, "sae-checkpoints", "").rstrip("/")
 
 
-@dataclass
-class _Inputs:
+@dataclass(frozen=True)
+class _Inputs(StageInputs):
     """What every SAE of one `run_many` is trained and described from: the model, its data, the settings."""
 
-    ref: ModelRef
-    ingest: StageRecord
-    arch: Architecture
     trace: StageRecord
-    cfg: AuditConfig
-    store: ArtifactStore
     ids: np.ndarray  # [windows, context] token ids of the dataset
     held: set[int]  # the held-out windows: evaluation, never training
     variant_traces: dict[str, StageRecord] | None
@@ -184,7 +174,7 @@ def _fit(plans: list[_Plan], inp: _Inputs) -> tuple[Any, int]:
         module.lr = find_lr(module, data)
     # Training checkpoints live in the store, so a restarted pod resumes where the killed one stopped.
     members = [p.prefix for p in plans]
-    ckpt = f"{_checkpoint_root(inp.ingest)}/{canonical_hash(members)}"
+    ckpt = f"{_checkpoint_root(inp)}/{canonical_hash(members)}"
     ckpt_dir, sync = checkpoint_sync(inp.store, ckpt, members)
     result = fit(
         module,
@@ -198,17 +188,16 @@ def _fit(plans: list[_Plan], inp: _Inputs) -> tuple[Any, int]:
     return result, steps
 
 
-def _plan(
-    hook: str, ingest: StageRecord, trace: StageRecord, cfg: AuditConfig, store: ArtifactStore, held: set[int]
-) -> _Plan | StageRecord:
+def _plan(hook: str, inp: StageInputs, trace: StageRecord, held: set[int]) -> _Plan | StageRecord:
     import torch
 
+    cfg, store = inp.cfg, inp.store
     datasets = trace.details.get("datasets", {})
     if hook not in datasets:
         raise InputError(f"sae.hooks: {hook} was not traced; add its layer and hook to trace.layers/trace.hooks")
     c = cfg.sae
     chash = config_hash(cfg, hook, trace.config_hash or "")
-    prefix = stage_prefix(ingest.details["model_digest"], "sae", chash)
+    prefix = stage_prefix(inp.model_digest, "sae", chash)
     done = finished(store, prefix)
     if done is not None:
         return done
@@ -259,7 +248,7 @@ def _finalize(plan: _Plan, curves: list[dict[str, float]], fitted: _Fit, inp: _I
         stage="sae",
         status=StageStatus.completed,
         config_hash=plan.chash,
-        input_digests={"model": inp.ingest.details["model_digest"], "trace": inp.trace.config_hash or ""},
+        input_digests={"model": inp.model_digest, "trace": inp.trace.config_hash or ""},
         artifacts={**artifacts, "manifest": store.uri_for(f"{prefix}/manifest.json")},
         metrics={
             **metrics,
@@ -300,9 +289,9 @@ def _save_sae(plan: _Plan, inp: _Inputs) -> tuple[Any, dict[str, str]]:
                 "hook_name": hook,
                 "hook_module": inp.trace.details["datasets"][hook]["module"],
                 "model_name": inp.arch.class_name,
-                "model_digest": inp.ingest.details["model_digest"],
+                "model_digest": inp.model_digest,
                 "context_size": int(inp.ids.shape[1]),
-                "dataset_digest": inp.ingest.details["dataset_digest"],
+                "dataset_digest": inp.dataset_digest,
                 "prepend_bos": False,
             },
         )

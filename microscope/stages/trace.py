@@ -5,13 +5,13 @@ from __future__ import annotations
 import time
 
 from schemas.config import AuditConfig, canonical_hash
-from schemas.records import Architecture, ModelRef, StageRecord
+from schemas.records import StageRecord
 
 from microscope import dataset as ds
 from microscope.errors import InputError
 from microscope.models import loading
+from microscope.stages.inputs import StageInputs
 from microscope.stages.runner import StageRun, run_stage, stage_prefix
-from microscope.store import ArtifactStore
 from microscope.trace import Progress, resolve_layers, resolve_points, trace_to_parquet
 
 VERSION = "1"
@@ -22,18 +22,10 @@ def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str = "fp") -> s
     return canonical_hash({"v": VERSION, "trace": trace, "dataset": dataset_digest, "variant": variant})
 
 
-def run(
-    ref: ModelRef,
-    ingest: StageRecord,
-    arch: Architecture,
-    cfg: AuditConfig,
-    store: ArtifactStore,
-    progress: Progress | None = None,
-    variant: str | None = None,
-) -> StageRecord:
+def run(inp: StageInputs, progress: Progress | None = None, variant: str | None = None) -> StageRecord:
     """Trace the full-precision model, or the quantized `variant` (a format name) of it."""
-    model_digest = ingest.details["model_digest"]
-    dataset_digest = ingest.details["dataset_digest"]
+    ref, ingest, arch, cfg, store = inp.ref, inp.ingest, inp.arch, inp.cfg, inp.store
+    model_digest, dataset_digest = inp.model_digest, inp.dataset_digest
     chash = config_hash(cfg, dataset_digest, variant or "fp")
     prefix = stage_prefix(model_digest, "trace", chash)
 

@@ -40,6 +40,7 @@ def test_a_fit_too_big_or_impossible_is_refused_with_the_numbers() -> None:
 def test_the_stage_refuses_before_allocating(tmp_path: Path, tiny_gpt2_dir: Path, corpus_file: Path) -> None:
     from microscope.models import loading
     from microscope.stages import ingest, sae, trace
+    from microscope.stages.inputs import StageInputs
     from microscope.store import open_store
     from schemas.config import AuditConfig
     from tests.microscope.sae.test_checkpoint_cleanup import HOOK
@@ -55,9 +56,9 @@ def test_the_stage_refuses_before_allocating(tmp_path: Path, tiny_gpt2_dir: Path
     store = open_store(str(tmp_path / "store"))
     ref = loading.resolve(cfg.model)
     ing = ingest.run(ref, cfg, store)
-    arch = loading.describe(loading.load_model(ref))
-    tr = trace.run(ref, ing, arch, cfg, store)
+    inp = StageInputs(ref, ing, loading.describe(loading.load_model(ref)), cfg, store)
+    tr = trace.run(inp)
     before = torch.cuda.memory_allocated() if torch.cuda.is_available() else 0
     with pytest.raises(InputError, match=r"the SAE fit needs about .* GiB .* lower sae.expansion"):
-        sae.run(ref, ing, arch, tr, HOOK, cfg, store, progress=False)
+        sae.run(inp, tr, HOOK, progress=False)
     assert (torch.cuda.memory_allocated() if torch.cuda.is_available() else 0) == before

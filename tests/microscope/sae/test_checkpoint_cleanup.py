@@ -27,6 +27,7 @@ def audit_sae(model_dir: str, corpus: str, store_uri: str, epochs: int = 3) -> t
     """(ingest record, sae record) of one hook, every stage for real (cached stages come from the store)."""
     from microscope.models import loading
     from microscope.stages import ingest, sae, trace
+    from microscope.stages.inputs import StageInputs
     from schemas.config import AuditConfig
 
     cfg = AuditConfig.model_validate(
@@ -41,9 +42,9 @@ def audit_sae(model_dir: str, corpus: str, store_uri: str, epochs: int = 3) -> t
     store = open_store(store_uri)
     ref = loading.resolve(cfg.model)
     ing = ingest.run(ref, cfg, store)
-    arch = loading.describe(loading.load_model(ref))
-    tr = trace.run(ref, ing, arch, cfg, store)
-    return ing, sae.run(ref, ing, arch, tr, HOOK, cfg, store, progress=False)
+    inp = StageInputs(ref, ing, loading.describe(loading.load_model(ref)), cfg, store)
+    tr = trace.run(inp)
+    return ing, sae.run(inp, tr, HOOK, progress=False)
 
 
 def checkpoint_keys(store: ArtifactStore, ing: StageRecord) -> list[str]:
