@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from schemas.migrations import SCHEMA_VERSION, SchemaVersionError, migrate
 
 
 class Record(BaseModel):
@@ -110,6 +112,9 @@ class ModelRef(Record):
 
 
 class AuditRecord(Record):
+    schema_version: int = Field(
+        SCHEMA_VERSION, description="The record's schema (schemas/migrations.py); absent in stored records: 1."
+    )
     audit_id: str
     run_id: str | None = Field(None, description="The training run this checkpoint belongs to.")
     step: int | None = Field(None, ge=0, description="The checkpoint's training step within its run.")
@@ -135,6 +140,35 @@ class AuditRecord(Record):
     prefect_flow_run_id: str | None = None
     store_uri: str
     error: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _current_schema(cls, data: Any) -> Any:
+        # also runs on AuditRecord(...) without schema_version: harmless, each step only fills what is absent
+        return migrate(data) if isinstance(data, dict) else data
+
+    @classmethod
+    def model_validate(cls, obj: Any, *args: Any, **kwargs: Any) -> Self:
+        try:
+            return super().model_validate(obj, *args, **kwargs)
+        except ValidationError as exc:
+            raise _too_new(exc) or exc from None
+
+    @classmethod
+    def model_validate_json(cls, json_data: Any, *args: Any, **kwargs: Any) -> Self:
+        try:
+            return super().model_validate_json(json_data, *args, **kwargs)
+        except ValidationError as exc:
+            raise _too_new(exc) or exc from None
+
+
+def _too_new(exc: ValidationError) -> SchemaVersionError | None:
+    """A record too new to read, as its one line rather than pydantic's report around it (still a ValueError,
+    which the audit listing catches)."""
+    for e in exc.errors():
+        if isinstance(err := (e.get("ctx") or {}).get("error"), SchemaVersionError):
+            return err
+    return None
 
 
 class AuditStart(Record):

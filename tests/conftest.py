@@ -42,6 +42,7 @@ SHARED_AUDITS = (
     "tests/flows/test_robustness_e2e.py",
     "tests/dashboard/test_app.py",
     "tests/dashboard/test_browser.py",
+    "tests/schemas/test_details.py",
 )
 LONGEST_FIRST = [
     "finished",
