@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 from schemas.config import AuditConfig, canonical_hash
+from schemas.details import IngestDetails
 from schemas.records import Architecture, DatasetSummary, ModelRef, StageRecord, ValidationCheck
 
 from microscope import dataset as ds
@@ -90,18 +91,19 @@ def _compute_text(run: StageRun, ref: ModelRef, cfg: AuditConfig, scan: ds.Scan,
             "n_tokens": float(summary.n_tokens),
             "n_windows": float(summary.n_windows),
         },
-        details={
-            "model_digest": ckpt.digest,
-            "weights_digest": ckpt.weights,
-            "nonfinite": ckpt.nonfinite,
-            "dataset_digest": dataset_digest,
-            "modality": "text",
-            "tokens_key": run.key("tokens.parquet"),
+        details=IngestDetails(
+            prefix=run.prefix,
+            model_digest=ckpt.digest,
+            weights_digest=ckpt.weights,
+            nonfinite=ckpt.nonfinite,
+            dataset_digest=dataset_digest,
+            modality="text",
+            tokens_key=run.key("tokens.parquet"),
             # every document is read (decoded, digested); tokenizing stops when the windows are full
-            "documents_read": scan.documents,
-            "documents_tokenized": len(read.token_lists),
-            "last_document_cut": read.cut,
-        },
+            documents_read=scan.documents,
+            documents_tokenized=len(read.token_lists),
+            last_document_cut=read.cut,
+        ),
     )
 
 
@@ -197,15 +199,16 @@ def _run_images(ref: ModelRef, cfg: AuditConfig, store: ArtifactStore) -> StageR
                 "n_images": float(len(x)),
                 "n_classes": float(len(np.unique(y))),
             },
-            details={
-                "model_digest": digest,
-                "weights_digest": weights,
-                "nonfinite": bad,
-                "dataset_digest": digest_xy,
-                "modality": "images",
-                "images_key": run.key("images.npz"),
-                "image_shape": list(x.shape[1:]),
-            },
+            details=IngestDetails(
+                prefix=run.prefix,
+                model_digest=digest,
+                weights_digest=weights,
+                nonfinite=bad,
+                dataset_digest=digest_xy,
+                modality="images",
+                images_key=run.key("images.npz"),
+                image_shape=list(x.shape[1:]),
+            ),
         )
 
     return run_stage(store, "ingest", stage_prefix(digest, "ingest", chash), chash, compute)

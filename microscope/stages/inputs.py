@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from schemas.config import AuditConfig
+from schemas.details import IngestDetails, ingest_details
 from schemas.records import Architecture, ModelRef, StageRecord
 
 if TYPE_CHECKING:
@@ -37,10 +38,15 @@ class StageInputs:
         return cls(**{f.name: getattr(self, f.name) for f in fields(StageInputs)}, **more)
 
     @property
+    def ingested(self) -> IngestDetails:
+        """Ingest's details, typed: the digests every stage keys on, where the tokens or images are."""
+        return ingest_details(self.ingest)
+
+    @property
     def model_digest(self) -> str:
         """What the model computes (weights, config, tokenizer): the first part of every stage's key."""
-        return str(self.ingest.details["model_digest"])
+        return self.ingested.model_digest
 
     @property
     def dataset_digest(self) -> str:
-        return str(self.ingest.details["dataset_digest"])
+        return self.ingested.dataset_digest

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 from schemas.config import AuditConfig, canonical_hash
+from schemas.details import MetricsDetails, MetricsShardDetails, metrics_shard_details
 from schemas.records import Architecture, StageRecord
 
 from microscope import figures
@@ -162,11 +163,12 @@ def run_shard(inp: StageInputs, shard: int) -> StageRecord:
                 "layer_vectors": store.put_bytes(run.key("layer_vectors.npz"), _npz(vectors)),
             },
             metrics={"matrices": float(len(rows))},
-            details={
-                "weights": rows,
-                "spectra_key": run.key("spectra.npz"),
-                "vectors_key": run.key("layer_vectors.npz"),
-            },
+            details=MetricsShardDetails(
+                prefix=run.prefix,
+                weights=rows,
+                spectra_key=run.key("spectra.npz"),
+                vectors_key=run.key("layer_vectors.npz"),
+            ),
         )
 
     return run_stage(store, "metrics", prefix, chash, compute, variant=f"shard-{shard}")
@@ -369,15 +371,16 @@ def _compute(run: StageRun, inp: _Inputs) -> StageRecord:
         artifacts=artifacts,
         metrics=metrics,
         undefined=undefined,
-        details={
-            "weights": rows,
-            "sensitivity": sens,
-            "fisher_maps": maps,
-            "fisher_key": fisher_key,
-            "cka": cka,
-            "vectors_key": f"{run.prefix}/layer_vectors.npz",
-            "shards": [s.details["prefix"] for s in shards],
-        },
+        details=MetricsDetails(
+            prefix=run.prefix,
+            weights=rows,
+            sensitivity=sens,
+            fisher_maps=maps,
+            fisher_key=fisher_key,
+            cka=cka,
+            vectors_key=f"{run.prefix}/layer_vectors.npz",
+            shards=[s.details["prefix"] for s in shards],
+        ),
     )
 
 
@@ -385,12 +388,13 @@ def _joined_shards(
     store: ArtifactStore, shards: list[StageRecord]
 ) -> tuple[list[dict[str, Any]], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The shards' weight rows (sorted by name), spectra and raw layer embeddings, joined."""
-    rows = sorted((r for s in shards for r in s.details["weights"]), key=lambda r: r["name"])
+    parts = [metrics_shard_details(s) for s in shards]
+    rows = sorted((r.model_dump(mode="json") for p in parts for r in p.weights), key=lambda r: r["name"])
     spectra: dict[str, np.ndarray] = {}
     raw: dict[str, np.ndarray] = {}
-    for s in shards:
-        spectra |= dict(np.load(_io.BytesIO(store.get_bytes(s.details["spectra_key"]))))
-        raw |= dict(np.load(_io.BytesIO(store.get_bytes(s.details["vectors_key"]))))
+    for p in parts:
+        spectra |= dict(np.load(_io.BytesIO(store.get_bytes(p.spectra_key))))
+        raw |= dict(np.load(_io.BytesIO(store.get_bytes(p.vectors_key))))
     return rows, spectra, raw
 
 

@@ -6,6 +6,7 @@ import tempfile
 from pathlib import Path
 
 from schemas.config import AuditConfig, canonical_hash
+from schemas.details import QuantizeDetails
 from schemas.records import StageRecord
 
 from microscope import quantization as qz
@@ -65,16 +66,17 @@ def _compute(run: StageRun, inp: StageInputs, fmt: str) -> StageRecord:
         artifacts=artifacts,
         metrics=metrics,
         undefined=undefined,
-        details={
-            "requested": fmt,
-            "produced": produced,
-            "fell_back": produced != fmt,
-            "attempts": attempts,
-            "estimated_bytes_requested": estimate,
-            "description": qz.FORMATS[produced].description,
-            "paths": qz.kernel_paths(q_model),  # compute path -> quantized layers running it
-            "drift": drift,
-            "most_drifting_hook": worst,
-            "eval_tokens": evaluated,
-        },
+        details=QuantizeDetails(
+            prefix=run.prefix,
+            requested=fmt,
+            produced=produced,
+            fell_back=produced != fmt,
+            attempts=attempts,
+            estimated_bytes_requested=estimate,
+            description=qz.FORMATS[produced].description,
+            paths=qz.kernel_paths(q_model),  # compute path -> quantized layers running it
+            drift=drift,
+            most_drifting_hook=worst,
+            eval_tokens=evaluated,
+        ),
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from schemas.config import AuditConfig, canonical_hash
+from schemas.details import ReportDetails, ingest_details
 from schemas.records import StageRecord, StageStatus
 
 from microscope import report
@@ -42,7 +43,7 @@ def run(
 ) -> StageRecord:
     ingest = stages["ingest"]
     chash = config_hash(cfg, stages, variants, saes)
-    prefix = stage_prefix(ingest.details["model_digest"], "report", chash)
+    prefix = stage_prefix(ingest_details(ingest).model_digest, "report", chash)
 
     def compute(run: StageRun) -> StageRecord:
         arch, data = load_outputs(ingest, store)
@@ -52,7 +53,7 @@ def run(
             input_digests={name: r.config_hash or "" for name, r in stages.items()},
             artifacts={"report": uri},
             metrics={"bytes": float(len(html))},
-            details={"report_key": run.key("report.html")},
+            details=ReportDetails(prefix=run.prefix, report_key=run.key("report.html")),
         )
 
     return run_stage(store, "report", prefix, chash, compute)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas.config import AuditConfig, canonical_hash
+from schemas.details import RobustnessDetails
 from schemas.records import Architecture, ModelRef, StageRecord
 
 from microscope.errors import InputError
@@ -129,7 +130,7 @@ def _compute(run: StageRun, job: _Job) -> StageRecord:
         artifacts=artifacts,
         metrics=metrics,
         undefined=undefined,
-        details={k: v for k, v in results.items() if k != "samples"},
+        details=RobustnessDetails(prefix=run.prefix, **{k: v for k, v in results.items() if k != "samples"}),
     )
 
 

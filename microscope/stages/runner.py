@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from schemas.details import StageDetails
 from schemas.records import StageRecord, StageStatus
 
 from microscope.errors import StorageError, describe_os_error, out_of_space
@@ -51,7 +52,7 @@ class StageRun:
         self,
         *,
         metrics: dict[str, float] | None = None,
-        details: dict[str, Any] | None = None,
+        details: StageDetails | None = None,
         artifacts: dict[str, str] | None = None,
         input_digests: dict[str, str] | None = None,
         undefined: dict[str, str] | None = None,
@@ -65,7 +66,7 @@ class StageRun:
             artifacts={**(artifacts or {}), "manifest": self.store.uri_for(self.key(MANIFEST))},
             metrics=metrics or {},
             undefined=undefined or {},
-            details={"prefix": self.prefix, **(details or {})},
+            details=(details or StageDetails(prefix=self.prefix)).model_dump(mode="json"),
         )
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 from schemas.config import AuditConfig, SAEConfig, canonical_hash
+from schemas.details import SaeDetails
 from schemas.records import StageRecord, StageStatus
 
 from microscope import dataset as ds
@@ -88,7 +89,7 @@ def run_many(
     """Train the SAEs of `hooks` from one pass over their (row-aligned) datasets; hooks whose SAE is
     already in the store are returned from it."""
     c, store = inp.cfg.sae, inp.store
-    ids, _ = ds.read_tokens(store.local_path(inp.ingest.details["tokens_key"]))
+    ids, _ = ds.read_tokens(store.local_path(inp.ingested.tokens_key or ""))
     n_win = len(ids)
     held = set(range(n_win - max(1, int(round(n_win * c.eval_fraction))), n_win))
     done: dict[str, StageRecord] = {}
@@ -257,21 +258,21 @@ def _finalize(plan: _Plan, curves: list[dict[str, float]], fitted: _Fit, inp: _I
             "d_sae": float(plan.d_sae),
         },
         undefined=undefined,
-        details={
-            "prefix": prefix,
-            "hook": plan.hook,
-            "architecture": c.architecture,
-            "d_in": plan.d_in,
-            "d_sae": plan.d_sae,
-            "activation_scale": plan.scale,
-            "density_hist": hist,
-            "variants": variant_metrics,
-            "variant_fate_skipped": fate_skipped,
-            "resumed_from_step": fitted.result.resumed_from_step,
-            "train_tokens_per_epoch": fitted.steps * c.batch_size // c.epochs,
-            "trained_with": fitted.trained_with,
-            "top_features": _top_features(table, 12),
-        },
+        details=SaeDetails(
+            prefix=prefix,
+            hook=plan.hook,
+            architecture=c.architecture,
+            d_in=plan.d_in,
+            d_sae=plan.d_sae,
+            activation_scale=plan.scale,
+            density_hist=hist,
+            variants=variant_metrics,
+            variant_fate_skipped=fate_skipped,
+            resumed_from_step=fitted.result.resumed_from_step,
+            train_tokens_per_epoch=fitted.steps * c.batch_size // c.epochs,
+            trained_with=fitted.trained_with,
+            top_features=_top_features(table, 12),
+        ).model_dump(mode="json"),
         **dict(fitted.times),
     )
     return publish(store, prefix, record)

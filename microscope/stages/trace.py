@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from schemas.config import AuditConfig, canonical_hash
+from schemas.details import TraceDetails
 from schemas.records import StageRecord
 
 from microscope import dataset as ds
@@ -24,7 +25,7 @@ def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str = "fp") -> s
 
 def run(inp: StageInputs, progress: Progress | None = None, variant: str | None = None) -> StageRecord:
     """Trace the full-precision model, or the quantized `variant` (a format name) of it."""
-    ref, ingest, arch, cfg, store = inp.ref, inp.ingest, inp.arch, inp.cfg, inp.store
+    ref, arch, cfg, store = inp.ref, inp.arch, inp.cfg, inp.store
     model_digest, dataset_digest = inp.model_digest, inp.dataset_digest
     chash = config_hash(cfg, dataset_digest, variant or "fp")
     prefix = stage_prefix(model_digest, "trace", chash)
@@ -40,10 +41,10 @@ def run(inp: StageInputs, progress: Progress | None = None, variant: str | None 
             model = load_variant(ref, variant, cfg.quantize, loading.compute_device())
         else:
             model = loading.load_model(ref, loading.compute_device())
-        weights = ingest.details.get("weights_digest", model_digest)  # audits before function digests: the same
+        weights = inp.ingested.weights_digest
         if variant is None and loading.model_digest(model) != weights:
             raise InputError(f"the checkpoint at {ref.source} changed since ingest (digest differs); re-run the audit")
-        ids, dids = ds.read_tokens(store.local_path(ingest.details["tokens_key"]))
+        ids, dids = ds.read_tokens(store.local_path(inp.ingested.tokens_key or ""))
         result = trace_to_parquet(model, ids, dids, points, blocks, cfg.trace, store, prefix, progress)
         seconds = time.perf_counter() - t0
         metrics: dict[str, float] = {
@@ -63,7 +64,9 @@ def run(inp: StageInputs, progress: Progress | None = None, variant: str | None 
             artifacts={name: store.uri_for(run.key(name)) for name in result.datasets},
             metrics=metrics,
             undefined=undefined,
-            details={"datasets": result.datasets, "resumed_from_window": result.resumed_from_window},
+            details=TraceDetails(
+                prefix=run.prefix, datasets=result.datasets, resumed_from_window=result.resumed_from_window
+            ),
         )
 
     return run_stage(store, "trace", prefix, chash, compute, variant)
