@@ -16,7 +16,7 @@ from typing import Any
 from schemas.gates import GateVerdict
 from schemas.records import AuditRecord, StageRecord
 
-from microscope.settings import get_settings
+from microscope.settings import Settings, get_settings
 
 _READY: set[str] = set()  # tracking URIs whose schema this process has seen created
 _READY_LOCK = threading.Lock()
@@ -25,37 +25,35 @@ _READY_LOCK = threading.Lock()
 def _mlflow() -> Any:
     import mlflow
 
-    s = get_settings()
+    s = get_settings()  # MLflow's one connection point: what it needs is passed on from here
     uri = s.mlflow_uri
     mlflow.set_tracking_uri(uri)
     if uri not in _READY:
-        _create_schema_once(mlflow, uri)
+        _create_schema_once(mlflow, uri, s)
     return mlflow
 
 
-def _create_schema_once(mlflow: Any, uri: str) -> None:
+def _create_schema_once(mlflow: Any, uri: str, s: Settings) -> None:
     """The first client of a fresh database creates MLflow's schema; two processes doing it at once
     fail with `table experiments already exists`. So the first touch happens under a machine-wide lock."""
     from microscope.locks import stage_lock
 
-    s = get_settings()
     if uri.startswith("sqlite:///"):
         s.home_dir.mkdir(parents=True, exist_ok=True)
     with _READY_LOCK, stage_lock(f"mlflow-schema|{uri}", lock_dir=s.lock_dir):
         if uri.startswith("sqlite:///"):
-            _from_template(mlflow, Path(uri.removeprefix("sqlite:///")))
+            _from_template(mlflow, Path(uri.removeprefix("sqlite:///")), s.cache_dir)
         mlflow.MlflowClient().search_experiments(max_results=1)
         _READY.add(uri)
 
 
-def _from_template(mlflow: Any, db: Path) -> None:
+def _from_template(mlflow: Any, db: Path, cache: Path) -> None:
     """A new SQLite database starts as a copy of an empty one this MLflow version migrated once (kept in the
     cache folder): MLflow's migrations are seconds of CPU that every new workspace would pay again."""
     if db.exists():
         return
     from microscope.locks import stage_lock
 
-    cache = get_settings().cache_dir
     template = cache / f"mlflow-{mlflow.__version__}-empty.db"
     if not template.exists():
         cache.mkdir(parents=True, exist_ok=True)
@@ -71,14 +69,14 @@ def _from_template(mlflow: Any, db: Path) -> None:
 
 
 def _experiment_id(mlflow: Any) -> str:
-    name = get_settings().experiment
-    exp = mlflow.get_experiment_by_name(name)
+    s = get_settings()
+    exp = mlflow.get_experiment_by_name(s.experiment)
     if exp is not None:
         return exp.experiment_id
     try:
-        return mlflow.create_experiment(name, artifact_location=get_settings().mlflow_artifact_root)
+        return mlflow.create_experiment(s.experiment, artifact_location=s.mlflow_artifact_root)
     except Exception:  # noqa: BLE001 -- another process created it first
-        return mlflow.get_experiment_by_name(name).experiment_id
+        return mlflow.get_experiment_by_name(s.experiment).experiment_id
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
