@@ -1,6 +1,7 @@
 """The audit report: one self-contained HTML file joining every stage's results per layer.
 
-This module turns stage records into table rows and chart inputs; the page itself is the Jinja template
+This module turns what `microscope.results` reads from the stage records into table rows and chart inputs
+(it reads no record field itself); the page itself is the Jinja template
 `templates/report.html.j2` (its stylesheet `report.css` is inlined) and the charts are `microscope.charts`
 figures inlined as SVG, so the file opens offline. It renders whatever records exist: later stages only
 add a section. A figure a stage could not define is shown as "undefined" with its reason.
@@ -15,10 +16,10 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from schemas.gates import GateVerdict
-from schemas.hooks import hook_parts, matrix_role
-from schemas.records import Architecture, DatasetSummary, StageRecord, StageStatus
+from schemas.hooks import matrix_role
+from schemas.records import Architecture, DatasetSummary, StageRecord
 
-from microscope import charts
+from microscope import charts, results
 from microscope.figures import is_number
 from microscope.models.loading import describe_nonfinite
 
@@ -118,15 +119,14 @@ def _environment(notes: Footnotes) -> Environment:
 
 
 def _header(stages: dict[str, StageRecord], arch: Architecture | None, title: str | None) -> dict[str, Any]:
-    ingest = stages.get("ingest")
-    digests = ingest.details if ingest else {}
+    ingested = results.ingest_summary(stages.get("ingest"))
     return {
         "title": title or (f"Microscope audit: {arch.class_name}" if arch else "Microscope audit"),
-        "model_digest": digests.get("model_digest", "")[:16],
-        "dataset_digest": digests.get("dataset_digest", "")[:16],
+        "model_digest": ingested["model_digest"][:16],
+        "dataset_digest": ingested["dataset_digest"][:16],
         "rendered": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "stages": list(stages.values()),
-        "nonfinite": describe_nonfinite(digests["nonfinite"]) if digests.get("nonfinite") else None,
+        "nonfinite": describe_nonfinite(ingested["nonfinite"]) if ingested["nonfinite"] else None,
     }
 
 
@@ -147,45 +147,42 @@ TRACE_STATS = (("mean_norm", "mean ‖x‖"), ("max_norm", "max ‖x‖"), ("nea
 
 
 def _trace_view(trace: StageRecord | None) -> dict[str, Any]:
-    if trace is None or not trace.details.get("datasets"):
+    rows, prefix = results.trace_points(trace)
+    if not rows:
         return {"trace_rows": [], "trace_charts": [], "trace_prefix": ""}
-    rows = sorted(trace.details["datasets"].values(), key=lambda r: (r["layer"], r["hook"]))
     chart_list = []
     for stat, label in TRACE_STATS:
         series: dict[str, list[tuple[float, float]]] = {}
         for r in rows:
             series.setdefault(r["hook"], []).append((r["layer"], r["stats"][stat]))
         chart_list.append(_svg(charts.by_layer(series, f"{label} by layer", label)))
-    return {"trace_rows": rows, "trace_charts": chart_list, "trace_prefix": trace.details.get("prefix", "")}
+    return {"trace_rows": rows, "trace_charts": chart_list, "trace_prefix": prefix}
 
 
 def _variant_view(variants: dict[str, dict[str, StageRecord]]) -> dict[str, Any]:
     """Rows of the variants table, drift charts by layer, the worst (variant, hook), eval tokens."""
-    rows, cos, err = [], {}, {}
-    worst, eval_tokens = None, 0
-    for name, recs in variants.items():
-        q = recs.get("quantize")
-        if q is None:
-            continue
-        d = q.details
-        rows.append(
-            {
-                "name": name,
-                "status": q.status.value,
-                "error": q.error,
-                "produced": d.get("produced"),
-                "fell_back": d.get("fell_back"),
-                "m": q.metrics,
-                "u": q.undefined,
-            }
-        )
-        eval_tokens = max(eval_tokens, int(d.get("eval_tokens", 0)))
-        for hook_name, drift in (d.get("drift") or {}).items():
-            layer, hook = hook_parts(hook_name)
-            cos.setdefault(hook, {}).setdefault(name, []).append((layer, drift["cosine"]))
-            err.setdefault(hook, {}).setdefault(name, []).append((layer, drift["rel_error"]))
-            if worst is None or drift["rel_error"] > worst["rel_error"]:
-                worst = {"variant": name, "hook": hook_name, "rel_error": drift["rel_error"]}
+    summaries = results.variant_summaries(variants)
+    rows = [
+        {
+            "name": q["variant"],
+            "status": q["status"],
+            "error": q["error"],
+            "produced": q["produced"],
+            "fell_back": q["fell_back"],
+            "m": q["metrics"],
+            "u": q["undefined"],
+        }
+        for q in summaries
+    ]
+    eval_tokens = max([0, *(int(q["eval_tokens"]) for q in summaries)])
+    cos: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    err: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    worst = None
+    for p in results.drift_points(variants):
+        cos.setdefault(p["kind"], {}).setdefault(p["variant"], []).append((p["layer"], p["cosine"]))
+        err.setdefault(p["kind"], {}).setdefault(p["variant"], []).append((p["layer"], p["rel_error"]))
+        if worst is None or p["rel_error"] > worst["rel_error"]:
+            worst = {"variant": p["variant"], "hook": p["hook"], "rel_error": p["rel_error"]}
     chart_list = []
     for hook in sorted(cos):
         chart_list.append(_svg(charts.by_layer(cos[hook], f"cosine to fp ({hook})", "cosine", from_zero=False)))
@@ -195,33 +192,31 @@ def _variant_view(variants: dict[str, dict[str, StageRecord]]) -> dict[str, Any]
 
 def _sae_view(saes: dict[str, StageRecord]) -> dict[str, Any]:
     rows, hists = [], {}
-    for hook, r in saes.items():
-        if r.status.value == "failed":
-            rows.append({"hook": hook, "arch": "failed", "d_sae": "", "m": {}, "u": {}, "variants": {}, "features": []})
+    for r in results.sae_summaries(saes):
+        if r["failed"]:
+            rows.append(
+                {"hook": r["hook"], "arch": "failed", "d_sae": "", "m": {}, "u": {}, "variants": {}, "features": []}
+            )
             continue
-        d = r.details
         rows.append(
             {
-                "hook": hook,
-                "arch": d.get("architecture"),
-                "d_sae": d.get("d_sae"),
-                "m": r.metrics,
-                "u": r.undefined,
-                "variants": d.get("variants") or {},
-                "features": d.get("top_features") or [],
+                "hook": r["hook"],
+                "arch": r["architecture"],
+                "d_sae": r["d_sae"],
+                "m": r["metrics"],
+                "u": r["undefined"],
+                "variants": r["variants"],
+                "features": r["top_features"],
             }
         )
-        h = d.get("density_hist") or {}
-        if h.get("counts"):
-            hists[hook] = (h["bins_log10"], h["counts"])
+        if r["density"] is not None:
+            hists[r["hook"]] = r["density"]
     return {"sae_rows": rows, "sae_charts": [_svg(charts.feature_density(hists))] if hists else []}
 
 
 def _gate_view(rec: StageRecord | None) -> GateVerdict | None:
-    """The gate stage's verdict (its details), shown first."""
-    if rec is None or rec.status == StageStatus.skipped or not rec.details.get("results"):
-        return None
-    return GateVerdict.model_validate(rec.details)
+    """The gate stage's verdict, shown first."""
+    return results.stage_verdict(rec)
 
 
 def _alpha_chart(rows: list[dict[str, Any]]) -> list[Markup]:
@@ -248,28 +243,8 @@ def _esd_charts(rows: list[dict[str, Any]]) -> list[Markup]:
     return out
 
 
-def _sensitivity_blocks(sens: list[dict[str, Any]]) -> list[dict[str, float]]:
-    """Per-tensor sensitivity summed per block (norms and standard errors in quadrature)."""
-    blocks: dict[int, dict[str, float]] = {}
-    for b in sens:
-        if b["layer"] < 0:
-            continue
-        agg = blocks.setdefault(
-            b["layer"],
-            {"layer": b["layer"], "grad_norm": 0.0, "fisher_trace": 0.0, "hessian_trace": 0.0, "hessian_trace_se": 0.0},
-        )
-        agg["grad_norm"] = math.hypot(agg["grad_norm"], b["grad_norm"])
-        agg["fisher_trace"] += b["fisher_trace"]
-        agg["hessian_trace"] += b["hessian_trace"]
-        agg["hessian_trace_se"] = math.hypot(agg["hessian_trace_se"], b["hessian_trace_se"])
-    return [blocks[k] for k in sorted(blocks)]
-
-
-def _fisher_charts(rec: StageRecord) -> list[Markup]:
-    table: dict[int, dict[str, float]] = {}
-    for r in rec.details.get("sensitivity") or []:
-        if r["layer"] >= 0 and r["fisher_trace"] > 0:
-            table.setdefault(r["layer"], {})[matrix_role(r["name"])] = math.log10(r["fisher_trace"])
+def _fisher_charts(w: dict[str, Any]) -> list[Markup]:
+    table = results.fisher_by_block(w["sensitivity"])
     out = []
     if table:
         roles, layers = sorted({k for row in table.values() for k in row}), sorted(table)
@@ -282,118 +257,92 @@ def _fisher_charts(rec: StageRecord) -> list[Markup]:
             colorbar_label="log10 trace",
         )
         out.append(_svg(fig))
-    for m in rec.details.get("fisher_maps") or []:
+    for m in w["fisher_maps"]:
         title = m["name"][-40:] + " " + "×".join(map(str, m["shape"]))
         out.append(_svg(charts.value_grid(m["log10_fisher"], title, colorbar_label="log10 F")))
     return out
 
 
 def _cka_view(cka: dict[str, Any]) -> dict[str, Any]:
-    audits = cka.get("audits", {})
     return {
-        "cka_svg": _svg(charts.cka_heatmap(cka["matrix"], cka["layers"])) if cka.get("matrix") else "",
-        "cka_variants": cka.get("variants", {}),
-        "cka_audits": audits,
-        "cka_hooks": sorted({h for v in audits.values() for h in v}),
-        "cka_skipped": cka.get("skipped", {}),
+        "cka_svg": _svg(charts.cka_heatmap(cka["matrix"], cka["layers"])) if cka["matrix"] else "",
+        "cka_variants": cka["variants"],
+        "cka_audits": cka["audits"],
+        "cka_hooks": cka["hooks"],
+        "cka_skipped": cka["skipped"],
     }
 
 
 def _metrics_view(rec: StageRecord | None, causal: bool) -> dict[str, Any]:
-    if rec is None or rec.status.value == "failed" or not rec.details.get("weights"):
+    w = results.weight_figures(rec)
+    if w is None:
         return {"weights": []}
-    rows = rec.details["weights"]
-    rand = [r for r in rows if r.get("spectrum") == "randomized"]
+    rows = w["weights"]
+    rand = results.randomized_spectra(rows)
     return {
         "weights": rows,
         "flagged": [r for r in rows if r["flags"]],
         "metric_charts": _alpha_chart(rows),
         "esd_charts": _esd_charts(rows),
-        "sens": _sensitivity_blocks(rec.details.get("sensitivity") or []),
+        "sens": results.sensitivity_by_block(w["sensitivity"]),
         "sens_loss": "next-token cross-entropy" if causal else "proxy: mean squared final hidden state",
-        **_cka_view(rec.details.get("cka") or {}),
-        "fisher_charts": _fisher_charts(rec),
-        "fisher_key": rec.details.get("fisher_key") or "",
-        "randomized": len(rand),
-        "randomized_rank": max((r["n_singular_values"] for r in rand), default=0),
-        "randomized_error": max((r["spectrum_error"] for r in rand), default=0.0),
+        **_cka_view(w["cka"]),
+        "fisher_charts": _fisher_charts(w),
+        "fisher_key": w["fisher_key"],
+        "randomized": rand["count"],
+        "randomized_rank": rand["rank"],
+        "randomized_error": rand["error"],
     }
 
 
 ATTACKS = (("pgd", "PGD (Linf)"), ("fgsm", "FGSM (Linf)"), ("noise", "Gaussian noise (σ)"))
 
 
-def _aa_version(base: dict[str, Any]) -> str:
-    a = (base.get("autoattack") or [None])[0]
+def _aa_version(autoattack: list[dict[str, Any]]) -> str:
+    a = (autoattack or [None])[0]
     return f"{a.get('library', 'pyautoattack')}, version {a['version']} ({', '.join(a['attacks'])})" if a else "–"
 
 
-def _verdict(name: str, r: StageRecord, fp: StageRecord) -> dict[str, Any]:
+def _verdict(name: str, vs_fp: dict[str, Any] | None) -> dict[str, Any]:
     """A variant's AutoAttack accuracy against full precision's, in points (or why it has none)."""
-    aa = {a["norm"]: a["robust"] for a in r.details.get("autoattack", [])}
-    if name == "fp" or not aa:
+    if vs_fp is None:
         return {"text": "–"}
-    norm = next(iter(aa))
-    key = f"autoattack_{norm}"
-    why = r.undefined.get(key) or fp.undefined.get(key)
-    if why:
-        return {"reason": why, "where": f"{name} vs fp · {key}"}
-    fp_aa = {a["norm"]: a["robust"] for a in fp.details.get("autoattack", [])}
-    d = 100 * (aa[norm] - fp_aa.get(norm, aa[norm]))
-    return {"text": f"AutoAttack {norm} {d:+.1f} pts" + (" (more brittle)" if d < 0 else " (not more brittle)")}
+    if "reason" in vs_fp:
+        return {"reason": vs_fp["reason"], "where": f"{name} vs fp · {vs_fp['key']}"}
+    d = vs_fp["points"]
+    side = " (more brittle)" if d < 0 else " (not more brittle)"
+    return {"text": f"AutoAttack {vs_fp['norm']} {d:+.1f} pts{side}"}
 
 
-def _robustness_row(name: str, r: StageRecord, fp: StageRecord) -> dict[str, Any]:
-    if r.status.value == "failed" and not r.details.get("curves"):
-        return {"variant": name, "error": r.error}
-    c = r.details["curves"]
+def _robustness_row(s: dict[str, Any]) -> dict[str, Any]:
+    if "figures" not in s:
+        return {"variant": s["variant"], "error": s["error"]}
     return {
-        "variant": name,
-        "m": {
-            "clean_accuracy": c["clean"][0],
-            **{f"autoattack_{a['norm']}": a["robust"] for a in r.details.get("autoattack", [])},
-            **{attack: c[attack][-1] for attack, _ in ATTACKS},  # accuracy at the largest ε
-        },
-        # an attack's curve is undefined for the reason its summary figure <attack>_min is
-        "u": r.undefined | {a: r.undefined[f"{a}_min"] for a, _ in ATTACKS if f"{a}_min" in r.undefined},
-        "verdict": _verdict(name, r, fp),
-        "flags": sorted({f for a in r.details.get("autoattack", []) for f in a.get("flags", [])}),
+        "variant": s["variant"],
+        "m": s["figures"],
+        "u": s["undefined"],
+        "verdict": _verdict(s["variant"], s["vs_fp"]),
+        "flags": s["flags"],
     }
 
 
 def _robustness_view(fp: StageRecord | None, variants: dict[str, dict[str, StageRecord]]) -> dict[str, Any]:
-    if fp is None or not fp.details.get("curves"):
+    o = results.robustness_overview(fp, variants)
+    if fp is None or o is None:
         return {"rob_rows": []}
-    recs = {"fp": fp} | {v: r["robustness"] for v, r in sorted(variants.items()) if "robustness" in r}
-    base = fp.details
-    eps = base["curves"]["eps"]
-    rows = [_robustness_row(name, r, fp) for name, r in recs.items()]
-    series: dict[str, dict[str, list[tuple[float, float]]]] = {a: {} for a, _ in ATTACKS}
-    for name, r in recs.items():
-        c = r.details.get("curves")
-        if not c:  # failed before its sweep
-            continue
-        for attack in series:
-            series[attack][name] = list(zip(c["eps"], c[attack], strict=True))
-    layers = sorted(
-        (
-            {"hook": h, "total": sum(f["mean_abs_shift"] for f in feats), "features": feats}
-            for h, feats in (base.get("feature_shifts") or {}).items()
-        ),
-        key=lambda h: -h["total"],
-    )
+    eps = o["eps"]
     return {
-        "rob_rows": rows,
-        "rob_charts": [_svg(charts.eps_curves(series[a], f"{label}: accuracy vs ε")) for a, label in ATTACKS],
-        "rob_aa_cols": [{"norm": a["norm"], "eps": a["eps"]} for a in base.get("autoattack", [])],
-        "rob_samples": int(fp.metrics.get("samples", 0)),
-        "rob_surface": base.get("surface", ""),
-        "rob_label": base.get("label", ""),
+        "rob_rows": [_robustness_row(results.robustness_summary(n, r, fp)) for n, r in o["records"].items()],
+        "rob_charts": [_svg(charts.eps_curves(o["sweeps"][a], f"{label}: accuracy vs ε")) for a, label in ATTACKS],
+        "rob_aa_cols": [{"norm": a["norm"], "eps": a["eps"]} for a in o["autoattack"]],
+        "rob_samples": o["samples"],
+        "rob_surface": o["surface"],
+        "rob_label": o["label"],
         "rob_eps_max": eps[-1] if eps else 0.0,
-        "rob_aa_version": _aa_version(base),
-        "rob_layers": layers,
-        "rob_layer_shift": sorted((base.get("layer_shifts") or {}).items(), key=lambda kv: -kv[1]),
-        "rob_feature_total": {h["hook"]: h["total"] for h in layers},
+        "rob_aa_version": _aa_version(o["autoattack"]),
+        "rob_layers": o["feature_shifts"],
+        "rob_layer_shift": o["layer_shifts"],
+        "rob_feature_total": {h["hook"]: h["total"] for h in o["feature_shifts"]},
     }
 
 

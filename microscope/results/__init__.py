@@ -15,14 +15,21 @@ feature index past the SAE's width).
     feature_contexts(store, record, hook, feature) -> list[dict] a feature's top-activating contexts
     run_series(store, run_id, layers=False) -> DataFrame        a training run's audits by step
 
+The HTML report renders while the audit runs, before its audit record exists, so a few readers take the
+stage records themselves (plain rows, values as recorded): `trace_points`, `variant_summaries`,
+`drift_points`, `sae_summaries`, `ingest_summary`, `weight_figures`, `robustness_overview`, `robustness_summary`,
+`stage_verdict`. `quantization_table`, `drift_table`, `gate_verdict` and the robustness tables are built on
+the same readers.
+
 One module per subject: `index` (the audit index, the cache key), `missing` (why a figure is absent and how
 to produce it), `layers` (the joined per-layer table: its grain and columns are described there), `sae`
 (SAE features, their contexts and fate), `variants` (the quantized variants), `architecture` (module tree,
-memory), `robustness`, `run` (a training run's series and projection) and `verdicts` (the gate). Read them
+memory), `robustness`, `run` (a training run's series and projection), `verdicts` (the gate), `trace` (the
+traced points) and `weights` (the metrics stage's rows, curvature per block, CKA). Read them
 through this package: `from microscope import results; results.layer_table(...)`.
 """
 
-from microscope.results.architecture import BYTES, memory_table, module_table
+from microscope.results.architecture import BYTES, ingest_summary, memory_table, module_table
 from microscope.results.index import AuditRef, list_audits, load_audit, manifest_digest
 from microscope.results.layers import (
     FLAGGED_COLUMNS,
@@ -35,11 +42,41 @@ from microscope.results.layers import (
     layer_table,
 )
 from microscope.results.missing import HOW, number, variant_why_missing, why_missing
-from microscope.results.robustness import SWEEP_ATTACKS, autoattack_table, brittle_features, robustness_curves
+from microscope.results.robustness import (
+    SWEEP_ATTACKS,
+    autoattack_table,
+    autoattack_vs_fp,
+    brittle_features,
+    robustness_by_variant,
+    robustness_curves,
+    robustness_overview,
+    robustness_summary,
+)
 from microscope.results.run import PROJECTION_FEATURES, layer_features, run_projection, run_series
-from microscope.results.sae import FEATURE_COLUMNS, feature_contexts, feature_fate, features, variant_fate
-from microscope.results.variants import QUANT_FIGURES, drift_table, quantization_table
-from microscope.results.verdicts import gate_history, gate_verdict
+from microscope.results.sae import (
+    FEATURE_COLUMNS,
+    feature_contexts,
+    feature_fate,
+    features,
+    sae_summaries,
+    variant_fate,
+)
+from microscope.results.trace import trace_points
+from microscope.results.variants import (
+    QUANT_FIGURES,
+    drift_points,
+    drift_table,
+    quantization_table,
+    variant_summaries,
+)
+from microscope.results.verdicts import gate_history, gate_verdict, stage_verdict
+from microscope.results.weights import (
+    cka_summary,
+    fisher_by_block,
+    randomized_spectra,
+    sensitivity_by_block,
+    weight_figures,
+)
 
 __all__ = [
     "BYTES",
@@ -57,13 +94,18 @@ __all__ = [
     "WEIGHT_COLUMNS",
     "AuditRef",
     "autoattack_table",
+    "autoattack_vs_fp",
     "brittle_features",
+    "cka_summary",
+    "drift_points",
     "drift_table",
     "feature_contexts",
     "feature_fate",
     "features",
+    "fisher_by_block",
     "gate_history",
     "gate_verdict",
+    "ingest_summary",
     "layer_features",
     "layer_table",
     "list_audits",
@@ -73,10 +115,20 @@ __all__ = [
     "module_table",
     "number",
     "quantization_table",
+    "randomized_spectra",
+    "robustness_by_variant",
     "robustness_curves",
+    "robustness_overview",
+    "robustness_summary",
     "run_projection",
     "run_series",
+    "sae_summaries",
+    "sensitivity_by_block",
+    "stage_verdict",
+    "trace_points",
     "variant_fate",
+    "variant_summaries",
     "variant_why_missing",
+    "weight_figures",
     "why_missing",
 ]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any
 
-from schemas.records import AuditRecord, StageStatus
+from schemas.records import AuditRecord, StageRecord, StageStatus
 
 from microscope.results.layers import layer_table
 from microscope.results.missing import HOW, why_missing
@@ -91,3 +91,15 @@ def memory_table(record: AuditRecord, table: pd.DataFrame | None = None) -> pd.D
         if fp is not None and "fp_bytes" in fp.metrics:
             df.attrs["measured"]["fp"] = fp.metrics["fp_bytes"]
     return df
+
+
+def ingest_summary(ingest: StageRecord | None) -> dict[str, Any]:
+    """What ingest recorded about the inputs: `model_digest` and `dataset_digest` ("" when not recorded) and
+    `nonfinite` (the non-finite weights it found and allowed, None without any). Takes the stage record: the
+    report reads it while the audit runs, before an audit record exists."""
+    d = ingest.details if ingest else {}
+    return {
+        "model_digest": d.get("model_digest", ""),
+        "dataset_digest": d.get("dataset_digest", ""),
+        "nonfinite": d.get("nonfinite") or None,
+    }

@@ -4,9 +4,10 @@ and across the checkpoints of its training run."""
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from schemas.records import AuditRecord, StageStatus
+from schemas.records import AuditRecord, StageRecord, StageStatus
 
 from microscope.audits import AuditRef, list_audits
 from microscope.errors import InputError
@@ -25,6 +26,33 @@ FEATURE_COLUMNS = (
     "top_logits",
     "bottom_logits",
 )
+
+
+def sae_summaries(saes: Mapping[str, StageRecord]) -> list[dict[str, Any]]:
+    """What each SAE's record says, in the given order: `hook`, `failed`, `error`, `architecture`, `d_sae`,
+    `metrics`, `undefined`, `variants` (per quantized variant: its figures on the variant's activations),
+    `top_features` (the record's short list) and `density` ((log10 bin edges, counts) of the features'
+    firing densities, None without one). Takes the per-hook records: the report reads them while the
+    audit runs, before an audit record exists."""
+    out = []
+    for hook, r in saes.items():
+        d = r.details if r.status != StageStatus.failed else {}
+        h = d.get("density_hist") or {}
+        out.append(
+            {
+                "hook": hook,
+                "failed": r.status == StageStatus.failed,
+                "error": r.error,
+                "architecture": d.get("architecture"),
+                "d_sae": d.get("d_sae"),
+                "metrics": r.metrics,
+                "undefined": r.undefined,
+                "variants": d.get("variants") or {},
+                "top_features": d.get("top_features") or [],
+                "density": (h["bins_log10"], h["counts"]) if h.get("counts") else None,
+            }
+        )
+    return out
 
 
 def _key(store: ArtifactStore, uri: str) -> str:

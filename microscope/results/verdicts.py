@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from schemas.gates import GateVerdict
-from schemas.records import AuditRecord, StageStatus
+from schemas.records import AuditRecord, StageRecord, StageStatus
 
 from microscope import audits
 from microscope.store import ArtifactStore
@@ -16,10 +16,19 @@ if TYPE_CHECKING:
 
 def gate_verdict(record: AuditRecord) -> GateVerdict | None:
     """The verdict the audit's gate stage recorded (None without one: no `gate.rules`, or it failed)."""
-    g = record.stages.get("gate")
-    if g is None or g.status not in (StageStatus.completed, StageStatus.cached) or not g.details.get("results"):
+    return stage_verdict(record.stages.get("gate"))
+
+
+def stage_verdict(gate: StageRecord | None) -> GateVerdict | None:
+    """The verdict a gate stage record holds (its details), None when it holds none. Takes the record
+    itself: the report reads it while the audit runs, before an audit record exists."""
+    if (
+        gate is None
+        or gate.status not in (StageStatus.completed, StageStatus.cached)
+        or not gate.details.get("results")
+    ):
         return None
-    return GateVerdict.model_validate(g.details)
+    return GateVerdict.model_validate(gate.details)
 
 
 def gate_history(store: ArtifactStore, run_id: str) -> pd.DataFrame:

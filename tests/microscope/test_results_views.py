@@ -177,3 +177,56 @@ def test_feature_fate_follows_the_stored_matches(gpt2) -> None:
     assert list(back["step"]) == [1, 2] and back.iloc[0]["feature"] == f
     alone = results.feature_fate(store, results.load_audit(store, raw["partial"]["audit_id"]), hook, 0)
     assert alone.empty and "no other checkpoint" in alone.attrs["missing"]["run"]
+
+
+def test_report_readers_are_the_records(gpt2) -> None:
+    """The readers the HTML report renders from (they take stage records: the report renders mid-audit)."""
+    _, rec, raw = gpt2
+    raw = raw["step1"]
+    ingest = raw["stages"]["ingest"]["details"]
+    assert results.ingest_summary(rec.stages["ingest"])["model_digest"] == ingest["model_digest"]
+    trace = raw["stages"]["trace"]["details"]
+    rows, prefix = results.trace_points(rec.stages["trace"])
+    assert (
+        rows == sorted(trace["datasets"].values(), key=lambda r: (r["layer"], r["hook"])) and prefix == trace["prefix"]
+    )
+    assert results.trace_points(None) == ([], "")
+    (q,) = results.variant_summaries(rec.variants)
+    quant = raw["variants"]["int8"]["quantize"]
+    assert (q["variant"], q["produced"], q["metrics"]) == ("int8", quant["details"]["produced"], quant["metrics"])
+    drift = {(p["hook"], p["cosine"], p["rel_error"]) for p in results.drift_points(rec.variants)}
+    assert drift == {(h, d["cosine"], d["rel_error"]) for h, d in quant["details"]["drift"].items()}
+    for s in results.sae_summaries(rec.saes):
+        d = raw["saes"][s["hook"]]["details"]
+        assert (s["failed"], s["architecture"], s["d_sae"]) == (False, d["architecture"], d["d_sae"])
+        assert s["density"] == (d["density_hist"]["bins_log10"], d["density_hist"]["counts"])
+    metrics = raw["stages"]["metrics"]["details"]
+    w = results.weight_figures(rec.stages["metrics"])
+    assert w is not None and w["weights"] == metrics["weights"]
+    assert results.randomized_spectra(w["weights"])["count"] == sum(
+        r.get("spectrum") == "randomized" for r in metrics["weights"]
+    )
+    for block in results.sensitivity_by_block(w["sensitivity"]):
+        tensors = [s for s in metrics["sensitivity"] if s["layer"] == block["layer"]]
+        assert block["fisher_trace"] == pytest.approx(sum(s["fisher_trace"] for s in tensors), rel=1e-12)
+        assert block["grad_norm"] == pytest.approx(math.sqrt(sum(s["grad_norm"] ** 2 for s in tensors)), rel=1e-12)
+    assert results.stage_verdict(rec.stages.get("gate")) is None  # these audits have no gate rules
+
+
+def test_report_robustness_readers_are_the_records(vision) -> None:
+    _, rec, raw = vision
+    fp = raw["stages"]["robustness"]["details"]
+    var = raw["variants"]["torch-int8"]["robustness"]["details"]
+    o = results.robustness_overview(rec.stages["robustness"], rec.variants)
+    assert o is not None and list(o["records"]) == ["fp", "torch-int8"] and o["eps"] == fp["curves"]["eps"]
+    assert o["sweeps"]["pgd"]["torch-int8"] == list(zip(var["curves"]["eps"], var["curves"]["pgd"], strict=True))
+    assert o["samples"] == 32 and o["autoattack"] == fp["autoattack"]
+    s = results.robustness_summary("torch-int8", o["records"]["torch-int8"], rec.stages["robustness"])
+    assert s["figures"]["clean_accuracy"] == var["curves"]["clean"][0]
+    assert s["figures"]["noise"] == var["curves"]["noise"][-1]
+    vs_fp = s["vs_fp"]
+    assert vs_fp is not None and vs_fp["norm"] == var["autoattack"][0]["norm"]
+    if "points" in vs_fp:  # else undefined on one side, with the record's reason
+        want = 100 * (var["autoattack"][0]["robust"] - fp["autoattack"][0]["robust"])
+        assert vs_fp["points"] == pytest.approx(want, abs=1e-9)
+    assert results.robustness_overview(None, rec.variants) is None
