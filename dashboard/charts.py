@@ -165,6 +165,63 @@ def eps_curves(curves: pd.DataFrame, attack: str) -> alt.Chart:
     )
 
 
+def reliability_diagram(bins: pd.DataFrame, title: str) -> alt.LayerChart:
+    """Accuracy against confidence per bin (bars), the diagonal of perfect calibration, one colour per
+    variant; empty bins are left out."""
+    data = bins.dropna(subset=["accuracy"]).head(MAX_POINTS)
+    bars = (
+        alt.Chart(data, title=title)
+        .mark_bar(opacity=0.55)
+        .encode(
+            x=alt.X("bin_lower:Q", title="confidence", scale=alt.Scale(domain=[0, 1])),
+            x2="bin_upper:Q",
+            y=alt.Y("accuracy:Q", scale=alt.Scale(domain=[0, 1])),
+            color=alt.Color("variant:N", title=None),
+            tooltip=[
+                "variant",
+                alt.Tooltip("confidence:Q", format=".3f"),
+                alt.Tooltip("accuracy:Q", format=".3f"),
+                "count",
+            ],  # fmt: skip
+        )
+    )
+    diagonal = alt.Chart(alt.Data(values=[{"x": 0, "y": 0}, {"x": 1, "y": 1}])).mark_line(
+        color="gray", strokeDash=[4, 4]
+    )
+    return (bars + diagonal.encode(x="x:Q", y="y:Q")).properties(height=260)
+
+
+def roc_curves(points: pd.DataFrame, ood_set: str) -> alt.Chart:
+    """True positive rate (in-distribution kept) against false positive rate (OOD accepted), one line per score."""
+    data = points[points["ood_set"] == ood_set].head(MAX_POINTS)
+    return (
+        alt.Chart(data, title=f"ROC · {ood_set}")
+        .mark_line()
+        .encode(
+            x=alt.X("fpr:Q", title="OOD accepted (FPR)", scale=alt.Scale(domain=[0, 1])),
+            y=alt.Y("tpr:Q", title="in-distribution kept (TPR)", scale=alt.Scale(domain=[0, 1])),
+            color=alt.Color("score:N", title=None),
+        )
+        .properties(height=260)
+    )
+
+
+def corruption_heatmap(table: pd.DataFrame, variant: str) -> alt.Chart:
+    """Accuracy per corruption (rows) and severity (columns) of one variant."""
+    data = table[table["variant"] == variant].head(MAX_POINTS)
+    return (
+        alt.Chart(data, title=f"accuracy under corruption · {variant}")
+        .mark_rect()
+        .encode(
+            x=alt.X("severity:O"),
+            y=alt.Y("corruption:N", title=None, sort=None),
+            color=alt.Color("accuracy:Q", scale=alt.Scale(domain=[0, 1], scheme="viridis")),
+            tooltip=["corruption", "severity", alt.Tooltip("accuracy:Q", format=".3f")],
+        )
+        .properties(height=max(200, 18 * data["corruption"].nunique()))
+    )
+
+
 def projection(points: pd.DataFrame, step: int, domains: dict[str, list[float]], lo: int) -> alt.LayerChart:
     """The run's matrices on its first two principal components at `step`, on axes fixed for the whole run
     (so motion is change), each matrix's path from step `lo` fading behind it. Every step's points are in

@@ -36,6 +36,7 @@ from schemas.stages import FP, AuditRequest, IngestOutput
 from tasks.ingest import ingest_task
 from tasks.metrics import index_task, metrics_task, weights_task
 from tasks.quantize import quantize_task
+from tasks.reliability import reliability_task
 from tasks.report import report_task
 from tasks.robustness import robustness_task
 from tasks.sae import sae_task
@@ -133,6 +134,8 @@ def run_pipeline(
         _index(t, ing)
         if "robustness" in req.stages:
             _robustness(t, s, ing, produced)
+        if "reliability" in req.stages:
+            _reliability(t, s, ing, produced)
         verdict = run_gate(t) if cfg.gate.rules is not None else None
         if "report" in req.stages:
             _report(t, s)
@@ -270,6 +273,23 @@ def _robustness(t: AuditTracker, s: Settler, ing: IngestOutput, produced: dict[s
         agg = t.aggregate("robustness", parts)
         if _ok(fp):  # the fp results stay the stage's record, marked with how the variants went
             t.rec.stages["robustness"] = fp.model_copy(update={"status": agg.status, "error": agg.error})
+
+
+def _reliability(t: AuditTracker, s: Settler, ing: IngestOutput, produced: dict[str, str]) -> None:
+    """The full-precision model first: a variant's corruption errors are relative to its results."""
+    kw = {"ing": ing, "cfg": t.config, "store_uri": s.store.uri}
+    fp = t.stage(s.run(reliability_task, "reliability", "reliability", **kw, variant=FP), "reliability")
+    variants = produced if t.config.reliability.variants else {}
+    calls = {
+        f"reliability[{fmt}]": {**kw, "variant": made, "baseline": fp if _ok(fp) else None}
+        for fmt, made in variants.items()
+    }
+    ran = s.run_many(reliability_task, "reliability", calls, side_by_side=False) if calls else {}
+    parts = {FP: fp} | {fmt: t.variant(fmt, ran[f"reliability[{fmt}]"], "reliability") for fmt in variants}
+    if len(parts) > 1 and any(not _ok(r) for r in parts.values()):
+        agg = t.aggregate("reliability", parts)
+        if _ok(fp):  # the fp results stay the stage's record, marked with how the variants went
+            t.rec.stages["reliability"] = fp.model_copy(update={"status": agg.status, "error": agg.error})
 
 
 def _report(t: AuditTracker, s: Settler) -> None:

@@ -24,6 +24,7 @@ from schemas.records import StageRecord, StageStatus
 from tasks.ingest import ingest_task
 from tasks.metrics import metrics_task, weights_task
 from tasks.quantize import quantize_task
+from tasks.reliability import reliability_task
 from tasks.report import report_task
 from tasks.robustness import robustness_task
 from tasks.sae import sae_task
@@ -39,6 +40,7 @@ TASKS = {
         weights_task,
         metrics_task,
         robustness_task,
+        reliability_task,
         report_task,
     )
 }

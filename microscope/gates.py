@@ -12,6 +12,8 @@ Metric paths (a `*` or any glob matches several elements; each element is judged
     robustness.<variant glob>.<figure>   fp or a variant: robustness.fp.autoattack_Linf, robustness.*.pgd_min
     robustness.<variant>.<attack>@eps=x  an attack's accuracy at a swept ε (pgd | fgsm | noise;
                                          robust_accuracy = pgd): robustness.fp.robust_accuracy@eps=0.01
+    reliability.<variant glob>.<figure>  fp or a variant: reliability.fp.ece, reliability.*.auroc_msp_uniform-noise,
+                                         reliability.fp.mean_corruption_accuracy
 
 A path whose namespace or figure does not exist is an error listing the valid ones; a path whose stage did
 not run in this audit is `skipped` with the reason (so is a relative rule without a baseline). Which audit is
@@ -85,10 +87,8 @@ def _figure_map(record: AuditRecord, ns: str) -> dict[str, dict[str, float]]:
     if ns == "sae":
         _finished(record, "sae")
         return {h: dict(r.metrics) for h, r in record.saes.items() if r.status != StageStatus.failed}
-    _finished(record, "robustness")
-    recs = {"fp": record.stages["robustness"]} | {
-        v: r["robustness"] for v, r in record.variants.items() if "robustness" in r
-    }
+    _finished(record, ns)  # robustness, reliability: the full-precision model and each variant
+    recs = {"fp": record.stages[ns]} | {v: r[ns] for v, r in record.variants.items() if ns in r}
     return {v: dict(r.metrics) for v, r in recs.items()}
 
 
@@ -162,11 +162,8 @@ def _undefined_names(rec: AuditRecord, ns: str) -> set[str]:
         return set(rec.stages["metrics"].undefined) if "metrics" in rec.stages else set()
     if ns == "sae":
         return {k for r in rec.saes.values() for k in r.undefined}
-    stage = "quantize" if ns == "quantize" else "robustness"
-    out = {k for r in rec.variants.values() if stage in r for k in r[stage].undefined}
-    return out | (
-        set(rec.stages["robustness"].undefined) if ns == "robustness" and "robustness" in rec.stages else set()
-    )
+    out = {k for r in rec.variants.values() if ns in r for k in r[ns].undefined}
+    return out | (set(rec.stages[ns].undefined) if ns != "quantize" and ns in rec.stages else set())
 
 
 def _at_eps(src: _Sources, pattern: str, figure: str, eps: float, path: str) -> dict[str, float]:
@@ -203,7 +200,7 @@ def valid_paths(src: _Sources) -> str:
     cols = src.layer_columns()
     if cols:
         parts.append(f"layers.*.{{{','.join(cols[:12])}{',...' if len(cols) > 12 else ''}}}")
-    for ns in ("metrics", "quantize", "sae", "robustness"):
+    for ns in ("metrics", "quantize", "sae", "robustness", "reliability"):
         try:
             figs = _figure_map(rec, ns)
         except Skip:

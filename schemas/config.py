@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 HookName = Literal["resid", "mlp", "attn"]
 HOOK_NAMES: tuple[str, ...] = ("resid", "mlp", "attn")
-STAGES: tuple[str, ...] = ("ingest", "quantize", "trace", "sae", "metrics", "robustness", "report")
+STAGES: tuple[str, ...] = ("ingest", "quantize", "trace", "sae", "metrics", "robustness", "reliability", "report")
 # What each stage needs to have run first; `--stages` pulls these in.
 STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "ingest": (),
@@ -24,6 +24,7 @@ STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "sae": ("ingest", "trace"),
     "metrics": ("ingest",),
     "robustness": ("ingest",),
+    "reliability": ("ingest",),
     "report": ("ingest",),
 }
 # Quantization formats a config may name; whether one runs on this machine is decided at run time.
@@ -333,6 +334,52 @@ class RobustnessConfig(Section):
         return self
 
 
+OodScore = Literal["msp", "energy", "mahalanobis", "knn"]
+OOD_SCORES: tuple[str, ...] = ("msp", "energy", "mahalanobis", "knn")
+
+
+class ReliabilityConfig(Section):
+    """Calibration, out-of-distribution detection and common corruptions (the reliability stage)."""
+
+    samples: int = Field(
+        1000,
+        ge=2,
+        description="In-distribution samples (images, or next-token positions of a causal LM): at least 1,000 "
+        "where the dataset has them, all of them below that; calibration from a few dozen samples is noise.",
+    )
+    n_bins: int = Field(15, ge=2, le=1000, description="Equal-width bins of ECE, MCE, RMS-CE and the diagram.")
+    temperature_split: float = Field(
+        0.5, gt=0, lt=1, description="Share of the samples the temperature is fitted on; the rest evaluates it."
+    )
+    scores: list[OodScore] = Field(
+        default_factory=lambda: list(OOD_SCORES), description="OOD scores: msp, energy, mahalanobis, knn."
+    )
+    knn_k: int = Field(50, ge=1, description="k of the k-NN distance score (normalised penultimate features).")
+    ood_dataset: str | None = Field(
+        None,
+        description="An OOD dataset the ingest stage can read (same modality); None: shifted sets made from the "
+        "audit's own data (images: rotated and inverted, uniform noise; text: shuffled tokens, Python source).",
+    )
+    corruptions: list[str] | None = Field(
+        None, description="Image corruptions to run (None: the 15 of Hendrycks & Dietterich and occlusion)."
+    )
+    severities: list[int] = Field(
+        default_factory=lambda: [1, 2, 3, 4, 5], description="Corruption severities (1-5) to run."
+    )
+    corruption_samples: int = Field(
+        500, ge=1, description="Images per corruption and severity (the same ones for every corruption)."
+    )
+    batch_size: int = Field(256, ge=1, description="Inputs per forward pass.")
+    variants: bool = Field(True, description="Evaluate every quantized variant on the same samples too.")
+
+    @field_validator("severities")
+    @classmethod
+    def _severities_known(cls, v: list[int]) -> list[int]:
+        if not v or any(s not in (1, 2, 3, 4, 5) for s in v):
+            raise ValueError("severities must be a non-empty list of 1 to 5, e.g. [1, 3, 5]")
+        return sorted(set(v))
+
+
 class ReportConfig(Section):
     title: str | None = Field(None, description="Report title; defaults to the model's name.")
     max_modules: int = Field(60, ge=1, description="Rows of the parameters-per-module table.")
@@ -366,6 +413,7 @@ class AuditConfig(Section):
     sae: SAEConfig = Field(default_factory=SAEConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
+    reliability: ReliabilityConfig = Field(default_factory=ReliabilityConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     seed: int = Field(0, description="Seed for anything random in the audit.")

@@ -40,6 +40,7 @@ SHARED_AUDITS = (
     "tests/microscope/test_results_views.py",
     "tests/microscope/test_feature_matching.py",
     "tests/flows/test_robustness_e2e.py",
+    "tests/flows/test_reliability_e2e.py",
     "tests/dashboard/test_app.py",
     "tests/dashboard/test_browser.py",
     "tests/schemas/test_details.py",

@@ -42,6 +42,14 @@ from microscope.results.layers import (
     layer_table,
 )
 from microscope.results.missing import HOW, number, variant_why_missing, why_missing
+from microscope.results.reliability import (
+    corruption_table,
+    ood_table,
+    reliability_by_variant,
+    reliability_diagram,
+    reliability_table,
+    roc_points,
+)
 from microscope.results.robustness import (
     SWEEP_ATTACKS,
     autoattack_table,
@@ -97,6 +105,7 @@ __all__ = [
     "autoattack_vs_fp",
     "brittle_features",
     "cka_summary",
+    "corruption_table",
     "drift_points",
     "drift_table",
     "feature_contexts",
@@ -114,12 +123,17 @@ __all__ = [
     "memory_table",
     "module_table",
     "number",
+    "ood_table",
     "quantization_table",
     "randomized_spectra",
+    "reliability_by_variant",
+    "reliability_diagram",
+    "reliability_table",
     "robustness_by_variant",
     "robustness_curves",
     "robustness_overview",
     "robustness_summary",
+    "roc_points",
     "run_projection",
     "run_series",
     "sae_summaries",

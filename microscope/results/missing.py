@@ -18,6 +18,7 @@ HOW = {
     "sae": "add trace,sae to --stages and list the traced hooks in sae.hooks (e.g. blocks.1.hook_resid_post)",
     "metrics": "add metrics to --stages",
     "robustness": "add robustness to --stages (the robustness section configures the attacks)",
+    "reliability": "add reliability to --stages (the reliability section sets samples, OOD sets and corruptions)",
     "report": "add report to --stages",
 }
 

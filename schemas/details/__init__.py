@@ -37,6 +37,7 @@ from schemas.details.metrics import (
     SensitivityRow,
     WeightRow,
 )
+from schemas.details.reliability import ReliabilityDetails
 from schemas.details.robustness import AutoAttackResult, Curves, FeatureShift, RobustnessDetails
 from schemas.details.sae import ContextShown, DensityHist, SaeDetails, TopFeature, VariantEffect
 from schemas.gates import GateVerdict
@@ -79,6 +80,7 @@ STAGE_DETAILS: dict[str, type[BaseModel]] = {
     "metrics": MetricsDetails,
     "metrics-weights": MetricsShardDetails,
     "robustness": RobustnessDetails,
+    "reliability": ReliabilityDetails,
     "report": ReportDetails,
     "gate": GateDetails,
 }
@@ -148,6 +150,10 @@ def report_details(record: StageRecord) -> ReportDetails:
     return _typed(record, ReportDetails)
 
 
+def reliability_details(record: StageRecord) -> ReliabilityDetails:
+    return _typed(record, ReliabilityDetails)
+
+
 def gate_details(record: StageRecord) -> GateVerdict:
     return _typed(record, GateVerdict)
 
@@ -174,6 +180,7 @@ __all__ = [
     "NonFinite",
     "QuantizeAttempt",
     "QuantizeDetails",
+    "ReliabilityDetails",
     "ReportDetails",
     "RobustnessDetails",
     "SaeDetails",
@@ -192,6 +199,7 @@ __all__ = [
     "metrics_details",
     "metrics_shard_details",
     "quantize_details",
+    "reliability_details",
     "report_details",
     "robustness_details",
     "sae_details",

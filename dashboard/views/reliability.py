@@ -1,0 +1,79 @@
+"""Reliability: are the model's probabilities honest (calibration, before and after temperature scaling), does
+it know an input is unlike its data (OOD detection per score), and how it degrades under common corruptions,
+for full precision and each quantized variant on the same samples."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard import charts, state
+from microscope import results
+
+store, refs, rec = state.current_audit()
+
+st.header(f"Reliability · {rec.audit_id}")
+table = results.reliability_table(rec)
+state.notices(table.attrs.get("missing", {}))
+if table.empty:
+    st.stop()
+fp = rec.stages["reliability"]
+calib = fp.details.get("calibration")
+st.caption(
+    f"{int(fp.metrics.get('samples', 0))} samples (the same for every variant) · "
+    + (calib["binning"] if calib else fp.details.get("calibration_undefined", "no calibration"))
+    + " · binned ECE is biased upwards at small n"
+)
+for fig, why in fp.undefined.items():
+    st.info(f"`{fig}` is undefined: {why}")
+
+# ---- calibration -------------------------------------------------------------------------------
+st.subheader("Calibration")
+st.dataframe(
+    table,
+    hide_index=True,
+    width="stretch",
+    column_config={
+        "ece": st.column_config.NumberColumn(
+            "ECE", help="Top-label expected calibration error (L1); lower is better.", format="%.4f"
+        ),
+        "ece_after_ts": st.column_config.NumberColumn(
+            "ECE after T", help="ECE on the held-out split after temperature scaling.", format="%.4f"
+        ),
+        "temperature": st.column_config.NumberColumn(
+            "T", help="The temperature minimising NLL on the fit split; > 1: over-confident.", format="%.3f"
+        ),
+        "aurc": st.column_config.NumberColumn(
+            "AURC", help="Area under the risk–coverage curve (selective prediction); lower is better.", format="%.4f"
+        ),
+    },  # fmt: skip
+)
+bins = results.reliability_diagram(rec)
+if not bins.empty:
+    views = list(dict.fromkeys(bins["view"]))
+    cols = st.columns(len(views))
+    for col, view in zip(cols, views, strict=True):
+        col.altair_chart(charts.reliability_diagram(bins[bins["view"] == view], view), width="stretch")
+
+# ---- OOD detection -----------------------------------------------------------------------------
+st.subheader("Out-of-distribution detection")
+ood = results.ood_table(rec)
+if not ood.empty:
+    st.caption(
+        "AUROC and AUPR-in take in-distribution as positive; FPR95 (ID positive, as in the energy paper) is the "
+        "share of OOD inputs accepted when 95% of in-distribution ones are kept; FPR95 (OOD positive, OpenOOD "
+        "v1.5) the share of in-distribution inputs flagged when 95% of OOD ones are caught."
+    )
+    st.dataframe(ood, hide_index=True, width="stretch")
+    variant = st.selectbox("ROC curves of", list(table["variant"]), key="reliability_roc_variant")
+    roc = results.roc_points(rec, variant)
+    sets = list(dict.fromkeys(roc["ood_set"])) if not roc.empty else []
+    for col, ood_set in zip(st.columns(max(len(sets), 1)), sets, strict=False):
+        col.altair_chart(charts.roc_curves(roc, ood_set), width="stretch")
+
+# ---- corruptions -------------------------------------------------------------------------------
+corr = results.corruption_table(rec)
+if not corr.empty:
+    st.subheader("Common corruptions")
+    variants = list(dict.fromkeys(corr["variant"]))
+    for col, v in zip(st.columns(len(variants)), variants, strict=True):
+        col.altair_chart(charts.corruption_heatmap(corr, v), width="stretch")

@@ -1,0 +1,1 @@
+"""Reliability under shift: calibration, out-of-distribution detection, common corruptions."""

@@ -1,0 +1,134 @@
+"""reliability: calibration, OOD detection and common corruptions of the full-precision model or one of its
+quantized variants, on the same seeded samples (microscope/reliability/ holds the mathematics)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from schemas.config import AuditConfig, canonical_hash
+from schemas.details import ReliabilityDetails
+from schemas.records import StageRecord
+
+from microscope.errors import InputError
+from microscope.figures import Undefined, split
+from microscope.modality import ImageData, open_data
+from microscope.models import loading
+from microscope.stages.inputs import StageInputs
+from microscope.stages.runner import StageRun, run_stage, stage_prefix
+
+VERSION = "1"
+
+
+def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str, baseline: str = "") -> str:
+    rc = cfg.reliability.model_dump(exclude={"variants", "batch_size"})  # they change what runs, not results
+    return canonical_hash(
+        {"v": VERSION, "reliability": rc, "dataset": dataset_digest, "variant": variant, "baseline": baseline}
+        | {"seed": cfg.seed}
+    )
+
+
+@dataclass(frozen=True)
+class _Job(StageInputs):
+    variant: str
+    baseline: StageRecord | None  # the full-precision record: corruption errors of a variant relative to it
+
+
+def run(inp: StageInputs, variant: str = "fp", baseline: StageRecord | None = None) -> StageRecord:
+    base = baseline.config_hash or "" if baseline is not None else ""
+    chash = config_hash(inp.cfg, inp.dataset_digest, variant, base)
+    prefix = stage_prefix(inp.model_digest, "reliability", chash)
+    job = inp.extend(_Job, variant=variant, baseline=baseline)
+    return run_stage(
+        inp.store,
+        "reliability",
+        prefix,
+        chash,
+        lambda r: _compute(r, job),
+        variant=None if variant == "fp" else variant,
+    )
+
+
+def _model(job: _Job) -> Any:
+    device = loading.compute_device()
+    if job.variant == "fp":
+        model = loading.load_model(job.ref, device)
+    else:
+        from microscope.quantization import load_variant
+
+        model = load_variant(job.ref, job.variant, job.cfg.quantize, device)
+    return model.eval()
+
+
+def _compute(run: StageRun, job: _Job) -> StageRecord:
+    from microscope.reliability.evaluate import evaluate_images, evaluate_text
+
+    rc, data = job.cfg.reliability, open_data(job.ingest, job.store)
+    model = _model(job)
+    try:
+        if isinstance(data, ImageData):
+            results = evaluate_images(model, data.x, data.y, rc, job.cfg.seed, rc.ood_dataset)
+        else:
+            causal = job.arch.is_causal and job.arch.has_unembedding
+            tokenizer = loading.load_tokenizer(job.ref) if job.ref.tokenizer or job.ref.resolved_path else None
+            results = evaluate_text(model, data.ids, rc, job.cfg.seed, causal, tokenizer, rc.ood_dataset)
+    except ValueError as exc:  # the mathematics' one-line refusals (no classes, too few samples) are input errors
+        raise InputError(f"reliability: {exc}") from exc
+    results["variant"] = job.variant
+    results["corruption_scores"] = _corruption_scores(results.get("corruptions"), job.baseline)
+    artifacts = {"results": job.store.put_json(run.key("results.json"), results)}
+    metrics, undefined = split(headline(results))
+    return run.record(
+        input_digests={"model": job.model_digest, "dataset": job.dataset_digest},
+        artifacts=artifacts,
+        metrics=metrics,
+        undefined=undefined,
+        details=ReliabilityDetails(prefix=run.prefix, **{k: v for k, v in results.items() if k != "sample_indices"}),
+    )
+
+
+def _corruption_scores(corruptions: dict[str, Any] | None, baseline: StageRecord | None) -> dict[str, Any] | None:
+    """Mean corruption accuracy, and corruption errors relative to the full-precision model for a variant."""
+    if not corruptions:
+        return None
+    from microscope.reliability.corruptions import corruption_summary
+
+    def ints(acc: dict[str, dict[str, float]]) -> dict[str, dict[int, float]]:
+        return {c: {int(s): a for s, a in by.items()} for c, by in acc.items()}
+
+    base = (baseline.details.get("corruptions") or None) if baseline is not None else None
+    return corruption_summary(
+        ints(corruptions["accuracy"]),
+        corruptions["clean_accuracy"],
+        ints(base["accuracy"]) if base else None,
+        base["clean_accuracy"] if base else None,
+    )
+
+
+def headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The figures a record's `metrics` carries (the rest stays in its details and results.json)."""
+    out: dict[str, Any] = {"samples": float(results["n"])}
+    c = results.get("calibration")
+    if c is None:
+        why = Undefined(results.get("calibration_undefined") or "no calibration for this model")
+        out |= dict.fromkeys(("accuracy", "ece", "ace", "mce", "rms_ce", "nll", "brier", "temperature"), why)
+    else:
+        out |= {k: c[k] for k in ("accuracy", "ece", "ace", "mce", "rms_ce", "nll", "brier", "classwise_ece")}
+        ts = results["temperature"]
+        out |= {
+            "temperature": ts["temperature"],
+            "ece_after_ts": ts["after"]["ece"],
+            "nll_after_ts": ts["after"]["nll"],
+        }
+        out["aurc"] = results["risk_coverage"]["aurc"]
+    for ood_set, by_score in results["ood"].items():
+        for score, f in by_score.items():
+            out[f"auroc_{score}_{ood_set}"] = f["auroc"]  # no dots: a gate path's figure is its last part
+            out[f"fpr95_{score}_{ood_set}"] = f["fpr95_id_positive"]
+    cs = results.get("corruption_scores")
+    if cs:
+        out["mean_corruption_accuracy"] = cs["mean_corruption_accuracy"]
+        for k in ("mce", "relative_mce"):
+            if cs.get(k) is not None:
+                out[f"corruption_{k}"] = cs[k]
+    return out
