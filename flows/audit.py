@@ -41,7 +41,7 @@ from tasks.report import report_task
 from tasks.robustness import robustness_task
 from tasks.sae import sae_task
 from tasks.trace import trace_task
-from tasks.tracking import log_curves, log_eps_curves, log_layer_metrics, log_lineage
+from tasks.tracking import log_curves, log_eps_curves, log_layer_metrics, log_lineage, log_reliability
 
 
 def _run_name() -> str:
@@ -286,6 +286,9 @@ def _reliability(t: AuditTracker, s: Settler, ing: IngestOutput, produced: dict[
     }
     ran = s.run_many(reliability_task, "reliability", calls, side_by_side=False) if calls else {}
     parts = {FP: fp} | {fmt: t.variant(fmt, ran[f"reliability[{fmt}]"], "reliability") for fmt in variants}
+    for r in parts.values():
+        if _ok(r) and r.mlflow_run_id:
+            log_reliability(r.mlflow_run_id, r.details)
     if len(parts) > 1 and any(not _ok(r) for r in parts.values()):
         agg = t.aggregate("reliability", parts)
         if _ok(fp):  # the fp results stay the stage's record, marked with how the variants went

@@ -261,6 +261,27 @@ def log_eps_curves(run_id: str, curves: dict[str, list[float]]) -> None:
     mlflow.MlflowClient().log_batch(run_id, metrics=metrics)
 
 
+def log_reliability(run_id: str, details: dict[str, Any]) -> None:
+    """The reliability diagram as metric histories over the bins (per-bin accuracy, confidence and count,
+    the bin index as MLflow's step), and the stage's figures that do not fit a number (the diagrams before
+    and after temperature scaling, the ROC curves, corruption accuracies) as `reliability.json`."""
+    from mlflow.entities import Metric
+
+    mlflow = _mlflow()
+    client = mlflow.MlflowClient()
+    diagram = (details.get("calibration") or {}).get("diagram")
+    if diagram:
+        now = int(time.time() * 1000)
+        metrics = [
+            Metric(f"reliability_bin_{k}", float(v), now, i)
+            for k in ("accuracy", "confidence", "count")
+            for i, v in enumerate(diagram[k])
+            if v is not None
+        ]
+        client.log_batch(run_id, metrics=metrics)
+    client.log_dict(run_id, details, "reliability.json")
+
+
 def metric_key(name: str) -> str:
     """A rule name as an MLflow key (alphanumerics, _ - . space / only)."""
     import re

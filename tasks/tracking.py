@@ -56,3 +56,8 @@ def log_layer_metrics(run_id: str, rows: list[dict[str, Any]]) -> None:
 @task(name="mlflow-eps-curves", **_opts)
 def log_eps_curves(run_id: str, curves: dict[str, list[float]]) -> None:
     tracking.log_eps_curves(run_id, curves)
+
+
+@task(name="mlflow-reliability", **_opts)
+def log_reliability(run_id: str, details: dict[str, Any]) -> None:
+    tracking.log_reliability(run_id, details)

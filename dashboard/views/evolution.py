@@ -47,6 +47,8 @@ preferred = [c for c in figures if c in ("metrics.alpha_mean", "metrics.effectiv
 preferred += [c for c in figures if c.startswith("sae[") and c.endswith(".fvu")][:1]
 preferred += [c for c in figures if c.startswith("quantize[") and c.endswith(".kl_mean")][:1]
 preferred += [c for c in figures if c.startswith("robustness") and c.endswith("_min")][:1]
+preferred += [c for c in figures if c in ("reliability.ece", "reliability.mean_corruption_accuracy")]
+preferred += [c for c in figures if c.startswith("reliability.auroc_")][:1]
 chosen = st.multiselect("Figures", figures, default=preferred or figures[:3])
 names = list(dict.fromkeys(layers["name"])) if "name" in layers.columns else []
 per_matrix = state.numeric_columns(layers, exclude=("step", "layer", "rows", "cols")) if names else []

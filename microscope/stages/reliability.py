@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from schemas.config import AuditConfig, canonical_hash
+from schemas.config import OOD_SCORES, AuditConfig, canonical_hash
 from schemas.details import ReliabilityDetails
 from schemas.records import StageRecord
 
@@ -105,6 +105,12 @@ def _corruption_scores(corruptions: dict[str, Any] | None, baseline: StageRecord
     )
 
 
+def _no_score(score: str, results: dict[str, Any]) -> str:
+    if score in ("msp", "energy") and results.get("calibration") is None:
+        return results.get("calibration_undefined") or "the model has no class probabilities"
+    return f"the {score} score is not in reliability.scores"
+
+
 def headline(results: dict[str, Any]) -> dict[str, Any]:
     """The figures a record's `metrics` carries (the rest stays in its details and results.json)."""
     out: dict[str, Any] = {"samples": float(results["n"])}
@@ -125,8 +131,13 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         for score, f in by_score.items():
             out[f"auroc_{score}_{ood_set}"] = f["auroc"]  # no dots: a gate path's figure is its last part
             out[f"fpr95_{score}_{ood_set}"] = f["fpr95_id_positive"]
+    for score in OOD_SCORES:  # per score over the OOD sets: one name for every modality (the default gates')
+        aurocs = [by[score]["auroc"] for by in results["ood"].values() if score in by]
+        out[f"auroc_{score}"] = sum(aurocs) / len(aurocs) if aurocs else Undefined(_no_score(score, results))
     cs = results.get("corruption_scores")
-    if cs:
+    if not cs:
+        out["mean_corruption_accuracy"] = Undefined("common corruptions are measured on image classifiers")
+    else:
         out["mean_corruption_accuracy"] = cs["mean_corruption_accuracy"]
         for k in ("mce", "relative_mce"):
             if cs.get(k) is not None:

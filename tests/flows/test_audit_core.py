@@ -184,12 +184,15 @@ def test_demo_text_configuration_on_a_tiny_model(
     assert p.returncode == 0, p.stderr[-3000:]
     rec = json.loads(p.stdout)
     assert {s: r["status"] for s, r in rec["stages"].items()} == dict.fromkeys(
-        ("ingest", "quantize", "trace", "sae", "metrics", "robustness", "report"), "completed"
+        ("ingest", "quantize", "trace", "sae", "metrics", "robustness", "reliability", "report"), "completed"
     )
-    for fmt in ("int8", "nf4"):  # every variant quantized, traced and attacked
+    for fmt in ("int8", "nf4"):  # every variant quantized, traced, attacked and checked for reliability
         assert {s: r["status"] for s, r in rec["variants"][fmt].items()} == dict.fromkeys(
-            ("quantize", "trace", "robustness"), "completed"
+            ("quantize", "trace", "robustness", "reliability"), "completed"
         )
+    rel = rec["stages"]["reliability"]  # an encoder: OOD on its embeddings, no class probabilities
+    assert "calibration" not in rel["details"] and "ece" in rel["undefined"]
+    assert set(rel["details"]["ood"]["shuffled-tokens"]) == {"mahalanobis", "knn"}
     assert rec["variants"]["nf4"]["quantize"]["details"]["paths"] == {
         "dequantize-matmul": 37
     }  # 6 layers × 6 + the pooler

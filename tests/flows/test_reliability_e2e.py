@@ -13,8 +13,9 @@ import pytest
 from tests.conftest import cli_env, run_cli
 
 
-def test_digits_cnn_reliability(finished_vision: dict, digits_cnn: tuple[Path, Path]) -> None:
+def test_digits_cnn_reliability(finished_vision: dict, vision_root: Path, digits_cnn: tuple[Path, Path]) -> None:
     import torch
+    from mlflow import MlflowClient
     from safetensors.torch import load_file
     from sklearn.metrics import roc_auc_score
     from torchmetrics.functional.classification import multiclass_calibration_error
@@ -70,6 +71,12 @@ def test_digits_cnn_reliability(finished_vision: dict, digits_cnn: tuple[Path, P
     assert var["status"] == "completed" and var["details"]["n"] == d["n"]
     scores = var["details"]["corruption_scores"]
     assert scores["mean_corruption_accuracy"] == pytest.approx(var["metrics"]["mean_corruption_accuracy"])
+    # MLflow: the diagram's per-bin accuracy as a history over the bins, the details as reliability.json
+    client = MlflowClient(f"sqlite:///{vision_root / 'home' / 'mlflow.db'}")
+    hist = sorted(client.get_metric_history(r["mlflow_run_id"], "reliability_bin_accuracy"), key=lambda x: x.step)
+    diagram = d["calibration"]["diagram"]
+    assert [h.value for h in hist] == [a for a in diagram["accuracy"] if a is not None]
+    assert "reliability.json" in {f.path for f in client.list_artifacts(r["mlflow_run_id"])}
     html = Path(rec["report_uri"]).read_text()
     assert "<h2>Reliability</h2>" in html and "rotated-inverted" in html and "Common corruptions" in html
 

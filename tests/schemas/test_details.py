@@ -174,7 +174,7 @@ def test_the_record_of_each_outcome_takes_its_model() -> None:
     with pytest.raises(ValueError, match="holds FailedDetails, not IngestDetails: ingest: no"):
         ingest_details(failed)
     with pytest.raises(ValueError, match="no details model"):
-        details_of(StageRecord(stage="reliability", status="completed"))
+        details_of(StageRecord(stage="no-such-stage", status="completed"))
 
 
 def test_a_key_no_model_declares_is_refused() -> None:
