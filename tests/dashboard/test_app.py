@@ -264,6 +264,20 @@ def test_robustness_page_on_a_vision_audit(finished_vision: dict) -> None:
         assert not other.exception, (page, [e.value for e in other.exception])
 
 
+def test_reliability_page_on_a_vision_audit(finished_vision: dict) -> None:
+    at = _page(finished_vision["store_uri"], "reliability")
+    assert not at.exception, [e.value for e in at.exception]
+    table = next(d.value for d in at.dataframe if "ece_after_ts" in d.value.columns).set_index("variant")
+    fp = finished_vision["stages"]["reliability"]["metrics"]
+    assert set(table.index) == {"fp", "torch-int8"}
+    assert table.loc["fp", "ece"] == fp["ece"] and table.loc["fp", "temperature"] == fp["temperature"]
+    ood = next(d.value for d in at.dataframe if "fpr95_ood_positive" in d.value.columns)
+    details = finished_vision["stages"]["reliability"]["details"]["ood"]
+    row = ood[(ood["variant"] == "fp") & (ood["ood_set"] == "uniform-noise") & (ood["score"] == "energy")]
+    assert row.iloc[0]["auroc"] == details["uniform-noise"]["energy"]["auroc"]
+    assert "FPR95" in " ".join(c.value for c in at.caption)  # the conventions are stated beside the figures
+
+
 def test_search_finds_the_same_matrix_in_the_other_checkpoint(stores: dict, indexed: str) -> None:
     rec = stores["recs"][2]
     name = rec["stages"]["metrics"]["details"]["weights"][0]["name"]
