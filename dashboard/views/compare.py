@@ -7,6 +7,7 @@ import pandas as pd
 import streamlit as st
 
 from dashboard import charts, state
+from microscope import results
 
 store, refs = state.index_or_stop()
 st.header("Compare")
@@ -25,6 +26,17 @@ b_id = state.choose(
 rec_a = state.record_or_stop(store, a.audit_id)
 rec_b = state.record_or_stop(store, b_id)
 st.caption(f"A = `{rec_a.audit_id}` (selected audit) · B = `{rec_b.audit_id}`")
+
+heads = results.headline_compare(rec_a, rec_b)
+if not heads.empty:
+    with st.expander(
+        "Summary figures (B − A): calibration, OOD, corruptions, robustness, fidelity, SAEs", expanded=True
+    ):
+        stages = sorted(set(heads["source"]))
+        picked = st.multiselect(
+            "Stages", stages, default=[s for s in stages if s.startswith("reliability")] or stages[:2]
+        )
+        st.dataframe(heads[heads["source"].isin(picked)], hide_index=True, width="stretch")
 
 ta, tb = state.layer_table(store, rec_a), state.layer_table(store, rec_b)
 for label, t in (("A", ta), ("B", tb)):

@@ -60,7 +60,7 @@ from microscope.results.robustness import (
     robustness_overview,
     robustness_summary,
 )
-from microscope.results.run import PROJECTION_FEATURES, layer_features, run_projection, run_series
+from microscope.results.run import PROJECTION_FEATURES, headline_compare, layer_features, run_projection, run_series
 from microscope.results.sae import (
     FEATURE_COLUMNS,
     feature_contexts,
@@ -114,6 +114,7 @@ __all__ = [
     "fisher_by_block",
     "gate_history",
     "gate_verdict",
+    "headline_compare",
     "ingest_summary",
     "layer_features",
     "layer_table",

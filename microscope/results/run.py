@@ -11,6 +11,7 @@ from microscope.store import ArtifactStore
 
 if TYPE_CHECKING:
     import pandas as pd
+    from schemas.records import AuditRecord
 
 
 def run_series(store: ArtifactStore, run_id: str, layers: bool = False) -> pd.DataFrame:
@@ -131,3 +132,19 @@ def run_projection(layers: pd.DataFrame, dims: int = 2) -> pd.DataFrame:
     base.attrs["features"] = list(feats.columns)
     base.attrs["missing"] = {}
     return base
+
+
+def headline_compare(a: AuditRecord, b: AuditRecord) -> pd.DataFrame:
+    """The two audits' summary figures side by side (`audits.headline`: every stage, variant and SAE), one row
+    per figure both have (calibration, OOD, corruption, robustness, fidelity, ...), with B − A."""
+    import pandas as pd
+
+    ha, hb = audits.headline(a), audits.headline(b)
+    rows = [
+        {"source": src, "figure": k, "A": v, "B": hb[src][k], "B − A": hb[src][k] - v}
+        for src, figs in ha.items()
+        if src in hb
+        for k, v in figs.items()
+        if k in hb[src]
+    ]
+    return pd.DataFrame(rows, columns=["source", "figure", "A", "B", "B − A"])

@@ -230,3 +230,34 @@ def test_report_robustness_readers_are_the_records(vision) -> None:
         want = 100 * (var["autoattack"][0]["robust"] - fp["autoattack"][0]["robust"])
         assert vs_fp["points"] == pytest.approx(want, abs=1e-9)
     assert results.robustness_overview(None, rec.variants) is None
+
+
+def test_headline_compare_is_both_records_figures(gpt2) -> None:
+    store, _, recs = gpt2
+    a = results.load_audit(store, recs["step1"]["audit_id"])
+    b = results.load_audit(store, recs["step2"]["audit_id"])
+    df = results.headline_compare(a, b)
+    ma, mb = recs["step1"]["stages"]["metrics"]["metrics"], recs["step2"]["stages"]["metrics"]["metrics"]
+    rows = df[df["source"] == "metrics"].set_index("figure")
+    assert set(rows.index) == set(ma) & set(mb)
+    for k in rows.index:
+        assert rows.loc[k, "A"] == ma[k] and rows.loc[k, "B"] == mb[k] and rows.loc[k, "B − A"] == mb[k] - ma[k]
+
+
+def test_reliability_tables_are_the_records(vision) -> None:
+    _, rec, raw = vision
+    r = raw["stages"]["reliability"]
+    table = results.reliability_table(rec).set_index("variant")
+    assert table.loc["fp", "ece"] == r["metrics"]["ece"] and table.loc["fp", "samples"] == r["details"]["n"]
+    bins = results.reliability_diagram(rec)
+    fp_all = bins[(bins["variant"] == "fp") & (bins["view"] == "all samples")]
+    assert list(fp_all["count"]) == r["details"]["calibration"]["diagram"]["count"]
+    assert fp_all["count"].sum() == r["details"]["n"]
+    corr = results.corruption_table(rec)
+    fp_corr = corr[corr["variant"] == "fp"]
+    assert len(fp_corr) == 16 * 5
+    for row in fp_corr.itertuples():
+        assert row.accuracy == r["details"]["corruptions"]["accuracy"][row.corruption][str(row.severity)]
+    roc = results.roc_points(rec)
+    noise = roc[(roc["ood_set"] == "uniform-noise") & (roc["score"] == "knn")]
+    assert list(noise["fpr"]) == r["details"]["ood"]["uniform-noise"]["knn"]["roc"]["fpr"]
