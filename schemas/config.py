@@ -354,7 +354,13 @@ class ReliabilityConfig(Section):
     scores: list[OodScore] = Field(
         default_factory=lambda: list(OOD_SCORES), description="OOD scores: msp, energy, mahalanobis, knn."
     )
-    knn_k: int = Field(50, ge=1, description="k of the k-NN distance score (normalised penultimate features).")
+    knn_k: int | None = Field(
+        None,
+        ge=1,
+        description="k of the k-NN distance score (normalised penultimate features); None: 0.1% of the fit split, "
+        "at least 1 (Sun et al. 2022 use k = 50 of CIFAR-10's 50,000). A k near a class's size compares an "
+        "in-distribution input with other classes and inverts the score.",
+    )
     ood_dataset: str | None = Field(
         None,
         description="An OOD dataset the ingest stage can read (same modality); None: shifted sets made from the "

@@ -36,6 +36,9 @@ st.dataframe(
         "ece": st.column_config.NumberColumn(
             "ECE", help="Top-label expected calibration error (L1); lower is better.", format="%.4f"
         ),
+        "ece_before_ts": st.column_config.NumberColumn(
+            "ECE held-out", help="ECE on the held-out split before temperature scaling.", format="%.4f"
+        ),
         "ece_after_ts": st.column_config.NumberColumn(
             "ECE after T", help="ECE on the held-out split after temperature scaling.", format="%.4f"
         ),

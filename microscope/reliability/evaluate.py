@@ -30,6 +30,11 @@ def sample_split(n_total: int, rc: ReliabilityConfig, seed: int) -> tuple[np.nda
     return np.sort(pick[:k]), np.sort(pick[k:])
 
 
+def knn_k(rc: ReliabilityConfig, n_fit: int) -> int:
+    """The configured k, or 0.1% of the fit split (at least 1): k must stay far below a class's size."""
+    return min(rc.knn_k or max(1, n_fit // 1000), n_fit)
+
+
 def _calibration(fit: Outputs, test: Outputs, rc: ReliabilityConfig) -> dict[str, Any]:
     assert fit.logits is not None and test.logits is not None and fit.labels is not None and test.labels is not None
     logits = np.concatenate([fit.logits, test.logits])
@@ -57,7 +62,7 @@ def _scores(
         elif name == "mahalanobis":
             out[name] = ood.mahalanobis(fit.features, fit.labels, outputs.features)
         elif name == "knn":
-            out[name] = ood.knn(fit.features, outputs.features, min(rc.knn_k, len(fit.features)))
+            out[name] = ood.knn(fit.features, outputs.features, knn_k(rc, len(fit.features)))
     return out
 
 
@@ -84,6 +89,7 @@ def evaluate_images(
         **_calibration(fit, test, rc),
         "ood": _detection(ins, outs),
         "ood_sets": {name: len(xs) for name, xs in sets.items()},
+        "knn_k": knn_k(rc, len(fit_i)),
         "corruptions": corruption_accuracies(model, x[test_i], y[test_i], rc, seed),
         "sample_indices": {"fit": fit_i.tolist(), "eval": test_i.tolist()},  # results.json only: reproducible
     }
@@ -138,4 +144,5 @@ def evaluate_text(
         scores, feats = window_outputs(model, ws, rc.batch_size, causal)
         outs[name] = _scores(Outputs(None, feats, None), fit_w, rc, scores if causal else None)
     results |= {"ood": _detection(ins, outs), "ood_sets": {name: len(ws) for name, ws in sets.items()}}
+    results["knn_k"] = knn_k(rc, len(fit_feats))
     return results

@@ -14,7 +14,10 @@ from microscope.results.missing import variant_why_missing, why_missing
 if TYPE_CHECKING:
     import pandas as pd
 
-HEADLINE = ("accuracy", "ece", "ece_after_ts", "temperature", "nll", "nll_after_ts", "brier", "aurc")
+HEADLINE = (
+    "accuracy", "ece", "ece_before_ts", "ece_after_ts", "temperature", "nll", "nll_before_ts", "nll_after_ts",
+    "brier", "aurc",
+)  # fmt: skip
 
 
 def reliability_by_variant(

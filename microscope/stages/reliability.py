@@ -17,7 +17,7 @@ from microscope.models import loading
 from microscope.stages.inputs import StageInputs
 from microscope.stages.runner import StageRun, run_stage, stage_prefix
 
-VERSION = "1"
+VERSION = "2"  # 2: k-NN's k from the fit split's size
 
 
 def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str, baseline: str = "") -> str:
@@ -123,7 +123,9 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         ts = results["temperature"]
         out |= {
             "temperature": ts["temperature"],
+            "ece_before_ts": ts["before"]["ece"],  # on the held-out split, like the after figures
             "ece_after_ts": ts["after"]["ece"],
+            "nll_before_ts": ts["before"]["nll"],
             "nll_after_ts": ts["after"]["nll"],
         }
         out["aurc"] = results["risk_coverage"]["aurc"]

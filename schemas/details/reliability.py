@@ -24,6 +24,7 @@ class ReliabilityDetails(StageDetails):
             "risk_coverage",
             "corruptions",
             "corruption_scores",
+            "knn_k",
         }
     )
 
@@ -45,6 +46,7 @@ class ReliabilityDetails(StageDetails):
         description="OOD set -> score -> detection figures (AUROC, AUPR, FPR95 both ways, ROC)."
     )
     ood_sets: dict[str, int] = Field(description="OOD set -> its samples (a name says how it was made).")
+    knn_k: int | None = Field(None, description="The k of the k-NN score (reliability.knn_k or 0.1% of the fit split).")
     corruptions: dict[str, Any] | None = Field(
         None, description="Images: accuracy per corruption and severity, on `n` images, and the clean accuracy."
     )

@@ -57,6 +57,7 @@ def test_digits_cnn_reliability(finished_vision: dict, vision_root: Path, digits
     assert d["ood"]["rotated-inverted"]["msp"]["auroc"] == pytest.approx(ref_auroc, abs=1e-9)
     assert set(d["ood"]) == {"rotated-inverted", "uniform-noise"}
     assert set(d["ood"]["uniform-noise"]) == {"msp", "energy", "mahalanobis", "knn"}
+    assert d["knn_k"] == 1 and d["ood"]["uniform-noise"]["knn"]["auroc"] > 0.5  # k far below a class's size
 
     # corruptions: 16 kinds × 5 severities on the evaluation images; the clean accuracy is theirs
     c = d["corruptions"]
