@@ -334,6 +334,12 @@ class RobustnessConfig(Section):
         return self
 
 
+# microscope/reliability/corruptions.py's ALL (a test keeps the two equal): the 15 of Hendrycks & Dietterich
+CORRUPTION_NAMES: tuple[str, ...] = (
+    "gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur", "zoom_blur",
+    "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate", "jpeg_compression",
+    "occlusion",
+)  # fmt: skip
 OodScore = Literal["msp", "energy", "mahalanobis", "knn"]
 OOD_SCORES: tuple[str, ...] = ("msp", "energy", "mahalanobis", "knn")
 
@@ -377,6 +383,16 @@ class ReliabilityConfig(Section):
     )
     batch_size: int = Field(256, ge=1, description="Inputs per forward pass.")
     variants: bool = Field(True, description="Evaluate every quantized variant on the same samples too.")
+
+    @field_validator("corruptions")
+    @classmethod
+    def _corruptions_known(cls, v: list[str] | None) -> list[str] | None:
+        unknown = [c for c in v or [] if c not in CORRUPTION_NAMES]
+        if unknown:
+            raise ValueError(f"unknown corruption {unknown[0]!r}; choose from {', '.join(CORRUPTION_NAMES)}")
+        if v is not None and not v:
+            raise ValueError("corruptions is empty; list some, or drop the key for all 16")
+        return v
 
     @field_validator("severities")
     @classmethod
