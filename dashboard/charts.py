@@ -218,7 +218,7 @@ def corruption_heatmap(table: pd.DataFrame, variant: str) -> alt.Chart:
             color=alt.Color("accuracy:Q", scale=alt.Scale(domain=[0, 1], scheme="viridis")),
             tooltip=["corruption", "severity", alt.Tooltip("accuracy:Q", format=".3f")],
         )
-        .properties(height=max(200, 18 * data["corruption"].nunique()))
+        .properties(height=max(200, 26 * data["corruption"].nunique()))  # every corruption labelled
     )
 
 
