@@ -140,6 +140,15 @@ def check_format(fmt: str) -> None:
         raise InputError(f"quantize.formats: unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
 
 
+def load_audited(ref: ModelRef, variant: str, cfg: QuantizeConfig, device: str) -> nn.Module:
+    """The model a per-variant stage evaluates, in eval mode: full precision ("fp") or the quantized `variant`."""
+    from microscope.models import loading
+
+    if variant == "fp":
+        return loading.load_model(ref, device).eval()
+    return load_variant(ref, variant, cfg, device)
+
+
 def load_variant(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str = "cpu") -> nn.Module:
     """The model quantized to `fmt`, in eval mode. Raises VariantOOM when it cannot fit."""
     import torch

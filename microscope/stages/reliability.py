@@ -22,10 +22,27 @@ VERSION = "2"  # 2: k-NN's k from the fit split's size
 
 def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str, baseline: str = "") -> str:
     rc = cfg.reliability.model_dump(exclude={"variants", "batch_size"})  # they change what runs, not results
+    ood = _file_digest(cfg.reliability.ood_dataset) if cfg.reliability.ood_dataset else ""
     return canonical_hash(
         {"v": VERSION, "reliability": rc, "dataset": dataset_digest, "variant": variant, "baseline": baseline}
-        | {"seed": cfg.seed}
+        | {"seed": cfg.seed, "ood_dataset": ood}
     )
+
+
+def _file_digest(path: str) -> str:
+    """The OOD dataset's bytes, so that a changed file is not answered from the cache (a missing one is
+    refused with its fix when the stage runs)."""
+    import hashlib
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        return f"missing:{path}"
+    h = hashlib.sha256()
+    with p.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -49,22 +66,12 @@ def run(inp: StageInputs, variant: str = "fp", baseline: StageRecord | None = No
     )
 
 
-def _model(job: _Job) -> Any:
-    device = loading.compute_device()
-    if job.variant == "fp":
-        model = loading.load_model(job.ref, device)
-    else:
-        from microscope.quantization import load_variant
-
-        model = load_variant(job.ref, job.variant, job.cfg.quantize, device)
-    return model.eval()
-
-
 def _compute(run: StageRun, job: _Job) -> StageRecord:
+    from microscope.quantization import load_audited
     from microscope.reliability.evaluate import evaluate_images, evaluate_text
 
     rc, data = job.cfg.reliability, open_data(job.ingest, job.store)
-    model = _model(job)
+    model = load_audited(job.ref, job.variant, job.cfg.quantize, loading.compute_device())
     try:
         if isinstance(data, ImageData):
             results = evaluate_images(model, data.x, data.y, rc, job.cfg.seed, rc.ood_dataset)

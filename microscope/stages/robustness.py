@@ -11,7 +11,7 @@ from typing import Any
 
 from schemas.config import AuditConfig, canonical_hash
 from schemas.details import RobustnessDetails
-from schemas.records import Architecture, ModelRef, StageRecord
+from schemas.records import Architecture, StageRecord
 
 from microscope.errors import InputError
 from microscope.figures import split
@@ -38,14 +38,6 @@ def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str, saes: dict[
             "seed": cfg.seed,
         }
     )
-
-
-def _model(ref: ModelRef, variant: str, cfg: AuditConfig) -> Any:
-    if variant == "fp":
-        return loading.load_model(ref, loading.compute_device())
-    from microscope.quantization import load_variant
-
-    return load_variant(ref, variant, cfg.quantize, loading.compute_device())
 
 
 @dataclass(frozen=True)
@@ -136,9 +128,10 @@ def _compute(run: StageRun, job: _Job) -> StageRecord:
 
 def _frozen_surface(job: _Job, data: Any) -> Any:
     """The model (or variant) behind the attack surface its data kind calls for, its weights frozen."""
+    from microscope.quantization import load_audited
     from microscope.robustness.surfaces import surface_for
 
-    model = _model(job.ref, job.variant, job.cfg)
+    model = load_audited(job.ref, job.variant, job.cfg.quantize, loading.compute_device())
     causal = job.arch.is_causal and job.arch.has_unembedding
     try:
         surface = surface_for(model, data.kind, causal)
