@@ -381,6 +381,14 @@ class ReliabilityConfig(Section):
     corruption_samples: int = Field(
         500, ge=1, description="Images per corruption and severity (the same ones for every corruption)."
     )
+    baseline_errors: dict[str, dict[int, float]] | None = Field(
+        None,
+        description="Published errors (0-1) of a reference model per corruption and severity, e.g. AlexNet's for "
+        "ImageNet-C: corruption errors (CE, mCE) are then normalised by them as in Hendrycks & Dietterich.",
+    )
+    baseline_clean_error: float | None = Field(
+        None, ge=0, le=1, description="That reference model's clean error, for the relative mCE."
+    )
     batch_size: int = Field(256, ge=1, description="Inputs per forward pass.")
     variants: bool = Field(True, description="Evaluate every quantized variant on the same samples too.")
 
@@ -392,6 +400,23 @@ class ReliabilityConfig(Section):
             raise ValueError(f"unknown corruption {unknown[0]!r}; choose from {', '.join(CORRUPTION_NAMES)}")
         if v is not None and not v:
             raise ValueError("corruptions is empty; list some, or drop the key for all 16")
+        return v
+
+    @field_validator("baseline_errors")
+    @classmethod
+    def _baseline_known(cls, v: dict[str, dict[int, float]] | None) -> dict[str, dict[int, float]] | None:
+        unknown = [c for c in v or {} if c not in CORRUPTION_NAMES]
+        if unknown:
+            raise ValueError(
+                f"baseline_errors: unknown corruption {unknown[0]!r}; choose from {', '.join(CORRUPTION_NAMES)}"
+            )
+        bad = [
+            (c, s) for c, by in (v or {}).items() for s, e in by.items() if s not in (1, 2, 3, 4, 5) or not 0 <= e <= 1
+        ]
+        if bad:
+            raise ValueError(
+                f"baseline_errors[{bad[0][0]}][{bad[0][1]}]: severities are 1-5 and errors between 0 and 1"
+            )
         return v
 
     @field_validator("severities")

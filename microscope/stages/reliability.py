@@ -83,6 +83,7 @@ def _compute(run: StageRun, job: _Job) -> StageRecord:
         raise InputError(f"reliability: {exc}") from exc
     results["variant"] = job.variant
     results["corruption_scores"] = _corruption_scores(results.get("corruptions"), job.baseline)
+    results["corruption_scores_published"] = vs_published(results.get("corruptions"), rc)
     artifacts = {"results": job.store.put_json(run.key("results.json"), results)}
     metrics, undefined = split(headline(results))
     return run.record(
@@ -110,6 +111,18 @@ def _corruption_scores(corruptions: dict[str, Any] | None, baseline: StageRecord
         ints(base["accuracy"]) if base else None,
         base["clean_accuracy"] if base else None,
     )
+
+
+def vs_published(corruptions: dict[str, Any] | None, rc: Any) -> dict[str, Any] | None:
+    """Corruption errors normalised by a reference model's published errors (AlexNet's mCE convention)."""
+    if not corruptions or not rc.baseline_errors:
+        return None
+    from microscope.reliability.corruptions import corruption_summary
+
+    acc = {c: {int(s): a for s, a in by.items()} for c, by in corruptions["accuracy"].items()}
+    base = {c: {s: 1.0 - e for s, e in by.items()} for c, by in rc.baseline_errors.items()}
+    clean = None if rc.baseline_clean_error is None else 1.0 - rc.baseline_clean_error
+    return corruption_summary(acc, corruptions["clean_accuracy"], base, clean)
 
 
 def _no_score(score: str, results: dict[str, Any]) -> str:
@@ -150,5 +163,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         out["mean_corruption_accuracy"] = cs["mean_corruption_accuracy"]
         for k in ("mce", "relative_mce"):
             if cs.get(k) is not None:
-                out[f"corruption_{k}"] = cs[k]
+                out[f"corruption_{k}"] = cs[k]  # a variant's, relative to full precision
+        for k, v in (results.get("corruption_scores_published") or {}).items():
+            if k in ("mce", "relative_mce") and v is not None:
+                out[f"corruption_{k}_published"] = v  # relative to reliability.baseline_errors
     return out

@@ -24,6 +24,7 @@ class ReliabilityDetails(StageDetails):
             "risk_coverage",
             "corruptions",
             "corruption_scores",
+            "corruption_scores_published",
             "knn_k",
         }
     )
@@ -52,4 +53,7 @@ class ReliabilityDetails(StageDetails):
     )
     corruption_scores: dict[str, Any] | None = Field(
         None, description="Mean corruption accuracy; for a variant, corruption errors relative to full precision."
+    )
+    corruption_scores_published: dict[str, Any] | None = Field(
+        None, description="Corruption errors relative to reliability.baseline_errors (e.g. AlexNet's), when given."
     )

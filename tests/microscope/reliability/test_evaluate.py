@@ -83,3 +83,24 @@ def test_the_config_knows_every_corruption_and_refuses_others() -> None:
         ReliabilityConfig(corruptions=["blurr"])
     with pytest.raises(ValidationError, match="severities must be a non-empty list of 1 to 5"):
         ReliabilityConfig(severities=[0, 6])
+
+
+def test_published_baseline_errors_normalise_the_corruption_errors() -> None:
+    """Errors equal to the reference model's give CE 100 per corruption and mCE 100 (AlexNet's convention);
+    twice its error 200, whatever the model's own clean error."""
+    from microscope.stages.reliability import vs_published
+
+    acc = {"fog": {"1": 0.9, "3": 0.7}, "contrast": {"1": 0.8, "3": 0.6}}
+    corruptions = {"accuracy": acc, "clean_accuracy": 0.95, "n": 100}
+    same = {c: {int(s): 1 - a for s, a in by.items()} for c, by in acc.items()}
+    r = vs_published(corruptions, ReliabilityConfig(baseline_errors=same, baseline_clean_error=0.02))
+    assert r is not None and {c: f["ce"] for c, f in r["corruptions"].items()} == pytest.approx(
+        {"fog": 100.0, "contrast": 100.0}, abs=1e-9
+    )
+    assert r["mce"] == pytest.approx(100.0, abs=1e-9)
+    # relative: Σ(E − E_clean) / Σ(E_ref − E_ref_clean): fog (0.1 + 0.3 − 2·0.05) / (0.1 + 0.3 − 2·0.02)
+    assert r["corruptions"]["fog"]["relative_ce"] == pytest.approx(100 * 0.3 / 0.36, abs=1e-9)
+    half = {c: {s: e / 2 for s, e in by.items()} for c, by in same.items()}
+    r2 = vs_published(corruptions, ReliabilityConfig(baseline_errors=half))
+    assert r2 is not None and r2["mce"] == pytest.approx(200.0, abs=1e-9)
+    assert vs_published(corruptions, ReliabilityConfig()) is None  # no published errors: no normalised figure
