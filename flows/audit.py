@@ -2,7 +2,7 @@
 can start it) and runs the DAG
 
     ingest → quantize (per format) → trace (fp + per variant) → sae (per hook) → metrics → robustness
-    (fp + per variant) → report
+    (fp + per variant) → reliability (fp, then per variant) → report
 
 A failed stage is recorded with its one-line error (traceback in a log file beside the audit record);
 stages that needed it are skipped; a failed variant never takes the others down (the stage ends
