@@ -77,13 +77,6 @@ def test_bound_is_one_sided_clopper_pearson(n_a: int, n: int) -> None:
         assert abs(low - ALPHA ** (1 / n)) < 1e-12
 
 
-@pytest.mark.parametrize(("n_a", "n"), [(1, 10), (7, 10), (600, 1000), (999, 1000), (1000, 1000)])
-def test_bound_matches_statsmodels(n_a: int, n: int) -> None:
-    """Cohen et al.'s own call: proportion_confint(nA, n, alpha=2α, method="beta")[0], to 1e-12."""
-    sm = pytest.importorskip("statsmodels.stats.proportion")
-    assert abs(clopper_pearson_lower(n_a, n, ALPHA) - sm.proportion_confint(n_a, n, 2 * ALPHA, "beta")[0]) < 1e-12
-
-
 def test_constant_classifier_closed_form() -> None:
     """nA = n everywhere, so pA_lower = α^(1/n) and R = σ·Φ⁻¹(α^(1/n)) ≈ 0.551 for σ = 0.25, n = 500."""
     x = np.random.default_rng(0).random((6, 1, 4, 4), dtype=np.float32)
