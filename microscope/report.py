@@ -366,6 +366,7 @@ def _reliability_view(fp: StageRecord | None, variants: dict[str, dict[str, Stag
             {"name": name, "acc": [by.get(str(s)) for s in severities]} for name, by in corr.get("accuracy", {}).items()
         ],
         "rel_clean": corr.get("clean_accuracy"),
+        "rel_smoothing": [{"sigma": s, **c} for s, c in (d.get("smoothing") or {}).items()],
         "rel_corruption_n": corr.get("n"),
     }
 

@@ -344,6 +344,25 @@ OodScore = Literal["msp", "energy", "mahalanobis", "knn"]
 OOD_SCORES: tuple[str, ...] = ("msp", "energy", "mahalanobis", "knn")
 
 
+class SmoothingConfig(Section):
+    """Randomized-smoothing certificates (Cohen et al. 2019, CERTIFY) of an image classifier; off by default."""
+
+    sigmas: list[float] = Field(
+        default_factory=list, description="Noise levels σ (pixel units in [0, 1]) to certify at; [] turns it off."
+    )
+    samples: int = Field(100, ge=1, description="Evaluation images certified (the first of the held-out split).")
+    n0: int = Field(100, ge=1, description="Noisy copies that choose the top class.")
+    n: int = Field(1000, ge=1, description="Fresh noisy copies that estimate its probability.")
+    alpha: float = Field(0.001, gt=0, lt=0.5, description="A certificate is wrong with probability at most α.")
+
+    @field_validator("sigmas")
+    @classmethod
+    def _positive(cls, v: list[float]) -> list[float]:
+        if any(s <= 0 for s in v):
+            raise ValueError("sigmas must be positive noise levels, e.g. [0.25, 0.5]")
+        return v
+
+
 class ReliabilityConfig(Section):
     """Calibration, out-of-distribution detection and common corruptions (the reliability stage)."""
 
@@ -389,6 +408,7 @@ class ReliabilityConfig(Section):
     baseline_clean_error: float | None = Field(
         None, ge=0, le=1, description="That reference model's clean error, for the relative mCE."
     )
+    smoothing: SmoothingConfig = Field(default_factory=SmoothingConfig)
     batch_size: int = Field(256, ge=1, description="Inputs per forward pass.")
     variants: bool = Field(True, description="Evaluate every quantized variant on the same samples too.")
 

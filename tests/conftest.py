@@ -540,6 +540,8 @@ robustness:
   eps: {Linf: 0.0627}
   sweep: [0.0, 0.0314, 0.1255, 0.251]
   pgd_steps: 10
+reliability:
+  smoothing: {sigmas: [0.25], samples: 16, n0: 20, n: 200}
 """
 
 

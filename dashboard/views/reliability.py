@@ -83,6 +83,16 @@ if not ood.empty:
     for col, ood_set in zip(st.columns(max(len(sets), 1)), sets, strict=False):
         col.altair_chart(charts.roc_curves(roc, ood_set), width="stretch")
 
+# ---- randomized smoothing ----------------------------------------------------------------------
+smoothing = results.smoothing_table(rec)
+if not smoothing.empty:
+    st.subheader("Randomized-smoothing certificates")
+    st.caption(
+        "Cohen et al.'s CERTIFY: the share of images classified correctly with a certified L2 radius ≥ r "
+        f"({fp.details['smoothing'][next(iter(fp.details['smoothing']))]['bound']}); abstentions count as wrong."
+    )
+    st.dataframe(smoothing, hide_index=True, width="stretch")
+
 # ---- corruptions -------------------------------------------------------------------------------
 corr = results.corruption_table(rec)
 if not corr.empty:

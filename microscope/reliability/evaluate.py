@@ -91,8 +91,25 @@ def evaluate_images(
         "ood_sets": {name: len(xs) for name, xs in sets.items()},
         "knn_k": knn_k(rc, len(fit_i)),
         "corruptions": corruption_accuracies(model, x[test_i], y[test_i], rc, seed),
+        "smoothing": certificates(model, x[test_i], y[test_i], rc, seed),
         "sample_indices": {"fit": fit_i.tolist(), "eval": test_i.tolist()},  # results.json only: reproducible
     }
+
+
+def certificates(model: Any, x: np.ndarray, y: np.ndarray, rc: ReliabilityConfig, seed: int) -> dict[str, Any] | None:
+    """Randomized-smoothing certificates per σ on the first `smoothing.samples` evaluation images (None: off)."""
+    from microscope.reliability.smoothing import certify
+
+    sc = rc.smoothing
+    if not sc.sigmas:
+        return None
+    x, y = x[: sc.samples], y[: sc.samples]
+    out = {}
+    for sigma in sc.sigmas:
+        c = certify(model, x, y, sigma, sc.n0, sc.n, sc.alpha, rc.batch_size, seed)
+        c["certified_accuracy"] = {f"{r:g}": a for r, a in c["certified_accuracy"].items()}  # JSON keys
+        out[f"{sigma:g}"] = c
+    return out
 
 
 def corruption_accuracies(model: Any, x: np.ndarray, y: np.ndarray, rc: ReliabilityConfig, seed: int) -> dict[str, Any]:

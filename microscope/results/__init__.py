@@ -49,6 +49,7 @@ from microscope.results.reliability import (
     reliability_diagram,
     reliability_table,
     roc_points,
+    smoothing_table,
 )
 from microscope.results.robustness import (
     SWEEP_ATTACKS,
@@ -139,6 +140,7 @@ __all__ = [
     "run_series",
     "sae_summaries",
     "sensitivity_by_block",
+    "smoothing_table",
     "stage_verdict",
     "trace_points",
     "variant_fate",

@@ -119,3 +119,15 @@ def corruption_table(record: AuditRecord) -> pd.DataFrame:
         for name, by_sev in c["accuracy"].items():
             rows += [{"variant": v, "corruption": name, "severity": int(s), "accuracy": a, "clean_accuracy": c["clean_accuracy"]} for s, a in by_sev.items()]  # fmt: skip
     return pd.DataFrame(rows)
+
+
+def smoothing_table(record: AuditRecord) -> pd.DataFrame:
+    """Per variant and σ: images certified, abstentions and the certified accuracy at each radius."""
+    import pandas as pd
+
+    rows = []
+    for v, r in _records(record)[0].items():
+        for sigma, c in (r.details.get("smoothing") or {}).items():
+            row = {"variant": v, "sigma": float(sigma), "images": c["samples"], "abstained": c["abstained"]}
+            rows.append(row | {f"r={k}": a for k, a in c["certified_accuracy"].items()})
+    return pd.DataFrame(rows)

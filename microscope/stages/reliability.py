@@ -91,8 +91,19 @@ def _compute(run: StageRun, job: _Job) -> StageRecord:
         artifacts=artifacts,
         metrics=metrics,
         undefined=undefined,
-        details=ReliabilityDetails(prefix=run.prefix, **{k: v for k, v in results.items() if k != "sample_indices"}),
+        details=ReliabilityDetails(prefix=run.prefix, **_small(results)),
     )
+
+
+PER_SAMPLE = ("prediction", "radius", "correct", "n_a", "p_a_lower")  # results.json only
+
+
+def _small(results: dict[str, Any]) -> dict[str, Any]:
+    """What the record's details carry: results.json without the per-sample lists."""
+    out = {k: v for k, v in results.items() if k != "sample_indices"}
+    if out.get("smoothing"):
+        out["smoothing"] = {s: {k: v for k, v in c.items() if k not in PER_SAMPLE} for s, c in out["smoothing"].items()}
+    return out
 
 
 def _corruption_scores(corruptions: dict[str, Any] | None, baseline: StageRecord | None) -> dict[str, Any] | None:
@@ -156,6 +167,9 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
     for score in OOD_SCORES:  # per score over the OOD sets: one name for every modality (the default gates')
         aurocs = [by[score]["auroc"] for by in results["ood"].values() if score in by]
         out[f"auroc_{score}"] = sum(aurocs) / len(aurocs) if aurocs else Undefined(_no_score(score, results))
+    for sigma, c in (results.get("smoothing") or {}).items():  # names without dots: σ and r in hundredths
+        for r, acc in c["certified_accuracy"].items():
+            out[f"certified_sigma{round(float(sigma) * 100)}_r{round(float(r) * 100)}"] = acc
     cs = results.get("corruption_scores")
     if not cs:
         out["mean_corruption_accuracy"] = Undefined("common corruptions are measured on image classifiers")

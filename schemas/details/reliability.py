@@ -25,6 +25,7 @@ class ReliabilityDetails(StageDetails):
             "corruptions",
             "corruption_scores",
             "corruption_scores_published",
+            "smoothing",
             "knn_k",
         }
     )
@@ -53,6 +54,11 @@ class ReliabilityDetails(StageDetails):
     )
     corruption_scores: dict[str, Any] | None = Field(
         None, description="Mean corruption accuracy; for a variant, corruption errors relative to full precision."
+    )
+    smoothing: dict[str, dict[str, Any]] | None = Field(
+        None,
+        description="Images, per σ: randomized-smoothing certificates (certified accuracy at radii, abstentions; "
+        "the per-sample predictions and radii are in results.json).",
     )
     corruption_scores_published: dict[str, Any] | None = Field(
         None, description="Corruption errors relative to reliability.baseline_errors (e.g. AlexNet's), when given."

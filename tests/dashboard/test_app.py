@@ -276,6 +276,9 @@ def test_reliability_page_on_a_vision_audit(finished_vision: dict) -> None:
     row = ood[(ood["variant"] == "fp") & (ood["ood_set"] == "uniform-noise") & (ood["score"] == "energy")]
     assert row.iloc[0]["auroc"] == details["uniform-noise"]["energy"]["auroc"]
     assert "FPR95" in " ".join(c.value for c in at.caption)  # the conventions are stated beside the figures
+    sm = next(d.value for d in at.dataframe if "abstained" in d.value.columns).set_index("variant")
+    cert = finished_vision["stages"]["reliability"]["details"]["smoothing"]["0.25"]
+    assert sm.loc["fp", "abstained"] == cert["abstained"] and sm.loc["fp", "r=0.5"] == cert["certified_accuracy"]["0.5"]
 
 
 def test_search_finds_the_same_matrix_in_the_other_checkpoint(stores: dict, indexed: str) -> None:

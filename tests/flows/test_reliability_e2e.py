@@ -67,6 +67,18 @@ def test_digits_cnn_reliability(finished_vision: dict, vision_root: Path, digits
     assert c["clean_accuracy"] == pytest.approx(clean, abs=1e-12) and c["n"] == len(ev)
     assert 0 <= m["mean_corruption_accuracy"] <= 1
 
+    # randomized smoothing: each radius is σ·Φ⁻¹ of the Clopper-Pearson bound on its own counts (SciPy)
+    from scipy.stats import beta, norm
+
+    sm = results["smoothing"]["0.25"]
+    assert sm["samples"] == 16 and sm["n"] == 200
+    for n_a, pred, radius, ok in zip(sm["n_a"], sm["prediction"], sm["radius"], sm["correct"], strict=True):
+        low = beta.ppf(0.001, n_a, 200 - n_a + 1) if n_a else 0.0
+        assert (pred == -1) == (low < 0.5)
+        assert radius == pytest.approx(0.25 * norm.ppf(low) if ok else 0.0, abs=1e-9)
+    assert sm["certified_accuracy"]["0"] == pytest.approx(sum(sm["correct"]) / 16)
+    assert m["certified_sigma25_r0"] == sm["certified_accuracy"]["0"] and "prediction" not in d["smoothing"]["0.25"]
+
     # the int8 variant on the same samples, its corruption errors relative to full precision
     var = rec["variants"]["torch-int8"]["reliability"]
     assert var["status"] == "completed" and var["details"]["n"] == d["n"]
