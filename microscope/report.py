@@ -347,27 +347,20 @@ def _robustness_view(fp: StageRecord | None, variants: dict[str, dict[str, Stage
 
 
 def _reliability_view(fp: StageRecord | None, variants: dict[str, dict[str, StageRecord]]) -> dict[str, Any]:
-    """Calibration per variant, OOD detection and corruption accuracy of full precision."""
-    recs = results.reliability_by_variant(fp, variants)
-    if "fp" not in recs:
+    """Calibration per variant, OOD detection, certificates and corruption accuracy of full precision."""
+    o = results.reliability_overview(fp, variants)
+    if o is None:
         return {"rel_rows": []}
-    d = recs["fp"].details
-    corr = d.get("corruptions") or {}
-    severities = sorted({int(s) for by in corr.get("accuracy", {}).values() for s in by})
     return {
-        "rel_rows": [{"variant": v, "m": r.metrics, "u": r.undefined} for v, r in recs.items()],
-        "rel_samples": d["n"],
-        "rel_binning": (d.get("calibration") or {}).get("binning") or d.get("calibration_undefined", ""),
-        "rel_ood": [
-            {"set": s, "score": score, **f} for s, by_score in d["ood"].items() for score, f in by_score.items()
-        ],
-        "rel_severities": severities,
-        "rel_corruptions": [
-            {"name": name, "acc": [by.get(str(s)) for s in severities]} for name, by in corr.get("accuracy", {}).items()
-        ],
-        "rel_clean": corr.get("clean_accuracy"),
-        "rel_smoothing": [{"sigma": s, **c} for s, c in (d.get("smoothing") or {}).items()],
-        "rel_corruption_n": corr.get("n"),
+        "rel_rows": [{"variant": v, "m": r.metrics, "u": r.undefined} for v, r in o["records"].items()],
+        "rel_samples": o["samples"],
+        "rel_binning": o["binning"],
+        "rel_ood": o["ood"],
+        "rel_severities": o["severities"],
+        "rel_corruptions": o["corruptions"],
+        "rel_clean": o["clean_accuracy"],
+        "rel_smoothing": o["smoothing"],
+        "rel_corruption_n": o["corruption_samples"],
     }
 
 

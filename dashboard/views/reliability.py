@@ -17,10 +17,10 @@ state.notices(table.attrs.get("missing", {}))
 if table.empty:
     st.stop()
 fp = rec.stages["reliability"]
-calib = fp.details.get("calibration")
+overview = results.reliability_overview(fp, rec.variants) or {}
 st.caption(
     f"{int(fp.metrics.get('samples', 0))} samples (the same for every variant) · "
-    + (calib["binning"] if calib else fp.details.get("calibration_undefined", "no calibration"))
+    + (overview.get("binning") or "no calibration")
     + " · binned ECE is biased upwards at small n"
 )
 for fig, why in fp.undefined.items():
@@ -89,7 +89,7 @@ if not smoothing.empty:
     st.subheader("Randomized-smoothing certificates")
     st.caption(
         "Cohen et al.'s CERTIFY: the share of images classified correctly with a certified L2 radius ≥ r "
-        f"({fp.details['smoothing'][next(iter(fp.details['smoothing']))]['bound']}); abstentions count as wrong."
+        f"({overview.get('bound') or 'Clopper-Pearson'}); abstentions count as wrong."
     )
     st.dataframe(smoothing, hide_index=True, width="stretch")
 

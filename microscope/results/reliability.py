@@ -33,6 +33,37 @@ def reliability_by_variant(
     }
 
 
+def reliability_overview(
+    fp: StageRecord | None, variants: Mapping[str, Mapping[str, StageRecord]]
+) -> dict[str, Any] | None:
+    """What the reliability records say as a whole (None unless full precision's finished): `records` (as
+    `reliability_by_variant`) and, from full precision's record, `samples`, `binning` (or why there is no
+    calibration), `ood` ([{set, score, auroc, ...}]), `severities`, `corruptions` ([{name, acc per severity}]),
+    `clean_accuracy` and `corruption_samples` of the corrupted images, `smoothing` ([{sigma, ...}]) and its
+    `bound`. Takes the stage records: the report reads them before the audit record exists."""
+    recs = reliability_by_variant(fp, variants)
+    if "fp" not in recs:
+        return None
+    d = recs["fp"].details
+    corr = d.get("corruptions") or {}
+    severities = sorted({int(s) for by in corr.get("accuracy", {}).values() for s in by})
+    smoothing = [{"sigma": s, **c} for s, c in (d.get("smoothing") or {}).items()]
+    return {
+        "records": recs,
+        "samples": d["n"],
+        "binning": (d.get("calibration") or {}).get("binning") or d.get("calibration_undefined", ""),
+        "ood": [{"set": s, "score": score, **f} for s, by_score in d["ood"].items() for score, f in by_score.items()],
+        "severities": severities,
+        "corruptions": [
+            {"name": name, "acc": [by.get(str(s)) for s in severities]} for name, by in corr.get("accuracy", {}).items()
+        ],
+        "clean_accuracy": corr.get("clean_accuracy"),
+        "corruption_samples": corr.get("n"),
+        "smoothing": smoothing,
+        "bound": smoothing[0]["bound"] if smoothing else None,
+    }
+
+
 def _records(record: AuditRecord) -> tuple[dict[str, StageRecord], dict[str, str]]:
     missing: dict[str, str] = {}
     if (why := why_missing(record, "reliability")) is not None:
