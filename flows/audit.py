@@ -269,10 +269,7 @@ def _robustness(t: AuditTracker, s: Settler, ing: IngestOutput, produced: dict[s
     for r in parts.values():
         if _ok(r):
             log_eps_curves(r.mlflow_run_id, r.details["curves"])
-    if len(parts) > 1 and any(not _ok(r) for r in parts.values()):
-        agg = t.aggregate("robustness", parts)
-        if _ok(fp):  # the fp results stay the stage's record, marked with how the variants went
-            t.rec.stages["robustness"] = fp.model_copy(update={"status": agg.status, "error": agg.error})
+    _mark_variants(t, "robustness", parts)
 
 
 def _reliability(t: AuditTracker, s: Settler, ing: IngestOutput, produced: dict[str, str]) -> None:
@@ -289,10 +286,16 @@ def _reliability(t: AuditTracker, s: Settler, ing: IngestOutput, produced: dict[
     for r in parts.values():
         if _ok(r) and r.mlflow_run_id:
             log_reliability(r.mlflow_run_id, r.details)
+    _mark_variants(t, "reliability", parts)
+
+
+def _mark_variants(t: AuditTracker, stage: str, parts: dict[str, StageRecord]) -> None:
+    """A stage run on fp and each variant: where some failed, the fp results stay the stage's record, marked
+    with how the variants went (partial, their errors)."""
     if len(parts) > 1 and any(not _ok(r) for r in parts.values()):
-        agg = t.aggregate("reliability", parts)
-        if _ok(fp):  # the fp results stay the stage's record, marked with how the variants went
-            t.rec.stages["reliability"] = fp.model_copy(update={"status": agg.status, "error": agg.error})
+        agg = t.aggregate(stage, parts)
+        if _ok(parts[FP]):
+            t.rec.stages[stage] = parts[FP].model_copy(update={"status": agg.status, "error": agg.error})
 
 
 def _report(t: AuditTracker, s: Settler) -> None:
