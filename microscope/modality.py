@@ -5,7 +5,7 @@ labelled images of a classifier. The one modality branch is `open_data`; stages 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from schemas.config import AuditConfig
@@ -14,6 +14,13 @@ from schemas.records import Architecture, StageRecord
 from microscope import dataset as ds
 from microscope.errors import InputError
 from microscope.store import ArtifactStore
+
+if TYPE_CHECKING:
+    from microscope.pruning import Calibration
+
+
+CALIBRATION_WINDOWS = 32  # SNIP's one minibatch and Wanda's activations (Wanda uses 128 x 2048 tokens)
+CALIBRATION_IMAGES = 128
 
 
 class AuditData(ABC):
@@ -35,6 +42,10 @@ class AuditData(ABC):
         """(inputs on the attack surface, targets, what the targets are, dataset indices): the same
         seeded choice for every variant."""
 
+    @abstractmethod
+    def pruning_calibration(self, arch: Architecture, cfg: AuditConfig) -> Calibration:
+        """SNIP's minibatch and Wanda's activation batches: the first samples (fidelity holds out the last)."""
+
     def _pick(self, n: int, cfg: AuditConfig) -> np.ndarray:
         return np.sort(np.random.default_rng(cfg.seed).permutation(n)[: cfg.robustness.samples])
 
@@ -55,6 +66,24 @@ class TextData(AuditData):
         )
         stats, drift = fidelity(fp_model, q_model, held_out, points, cfg.trace.batch_size, arch.is_causal)
         return int(held_out.size), stats, drift
+
+    def pruning_calibration(self, arch: Architecture, cfg: AuditConfig) -> Calibration:
+        import torch
+
+        from microscope.pruning import Calibration
+
+        n = max(1, min(CALIBRATION_WINDOWS, len(self.ids) - cfg.quantize.eval_windows))
+        x = torch.from_numpy(self.ids[:n].astype(np.int64))
+        batches = [{"input_ids": x[i : i + 8]} for i in range(0, n, 8)]
+        what = f"the first {n} token windows"
+        if not (arch.is_causal and arch.has_unembedding):
+            return Calibration(None, batches, "an encoder without a head has no loss", what)
+
+        def loss(model: Any) -> Any:
+            ids = x.to(next(model.parameters()).device)
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+
+        return Calibration(loss, batches, "", what + " (next-token cross-entropy)")
 
     def sensitivity_inputs(self, cfg: AuditConfig) -> tuple[np.ndarray, None]:
         return self.ids[-cfg.metrics.sensitivity_windows :], None
@@ -104,6 +133,21 @@ class ImageData(AuditData):
     def sensitivity_inputs(self, cfg: AuditConfig) -> tuple[np.ndarray, np.ndarray]:
         k = 32 * cfg.metrics.sensitivity_windows  # CE on the last images, 32 per window asked
         return self.x[-k:], self.y[-k:]
+
+    def pruning_calibration(self, arch: Architecture, cfg: AuditConfig) -> Calibration:
+        import torch
+
+        from microscope.pruning import Calibration
+
+        n = min(CALIBRATION_IMAGES, len(self.x))
+        x, y = torch.from_numpy(self.x[:n]), torch.from_numpy(self.y[:n]).long()
+
+        def loss(model: Any) -> Any:
+            device = next(model.parameters()).device
+            return torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device))
+
+        batches = [x[i : i + 64] for i in range(0, n, 64)]
+        return Calibration(loss, batches, "", f"the first {n} images (cross-entropy with their labels)")
 
     def attack_inputs(self, surface: Any, cfg: AuditConfig) -> tuple[Any, Any, str, list[int]]:
         import torch

@@ -13,10 +13,11 @@ Ties in a score are broken by index (stable sort), so the number pruned is alway
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
+
+from schemas.config import PRUNE_FORMAT, PRUNE_FORMS, unknown_format
 
 if TYPE_CHECKING:
     import torch
@@ -24,11 +25,6 @@ if TYPE_CHECKING:
 
 METHODS = ("magnitude", "snip", "wanda")
 _PRUNED_CLASSES = {"Linear", "Conv1D", "Conv2d"}
-_NAME = re.compile(r"(magnitude|snip|wanda)(-layer)?-(\d+(?:\.\d+)?)(?:\+(\S+))?")
-_FORMS = (
-    "magnitude-<pct>, magnitude-layer-<pct>, snip-<pct> or wanda-<pct> with 0 < pct < 100, "
-    "optionally +<quant format> (e.g. magnitude-50, wanda-50+nf4)"
-)
 NOTE = "no fine-tuning after pruning"
 
 
@@ -41,14 +37,18 @@ class PruneSpec:
     name: str
 
 
+def is_pruning(name: str) -> bool:
+    return PRUNE_FORMAT.fullmatch(name) is not None
+
+
 def parse_format(name: str) -> PruneSpec:
-    m = _NAME.fullmatch(name)
-    pct = float(m.group(3)) if m else 0.0
-    if m is None or not 0 < pct < 100 or (m.group(2) and m.group(1) != "magnitude"):
-        raise ValueError(f"unknown pruning format {name!r}: use {_FORMS}")
+    """`magnitude-50` -> PruneSpec; a one-line ValueError naming the forms for anything else."""
+    m = PRUNE_FORMAT.fullmatch(name)
+    if m is None or (why := unknown_format(name)):
+        raise ValueError(why if m is not None else f"unknown pruning format {name!r}: use {PRUNE_FORMS}")
     method = m.group(1)
     scope: Literal["global", "layer"] = "layer" if m.group(2) or method == "wanda" else "global"
-    return PruneSpec(method, scope, pct / 100, m.group(4), name)
+    return PruneSpec(method, scope, int(m.group(3)) / 100, m.group(4), name)
 
 
 def _check_sparsity(sparsity: float) -> None:
@@ -275,3 +275,25 @@ def prune(
     else:
         raise ValueError(f"unknown pruning method {spec.method!r}: use one of {', '.join(METHODS)}")
     return apply_masks(model, masks)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The audit's data as pruning needs it: SNIP's loss on one minibatch, Wanda's activation batches."""
+
+    loss_fn: Callable[[nn.Module], torch.Tensor] | None  # None: the model has no loss (`why_no_loss`)
+    batches: list[Any]
+    why_no_loss: str = ""
+    description: str = ""  # which samples, for the record
+
+
+def prune_with(model: nn.Module, spec: PruneSpec, calibration: Calibration | None) -> dict[str, float | str]:
+    """`prune` with the inputs taken from the audit's data; a one-line ValueError where they cannot be."""
+    if spec.method != "magnitude" and calibration is None:
+        raise ValueError(f"{spec.name}: {spec.method} needs the audit's data (a calibration minibatch)")
+    if spec.method == "snip" and calibration is not None and calibration.loss_fn is None:
+        raise ValueError(f"{spec.name}: SNIP needs a loss and {calibration.why_no_loss}; use magnitude or wanda")
+    norms = None
+    if spec.method == "wanda" and calibration is not None:
+        norms = input_norms_from_activations(model, calibration.batches)
+    return prune(model, spec, calibration.loss_fn if calibration else None, norms)

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from schemas.config import QuantizeConfig
+from schemas.config import QuantizeConfig, unknown_format
 from schemas.records import ModelRef
 
+from microscope import pruning
 from microscope.errors import InputError, is_oom
 from microscope.models import checkpoint, loading
 from microscope.native_int8 import Int8Linear, linear_weight, quantize_linears
@@ -86,8 +88,9 @@ def quantizable(model: nn.Module) -> dict[str, tuple[int, int]]:
 
 def estimate_bytes(model: nn.Module, fmt: str, cfg: QuantizeConfig) -> int:
     """Weight memory of the variant: quantized weights × their bytes + everything else at its dtype."""
-    f = FORMATS[fmt]
-    per_q = _4bit(cfg.double_quant) if fmt in ("nf4", "fp4") else f.quantized_bytes
+    f = format_info(fmt)
+    quant = pruning.parse_format(fmt).then if pruning.is_pruning(fmt) else fmt
+    per_q = _4bit(cfg.double_quant) if quant in ("nf4", "fp4") else f.quantized_bytes
     q = quantizable(model)
     q_bytes = sum(o * i * per_q(i) for o, i in q.values())
     q_numel = sum(o * i for o, i in q.values())
@@ -134,26 +137,51 @@ def free_bytes(device: str) -> int:
 
 
 def check_format(fmt: str) -> None:
-    if fmt in UNSUPPORTED:
-        raise InputError(f"quantize.formats: '{fmt}' is unsupported here: {UNSUPPORTED[fmt]}")
-    if fmt not in FORMATS:
-        raise InputError(f"quantize.formats: unknown format '{fmt}'; choose from {', '.join(FORMATS)}")
+    if why := unknown_format(fmt):
+        raise InputError(f"quantize.formats: {why}")
+    quant = pruning.parse_format(fmt).then if pruning.is_pruning(fmt) else fmt
+    if quant in UNSUPPORTED:
+        raise InputError(f"quantize.formats: '{quant}' is unsupported here: {UNSUPPORTED[quant]}")
 
 
-def load_audited(ref: ModelRef, variant: str, cfg: QuantizeConfig, device: str) -> nn.Module:
+def format_info(fmt: str) -> QFormat:
+    """The registered format, or a pruning format's: stored dense (zeros are not compressed), so its bytes are
+    those of the quantization after it, or of full precision."""
+    if not pruning.is_pruning(fmt):
+        return FORMATS[fmt]
+    spec = pruning.parse_format(fmt)
+    scope = {"global": "global", "layer": "per layer" if spec.method == "magnitude" else "per output row"}[spec.scope]
+    what = f"{spec.method} pruning to {spec.sparsity:.0%} sparsity ({scope}), {pruning.NOTE}"
+    if spec.then is None:
+        return QFormat(fmt, "pruning", lambda _n: 4, 4, what)
+    then = FORMATS[spec.then]
+    return QFormat(fmt, then.backend, then.quantized_bytes, then.other_bytes, f"{what}, then {then.description}")
+
+
+Calibrate = Callable[[], pruning.Calibration]  # the audit's data for SNIP and Wanda, made only when asked
+
+
+def load_audited(
+    ref: ModelRef, variant: str, cfg: QuantizeConfig, device: str, calibration: Calibrate | None = None
+) -> nn.Module:
     """The model a per-variant stage evaluates, in eval mode: full precision ("fp") or the quantized `variant`."""
     from microscope.models import loading
 
     if variant == "fp":
         return loading.load_model(ref, device).eval()
-    return load_variant(ref, variant, cfg, device)
+    return load_variant(ref, variant, cfg, device, calibration)
 
 
-def load_variant(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str = "cpu") -> nn.Module:
-    """The model quantized to `fmt`, in eval mode. Raises VariantOOM when it cannot fit."""
+def load_variant(
+    ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str = "cpu", calibration: Calibrate | None = None
+) -> nn.Module:
+    """The model quantized (or pruned, then perhaps quantized) to `fmt`, in eval mode. Raises VariantOOM when
+    it cannot fit. A pruned model carries what pruning did as `model.microscope_pruning` (sparsity per matrix)."""
     import torch
 
     check_format(fmt)
+    if pruning.is_pruning(fmt):
+        return _load_pruned(ref, pruning.parse_format(fmt), cfg, device, calibration)
     f = FORMATS[fmt]
     try:
         if f.backend == "bitsandbytes":
@@ -172,6 +200,37 @@ def load_variant(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str = "cp
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    return model
+
+
+def _load_pruned(
+    ref: ModelRef, spec: pruning.PruneSpec, cfg: QuantizeConfig, device: str, calibration: Calibrate | None
+) -> nn.Module:
+    """Prune the full-precision model (masks folded), then quantize it as `spec.then` says."""
+    import torch
+
+    model = loading.load_model(ref, device).eval()
+    try:
+        report = pruning.prune_with(model, spec, calibration() if calibration and spec.method != "magnitude" else None)
+    except ValueError as exc:
+        raise InputError(f"quantize.formats: {exc}") from exc
+    if spec.then in ("fp16", "bf16"):
+        model = model.to({"fp16": torch.float16, "bf16": torch.bfloat16}[spec.then])
+    elif spec.then == "torch-int8":
+        if quantize_linears(model, skip=set(loading_skip(model))) == 0:
+            raise _no_linear(model, spec.name)
+    elif spec.then is not None:  # bitsandbytes quantizes while loading: load the pruned weights from a folder
+        if not hasattr(model, "save_pretrained"):
+            raise InputError(
+                f"quantize.formats: {spec.name} needs an HF checkpoint for {spec.then}; use +torch-int8 or +fp16"
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            model = _load_bnb(ref, spec.then, cfg, device, path=Path(tmp))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.microscope_pruning = report
     return model
 
 
@@ -196,7 +255,7 @@ class _NoCastNotice(logging.Filter):
         return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
 
 
-def _load_bnb(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str) -> nn.Module:
+def _load_bnb(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str, path: Path | None = None) -> nn.Module:
     import torch
     import transformers
 
@@ -206,7 +265,7 @@ def _load_bnb(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str) -> nn.M
     if not any(isinstance(f, _NoCastNotice) for f in bnb_log.filters):
         bnb_log.addFilter(_NoCastNotice())
 
-    path = checkpoint.local_path(ref.resolved_path, ref.source)
+    path = path or checkpoint.local_path(ref.resolved_path, ref.source)
     if not path.is_dir():
         raise InputError(
             f"quantize.formats: {fmt} (bitsandbytes) needs an HF checkpoint folder; for a bare state dict "
@@ -241,7 +300,8 @@ def _load_bnb(ref: ModelRef, fmt: str, cfg: QuantizeConfig, device: str) -> nn.M
 def save_variant(model: nn.Module, fmt: str, out: Path) -> list[Path]:
     """Write the variant as safetensors (save_pretrained for HF models) and return its files."""
     out.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "save_pretrained") and fmt != "torch-int8":
+    quant = pruning.parse_format(fmt).then if pruning.is_pruning(fmt) else fmt
+    if hasattr(model, "save_pretrained") and quant != "torch-int8":
         model.save_pretrained(out)
     else:
         from safetensors.torch import save_file
@@ -264,7 +324,12 @@ def _dedupe(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def produce(
-    ref: ModelRef, fmt: str, cfg: QuantizeConfig, fp_model: nn.Module, device: str = "cpu"
+    ref: ModelRef,
+    fmt: str,
+    cfg: QuantizeConfig,
+    fp_model: nn.Module,
+    device: str = "cpu",
+    calibration: Calibrate | None = None,
 ) -> tuple[nn.Module, str, list[dict[str, str]]]:
     """Load `fmt`, falling back along `cfg.fallback[fmt]` when it does not fit.
     Returns (model, the format produced, the attempts that failed)."""
@@ -277,7 +342,7 @@ def produce(
             attempts.append({"format": candidate, "error": f"needs ~{need:,} bytes, {free:,} free"})
             continue
         try:
-            return load_variant(ref, candidate, cfg, device), candidate, attempts
+            return load_variant(ref, candidate, cfg, device, calibration), candidate, attempts
         except VariantOOM as exc:
             attempts.append({"format": candidate, "error": str(exc)})
     tried = ", ".join(a["format"] for a in attempts)

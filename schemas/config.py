@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +30,32 @@ STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
 }
 # Quantization formats a config may name; whether one runs on this machine is decided at run time.
 QUANT_FORMATS: tuple[str, ...] = ("int8", "nf4", "fp4", "fp16", "bf16", "torch-int8", "int2")
+# Pruning formats (microscope/pruning.py): method, optional per-layer scope, whole percent sparsity, optional
+# quantization after pruning: magnitude-50, magnitude-layer-50, snip-30, wanda-50+nf4.
+PRUNE_FORMAT = re.compile(r"(magnitude|snip|wanda)(-layer)?-([1-9][0-9]?)(?:\+(\S+))?")
+PRUNE_FORMS = (
+    "magnitude-<pct>, magnitude-layer-<pct>, snip-<pct> or wanda-<pct> with a whole percent 1-99, "
+    "optionally +<quantization format> (e.g. magnitude-50, wanda-50+nf4)"
+)
+
+
+def unknown_format(name: str) -> str | None:
+    """Why `name` is not a format a config may name (None: it is one): a quantization format, or a pruning
+    format whose method takes that scope and whose quantization suffix is itself a quantization format."""
+    if name in QUANT_FORMATS:
+        return None
+    m = PRUNE_FORMAT.fullmatch(name)
+    if m is None:
+        if re.match(r"(magnitude|snip|wanda)\b", name):
+            return f"unknown pruning format {name!r}: use {PRUNE_FORMS}"
+        return f"unknown format {name!r}; choose from {', '.join(QUANT_FORMATS)} or a pruning format ({PRUNE_FORMS})"
+    if m.group(2) and m.group(1) != "magnitude":
+        return f"{name!r}: only magnitude has a per-layer scope (snip ranks globally, wanda per output row)"
+    if m.group(4) is not None and m.group(4) not in QUANT_FORMATS:
+        return (
+            f"{name!r}: {m.group(4)!r} after '+' is not a quantization format; choose from {', '.join(QUANT_FORMATS)}"
+        )
+    return None
 
 
 class Section(BaseModel):
@@ -176,7 +203,9 @@ class QuantizeConfig(Section):
     formats: list[str] = Field(
         default_factory=list,
         description="Variants to make: int8 (bitsandbytes LLM.int8), nf4, fp4 (bitsandbytes 4-bit), fp16, bf16, "
-        "torch-int8 (weight-only, where bitsandbytes cannot run). Empty: no quantize stage.",
+        "torch-int8 (weight-only, where bitsandbytes cannot run), and pruned what-ifs: magnitude-50 (global), "
+        "magnitude-layer-50, snip-30, wanda-50, each optionally quantized after (wanda-50+nf4); no fine-tuning "
+        "after pruning. Empty: no quantize stage.",
     )
     compute_dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float32", description="Compute dtype of the 4-bit formats."
@@ -195,9 +224,9 @@ class QuantizeConfig(Section):
     @field_validator("formats")
     @classmethod
     def _known(cls, v: list[str]) -> list[str]:
-        unknown = [f for f in v if f not in QUANT_FORMATS]
-        if unknown:
-            raise ValueError(f"unknown format(s) {unknown}; choose from {', '.join(QUANT_FORMATS)}")
+        for f in v:
+            if why := unknown_format(f):
+                raise ValueError(why)
         if len(set(v)) != len(v):
             raise ValueError("a format is listed twice; list each once")
         return v
@@ -447,6 +476,65 @@ class ReliabilityConfig(Section):
         return sorted(set(v))
 
 
+class AttributionConfig(Section):
+    """Which inputs drive the model's decisions and through which blocks (the attribution stage)."""
+
+    samples: int = Field(
+        8, ge=1, le=256, description="Images or texts attributed (the same seeded ones for every method)."
+    )
+    ig_steps: int = Field(
+        64,
+        ge=2,
+        le=4096,
+        description="Integrated Gradients: Gauss-Legendre points; the completeness delta says if enough.",
+    )
+    baseline: Literal["zeros", "mean"] = Field(
+        "zeros",
+        description="Integrated Gradients' baseline: zeros (black image, zero embeddings) or the dataset's mean input; "
+        "recorded with the results.",
+    )
+    smoothgrad_samples: int = Field(
+        16, ge=1, le=1024, description="SmoothGrad: noisy copies per input (Captum's default is 5)."
+    )
+    smoothgrad_sigma: float = Field(
+        0.15,
+        gt=0,
+        le=1,
+        description="SmoothGrad: noise σ as a share of the input's range (Captum's default is 1.0 absolute).",
+    )
+    layer_steps: int = Field(32, ge=2, le=1024, description="Layer Integrated Gradients' points, per traced block.")
+    randomisation: bool = Field(
+        True,
+        description="The model-randomisation check (Adebayo et al. 2018): re-initialise the last layer, compare maps.",
+    )
+    max_tokens: int = Field(48, ge=2, le=1024, description="Text: tokens of each attributed text (its first ones).")
+    variants: bool = Field(False, description="Attribute every quantized variant on the same samples too.")
+
+
+class LandscapeConfig(Section):
+    """Curvature of the loss and loss-landscape slices (the landscape stage); diagnostics to compare checkpoints
+    of one run or a model with its variants, not across models."""
+
+    samples: int = Field(
+        1000,
+        ge=1,
+        description="Fixed, recorded loss subset: images, or predicted tokens of a causal LM; at least 1,000 where the "
+        "dataset has them (Hessian estimates from 128 samples vary tenfold).",
+    )
+    eigenvalues: int = Field(3, ge=0, le=20, description="Top Hessian eigenvalues by power iteration (0: none).")
+    power_iters: int = Field(50, ge=1, le=1000, description="Power-iteration steps per eigenvalue at most.")
+    power_tol: float = Field(1e-3, gt=0, description="Relative change of the eigenvalue that stops the iteration.")
+    grid: int = Field(21, ge=3, le=101, description="Points per axis of the 1-D and 2-D slices (odd: includes 0).")
+    span: float = Field(
+        1.0, gt=0, le=10, description="Slices run over α, β in [-span, span] (filter-normalised units)."
+    )
+    slice_2d: bool = Field(True, description="Also the grid × grid 2-D slice (grid² loss evaluations).")
+    sharpness_eps: float = Field(1e-3, gt=0, le=1, description="ε of Keskar's ε-sharpness (box relative to |θ|).")
+    sharpness_rho: float = Field(0.05, gt=0, le=10, description="ρ of SAM's ρ-sharpness.")
+    adaptive: bool = Field(False, description="Adaptive (ASAM, Kwon et al. 2021) ρ-sharpness instead of SAM's.")
+    batch_size: int = Field(256, ge=1, description="Samples per forward pass of the loss.")
+
+
 class ReportConfig(Section):
     title: str | None = Field(None, description="Report title; defaults to the model's name.")
     max_modules: int = Field(60, ge=1, description="Rows of the parameters-per-module table.")
@@ -481,6 +569,8 @@ class AuditConfig(Section):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     robustness: RobustnessConfig = Field(default_factory=RobustnessConfig)
     reliability: ReliabilityConfig = Field(default_factory=ReliabilityConfig)
+    landscape: LandscapeConfig = Field(default_factory=LandscapeConfig)
+    attribution: AttributionConfig = Field(default_factory=AttributionConfig)
     report: ReportConfig = Field(default_factory=ReportConfig)
     gate: GateConfig = Field(default_factory=GateConfig)
     seed: int = Field(0, description="Seed for anything random in the audit.")

@@ -12,6 +12,7 @@ from schemas.records import Architecture, ModelRef, StageRecord
 if TYPE_CHECKING:
     from schemas.stages import IngestOutput
 
+    from microscope.pruning import Calibration
     from microscope.store import ArtifactStore
 
 T = TypeVar("T", bound="StageInputs")
@@ -50,3 +51,9 @@ class StageInputs:
     @property
     def dataset_digest(self) -> str:
         return self.ingested.dataset_digest
+
+    def calibration(self) -> Calibration:
+        """The audit's data as a pruned variant needs it (SNIP's minibatch, Wanda's activations)."""
+        from microscope.modality import open_data
+
+        return open_data(self.ingest, self.store).pruning_calibration(self.arch, self.cfg)

@@ -71,7 +71,7 @@ def _compute(run: StageRun, job: _Job) -> StageRecord:
     from microscope.reliability.evaluate import evaluate_images, evaluate_text
 
     rc, data = job.cfg.reliability, open_data(job.ingest, job.store)
-    model = load_audited(job.ref, job.variant, job.cfg.quantize, loading.compute_device())
+    model = load_audited(job.ref, job.variant, job.cfg.quantize, loading.compute_device(), job.calibration)
     try:
         if isinstance(data, ImageData):
             results = evaluate_images(model, data.x, data.y, rc, job.cfg.seed, rc.ood_dataset)

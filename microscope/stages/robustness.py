@@ -131,7 +131,7 @@ def _frozen_surface(job: _Job, data: Any) -> Any:
     from microscope.quantization import load_audited
     from microscope.robustness.surfaces import surface_for
 
-    model = load_audited(job.ref, job.variant, job.cfg.quantize, loading.compute_device())
+    model = load_audited(job.ref, job.variant, job.cfg.quantize, loading.compute_device(), job.calibration)
     causal = job.arch.is_causal and job.arch.has_unembedding
     try:
         surface = surface_for(model, data.kind, causal)

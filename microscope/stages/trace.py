@@ -38,7 +38,7 @@ def run(inp: StageInputs, progress: Progress | None = None, variant: str | None 
         if variant is not None:
             from microscope.quantization import load_variant
 
-            model = load_variant(ref, variant, cfg.quantize, loading.compute_device())
+            model = load_variant(ref, variant, cfg.quantize, loading.compute_device(), inp.calibration)
         else:
             model = loading.load_model(ref, loading.compute_device())
         weights = inp.ingested.weights_digest

@@ -73,6 +73,18 @@ class HookDrift(Details):
     rel_error: float = Field(description="‖h_q − h‖ / ‖h‖ over all the evaluated tokens.")
 
 
+class Pruning(Details):
+    """What pruning did to a pruned variant (microscope/pruning.py), before any quantization after it."""
+
+    method: str = Field(description="magnitude, snip or wanda.")
+    scope: str = Field(description="global (one threshold over all pruned matrices) or layer (per matrix or row).")
+    target: float = Field(description="The sparsity asked for, a fraction.")
+    overall: float = Field(description="Zeros over all pruned matrices after pruning, a fraction (exact count).")
+    matrices: dict[str, float] = Field(description="Pruned module -> the exact fraction of its weight zeroed.")
+    calibration: str | None = Field(description="The data SNIP's loss or Wanda's norms came from (None: magnitude).")
+    note: str = Field(description="No fine-tuning after pruning: the what-if of pruning as is.")
+
+
 class QuantizeDetails(StageDetails):
     """quantize (microscope/stages/quantize.py): one variant, in `AuditRecord.variants[fmt]["quantize"]`."""
 
@@ -86,6 +98,9 @@ class QuantizeDetails(StageDetails):
     drift: dict[str, HookDrift] = Field(description="Hook name -> activation drift ({} for image classifiers).")
     most_drifting_hook: str | None = Field(description="The hook of the largest rel_error (None: no drift measured).")
     eval_tokens: int = Field(description="Tokens (text) or images the fidelity was measured on.")
+    pruning: Pruning | None = Field(None, description="A pruned variant: what was pruned; absent otherwise.")
+
+    omit_if_none = frozenset({"pruning"})
 
 
 class ActivationStats(Details):

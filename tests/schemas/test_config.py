@@ -35,7 +35,7 @@ def test_unknown_key_names_key_and_allowed(tmp_path: Path) -> None:
 def test_unknown_section(tmp_path: Path) -> None:
     with pytest.raises(
         ConfigError,
-        match="unknown key 'tracee'.*allowed here: dataset, gate, metrics, model, quantize, reliability, report, robustness, sae, seed, trace",
+        match="unknown key 'tracee'.*allowed here: attribution, dataset, gate, landscape, metrics, model, quantize, reliability, report, robustness, sae, seed, trace",
     ):
         load_config(write(tmp_path, "tracee: {}\n"))
 
