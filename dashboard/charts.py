@@ -285,3 +285,41 @@ def gate_strip(history: pd.DataFrame) -> alt.Chart:
         )
         .properties(height=max(80, 22 * data["rule"].nunique()))
     )
+
+
+def sparsity_curve(pruned: pd.DataFrame, figure: str) -> alt.Chart:
+    """A fidelity figure against the exact sparsity, one line per pruning method."""
+    data = pruned[["variant", "method", "sparsity", figure]].dropna()
+    return (
+        alt.Chart(data, title=f"{figure} against sparsity")
+        .mark_line(point=True)
+        .encode(
+            x=alt.X("sparsity:Q", axis=alt.Axis(format="%"), title="sparsity (share of pruned weights zeroed)"),
+            y=alt.Y(f"{_field(figure)}:Q", title=figure),
+            color=alt.Color("method:N"),
+            tooltip=[
+                "variant",
+                alt.Tooltip("sparsity:Q", format=".2%"),
+                alt.Tooltip(f"{_field(figure)}:Q", format=".4g"),
+            ],
+        )
+        .properties(height=260)
+    )
+
+
+def mask_heatmap(grid: Any, title: str) -> alt.Chart:
+    """A pruned matrix's mask pooled to blocks: the share of weights kept in each (rows: outputs)."""
+    import pandas as pd
+
+    rows = [{"row": i, "col": j, "kept": float(v)} for i, r in enumerate(grid) for j, v in enumerate(r)]
+    return (
+        alt.Chart(pd.DataFrame(rows), title=title)
+        .mark_rect()
+        .encode(
+            x=alt.X("col:O", title="input block", axis=alt.Axis(labels=False, ticks=False)),
+            y=alt.Y("row:O", title="output block", axis=alt.Axis(labels=False, ticks=False)),
+            color=alt.Color("kept:Q", scale=alt.Scale(domain=[0, 1], scheme="greys", reverse=True), title="kept"),
+            tooltip=["row", "col", alt.Tooltip("kept:Q", format=".1%")],
+        )
+        .properties(height=320)
+    )

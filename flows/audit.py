@@ -1,8 +1,9 @@
 """The audit flow. Its entry takes plain JSON values (a deployment, a schedule, a webhook or the CLI
 can start it) and runs the DAG
 
-    ingest → quantize (per format) → trace (fp + per variant) → sae (per hook) → metrics → robustness
-    (fp + per variant) → reliability (fp, then per variant) → report
+    ingest → quantize (per format) → trace (fp + per variant) → sae (per hook) → metrics → landscape
+    (fp + per variant) → robustness (fp + per variant) → reliability (fp, then per variant) → attribution
+    (fp + per variant) → report
 
 A failed stage is recorded with its one-line error (traceback in a log file beside the audit record);
 stages that needed it are skipped; a failed variant never takes the others down (the stage ends
@@ -33,7 +34,9 @@ from microscope.store import ArtifactStore, open_store
 from schemas.config import AuditConfig, resolve_config
 from schemas.records import ModelRef, StageRecord, StageStatus
 from schemas.stages import FP, AuditRequest, IngestOutput
+from tasks.attribution import attribution_task
 from tasks.ingest import ingest_task
+from tasks.landscape import landscape_task
 from tasks.metrics import index_task, metrics_task, weights_task
 from tasks.quantize import quantize_task
 from tasks.reliability import reliability_task
@@ -132,10 +135,14 @@ def run_pipeline(
         if "metrics" in req.stages:
             _metrics(t, s, ing)
         _index(t, ing)
+        if "landscape" in req.stages:
+            _per_variant(t, s, ing, "landscape", produced if cfg.landscape.variants else {})
         if "robustness" in req.stages:
             _robustness(t, s, ing, produced)
         if "reliability" in req.stages:
             _reliability(t, s, ing, produced)
+        if "attribution" in req.stages:
+            _per_variant(t, s, ing, "attribution", produced if cfg.attribution.variants else {})
         verdict = run_gate(t) if cfg.gate.rules is not None else None
         if "report" in req.stages:
             _report(t, s)
@@ -287,6 +294,22 @@ def _reliability(t: AuditTracker, s: Settler, ing: IngestOutput, produced: dict[
         if _ok(r) and r.mlflow_run_id:
             log_reliability(r.mlflow_run_id, r.details)
     _mark_variants(t, "reliability", parts)
+
+
+PER_VARIANT_TASKS = {"landscape": landscape_task, "attribution": attribution_task}
+
+
+def _per_variant(t: AuditTracker, s: Settler, ing: IngestOutput, stage: str, variants: dict[str, str]) -> None:
+    """A stage of the full-precision model and of each variant asked (format -> the format produced), one after
+    another (each holds a model and its gradients)."""
+    kw = {"ing": ing, "cfg": t.config, "store_uri": s.store.uri}
+    calls = {stage: {**kw, "variant": FP}} | {
+        f"{stage}[{fmt}]": {**kw, "variant": made} for fmt, made in variants.items()
+    }
+    ran = s.run_many(PER_VARIANT_TASKS[stage], stage, calls, side_by_side=False)
+    parts = {FP: t.stage(ran[stage], stage)}
+    parts |= {fmt: t.variant(fmt, ran[f"{stage}[{fmt}]"], stage) for fmt in variants}
+    _mark_variants(t, stage, parts)
 
 
 def _mark_variants(t: AuditTracker, stage: str, parts: dict[str, StageRecord]) -> None:

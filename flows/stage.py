@@ -21,7 +21,9 @@ from pydantic import TypeAdapter
 from flows.settle import INPUT_ERROR, Settler
 from microscope.store import open_store
 from schemas.records import StageRecord, StageStatus
+from tasks.attribution import attribution_task
 from tasks.ingest import ingest_task
+from tasks.landscape import landscape_task
 from tasks.metrics import metrics_task, weights_task
 from tasks.quantize import quantize_task
 from tasks.reliability import reliability_task
@@ -39,8 +41,10 @@ TASKS = {
         sae_task,
         weights_task,
         metrics_task,
+        landscape_task,
         robustness_task,
         reliability_task,
+        attribution_task,
         report_task,
     )
 }

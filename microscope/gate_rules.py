@@ -15,7 +15,7 @@ from schemas.gates import GateRules
 from microscope import results
 from microscope.errors import GateError
 
-NAMESPACES = ("layers", "metrics", "quantize", "sae", "robustness", "reliability")
+NAMESPACES = ("layers", "metrics", "quantize", "sae", "robustness", "reliability", "landscape", "attribution")
 
 
 def load_rules(source: str | Path | dict[str, Any] | list[Any]) -> tuple[GateRules, str]:

@@ -14,6 +14,9 @@ Metric paths (a `*` or any glob matches several elements; each element is judged
                                          robust_accuracy = pgd): robustness.fp.robust_accuracy@eps=0.01
     reliability.<variant glob>.<figure>  fp or a variant: reliability.fp.ece, reliability.*.auroc_msp_uniform-noise,
                                          reliability.fp.mean_corruption_accuracy
+    landscape.<variant glob>.<figure>    fp or a variant: landscape.fp.lambda_max, landscape.fp.rho_sharpness
+    attribution.<variant glob>.<figure>  fp or a variant: attribution.fp.randomisation_spearman,
+                                         attribution.fp.completeness_max_rel
 
 A path whose namespace or figure does not exist is an error listing the valid ones; a path whose stage did
 not run in this audit is `skipped` with the reason (so is a relative rule without a baseline). Which audit is
@@ -87,7 +90,7 @@ def _figure_map(record: AuditRecord, ns: str) -> dict[str, dict[str, float]]:
     if ns == "sae":
         _finished(record, "sae")
         return {h: dict(r.metrics) for h, r in record.saes.items() if r.status != StageStatus.failed}
-    _finished(record, ns)  # robustness, reliability: the full-precision model and each variant
+    _finished(record, ns)  # robustness, reliability, landscape, attribution: fp and each variant
     recs = {"fp": record.stages[ns]} | {v: r[ns] for v, r in record.variants.items() if ns in r}
     return {v: dict(r.metrics) for v, r in recs.items()}
 
@@ -200,7 +203,7 @@ def valid_paths(src: _Sources) -> str:
     cols = src.layer_columns()
     if cols:
         parts.append(f"layers.*.{{{','.join(cols[:12])}{',...' if len(cols) > 12 else ''}}}")
-    for ns in ("metrics", "quantize", "sae", "robustness", "reliability"):
+    for ns in ("metrics", "quantize", "sae", "robustness", "reliability", "landscape", "attribution"):
         try:
             figs = _figure_map(rec, ns)
         except Skip:

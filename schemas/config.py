@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 HookName = Literal["resid", "mlp", "attn"]
 HOOK_NAMES: tuple[str, ...] = ("resid", "mlp", "attn")
-STAGES: tuple[str, ...] = ("ingest", "quantize", "trace", "sae", "metrics", "robustness", "reliability", "report")
+STAGES: tuple[str, ...] = (
+    "ingest", "quantize", "trace", "sae", "metrics", "landscape", "robustness", "reliability", "attribution", "report",
+)  # fmt: skip
 # What each stage needs to have run first; `--stages` pulls these in.
 STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "ingest": (),
@@ -26,6 +28,8 @@ STAGE_DEPENDENCIES: dict[str, tuple[str, ...]] = {
     "metrics": ("ingest",),
     "robustness": ("ingest",),
     "reliability": ("ingest",),
+    "landscape": ("ingest",),
+    "attribution": ("ingest",),
     "report": ("ingest",),
 }
 # Quantization formats a config may name; whether one runs on this machine is decided at run time.
@@ -533,6 +537,7 @@ class LandscapeConfig(Section):
     sharpness_rho: float = Field(0.05, gt=0, le=10, description="ρ of SAM's ρ-sharpness.")
     adaptive: bool = Field(False, description="Adaptive (ASAM, Kwon et al. 2021) ρ-sharpness instead of SAM's.")
     batch_size: int = Field(256, ge=1, description="Samples per forward pass of the loss.")
+    variants: bool = Field(False, description="Also every variant (pruned ones keep gradients; quantized may not).")
 
 
 class ReportConfig(Section):

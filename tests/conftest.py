@@ -491,10 +491,12 @@ def stop(proc: subprocess.Popen, grace_s: float = 5.0) -> None:
 
 SMALL_AUDIT = """
 dataset: {seq_len: 32, max_tokens: 2048}
-quantize: {formats: [int8]}
+quantize: {formats: [int8, magnitude-30, magnitude-50]}
 trace: {layers: all, hooks: [resid], batch_size: 8, part_tokens: 512}
 sae: {hooks: [blocks.1.hook_resid_post], expansion: 2, k: 4, batch_size: 128, epochs: 2, buffer_tokens: 1024}
 metrics: {sensitivity_windows: 1, hutchinson_probes: 2, cka_tokens: 256}
+landscape: {samples: 256, eigenvalues: 2, power_iters: 20, grid: 7}
+attribution: {samples: 2, ig_steps: 16, layer_steps: 8}
 """
 FINISHED_RUN = "run-finished"
 
@@ -517,7 +519,7 @@ def finished_audits(
         assert p.returncode == 0, p.stderr[-3000:]
         return json.loads(p.stdout)
 
-    full = "ingest,quantize,trace,sae,metrics,report"
+    full = "ingest,quantize,trace,sae,metrics,landscape,attribution,report"
     return {
         "step1": audit(full, "--run-id", FINISHED_RUN, "--step", "1"),
         "step2": audit(full, "--run-id", FINISHED_RUN, "--step", "2"),
@@ -542,6 +544,8 @@ robustness:
   pgd_steps: 10
 reliability:
   smoothing: {sigmas: [0.25], samples: 16, n0: 20, n: 200}
+landscape: {samples: 512, eigenvalues: 2, power_iters: 20, grid: 7}
+attribution: {samples: 3, ig_steps: 32, smoothgrad_samples: 8, layer_steps: 8}
 """
 
 

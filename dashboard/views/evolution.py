@@ -49,7 +49,14 @@ preferred += [c for c in figures if c.startswith("quantize[") and c.endswith(".k
 preferred += [c for c in figures if c.startswith("robustness") and c.endswith("_min")][:1]
 preferred += [c for c in figures if c in ("reliability.ece", "reliability.mean_corruption_accuracy")]
 preferred += [c for c in figures if c.startswith("reliability.auroc_")][:1]
+landscape = [c for c in ("landscape.lambda_max", "landscape.eps_sharpness", "landscape.rho_sharpness") if c in figures]
+preferred += landscape
 chosen = st.multiselect("Figures", figures, default=preferred or figures[:3])
+if landscape:
+    st.caption(
+        "`landscape.*` (λmax, ε- and ρ-sharpness) are diagnostics on one fixed data subset: comparable across this "
+        "run's checkpoints, not across models; the Loss landscape page shows one checkpoint's slices."
+    )
 names = list(dict.fromkeys(layers["name"])) if "name" in layers.columns else []
 per_matrix = state.numeric_columns(layers, exclude=("step", "layer", "rows", "cols")) if names else []
 c1, c2, c3 = st.columns([3, 2, 1])

@@ -64,3 +64,27 @@ if not memory.empty:
     st.subheader("Weight memory per block")
     formats = [c.removeprefix("bytes[").removesuffix("]") for c in memory.columns if c.startswith("bytes[")]
     st.altair_chart(charts.memory_bars(memory, formats), width="stretch")
+
+# ---- pruned variants: sparsity against fidelity, and where the zeros fell ---------------------
+pruned = results.pruning_table(rec)
+if not pruned.empty:
+    st.subheader("Pruned variants (no fine-tuning)")
+    st.caption(
+        "Pruning what-ifs: the weights zeroed as the method ranks them, without the fine-tuning that pruning "
+        "usually gets; `sparsity` is the exact share of zeros in the pruned matrices (embeddings and the output "
+        "head are never pruned)."
+    )
+    figure = next((f for f in results.CURVE_FIGURES if f in pruned.columns and pruned[f].notna().any()), None)
+    if figure is not None and pruned.groupby("method").size().max() > 1:
+        st.altair_chart(charts.sparsity_curve(pruned, figure), width="stretch")
+    st.dataframe(pruned, hide_index=True, width="stretch")
+    c1, c2 = st.columns(2)
+    variant = c1.selectbox("Mask of variant", list(pruned["variant"]), key="mask_variant")
+    mats = results.pruned_matrices(rec, variant)
+    matrix = c2.selectbox("Matrix", list(mats), format_func=lambda m: f"{m} ({mats[m]:.1%} pruned)", key="mask_matrix")
+    try:
+        grid = results.mask_grid(store, rec, variant, matrix)
+    except results.InputError as exc:
+        st.info(str(exc))
+    else:
+        st.altair_chart(charts.mask_heatmap(grid, f"{matrix} in {variant}: share kept per block"), width="stretch")

@@ -29,6 +29,7 @@ traced points) and `weights` (the metrics stage's rows, curvature per block, CKA
 through this package: `from microscope import results; results.layer_table(...)`.
 """
 
+from microscope.errors import InputError
 from microscope.results.architecture import BYTES, ingest_summary, memory_table, module_table
 from microscope.results.index import AuditRef, list_audits, load_audit, manifest_digest
 from microscope.results.layers import (
@@ -42,6 +43,7 @@ from microscope.results.layers import (
     layer_table,
 )
 from microscope.results.missing import HOW, number, variant_why_missing, why_missing
+from microscope.results.pruning import CURVE_FIGURES, mask_grid, pruned_matrices, pruning_table
 from microscope.results.reliability import (
     corruption_table,
     ood_table,
@@ -90,6 +92,11 @@ from microscope.results.weights import (
 
 __all__ = [
     "BYTES",
+    "CURVE_FIGURES",
+    "InputError",
+    "mask_grid",
+    "pruned_matrices",
+    "pruning_table",
     "FEATURE_COLUMNS",
     "FLAGGED_COLUMNS",
     "HOW",

@@ -19,6 +19,8 @@ HOW = {
     "metrics": "add metrics to --stages",
     "robustness": "add robustness to --stages (the robustness section configures the attacks)",
     "reliability": "add reliability to --stages (the reliability section sets samples, OOD sets and corruptions)",
+    "landscape": "add landscape to --stages (the landscape section sets the loss subset, grid and eigenvalues)",
+    "attribution": "add attribution to --stages (the attribution section sets samples, IG steps and SmoothGrad)",
     "report": "add report to --stages",
 }
 

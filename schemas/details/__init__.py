@@ -17,17 +17,20 @@ from typing import TYPE_CHECKING, TypeVar
 from pydantic import BaseModel, Field
 
 from schemas.details._base import Details, StageDetails
+from schemas.details.attribution import AttributionDetails
 from schemas.details.inputs import (
     ActivationStats,
     HookDrift,
     IngestDetails,
     NonFinite,
+    Pruning,
     QuantizeAttempt,
     QuantizeDetails,
     ReportDetails,
     TraceDataset,
     TraceDetails,
 )
+from schemas.details.landscape import LandscapeDetails
 from schemas.details.metrics import (
     Cka,
     Esd,
@@ -81,6 +84,8 @@ STAGE_DETAILS: dict[str, type[BaseModel]] = {
     "metrics-weights": MetricsShardDetails,
     "robustness": RobustnessDetails,
     "reliability": ReliabilityDetails,
+    "landscape": LandscapeDetails,
+    "attribution": AttributionDetails,
     "report": ReportDetails,
     "gate": GateDetails,
 }
@@ -162,6 +167,7 @@ __all__ = [
     "STAGE_DETAILS",
     "ActivationStats",
     "AggregateDetails",
+    "AttributionDetails",
     "AutoAttackResult",
     "Cka",
     "ContextShown",
@@ -175,9 +181,11 @@ __all__ = [
     "GateDetails",
     "HookDrift",
     "IngestDetails",
+    "LandscapeDetails",
     "MetricsDetails",
     "MetricsShardDetails",
     "NonFinite",
+    "Pruning",
     "QuantizeAttempt",
     "QuantizeDetails",
     "ReliabilityDetails",

@@ -136,16 +136,18 @@ def test_make_deploy_is_idempotent(deployed: dict[str, Any], api: Api) -> None:
     assert "microscope-gpu (process): created" in deployed["first"]
     assert "microscope-gpu (process): unchanged" in deployed["second"]
     assert "microscope-cpu (process): unchanged" in deployed["second"]
-    stages = ("ingest", "quantize", "trace", "sae", "metrics", "robustness", "reliability", "report")
+    stages = (
+        "ingest", "quantize", "trace", "sae", "metrics", "landscape", "robustness", "reliability", "attribution", "report"
+    )  # fmt: skip
     names = {f"stage/{s}" for s in stages}
     deployments = {n: api.deployment(n) for n in ["audit/checkpoint", "watch/watch", *sorted(names)]}
     pools = {n: d["work_pool_name"] for n, d in deployments.items()}
     assert pools["audit/checkpoint"] == "microscope-gpu"
-    for s in ("quantize", "trace", "sae", "robustness", "reliability"):
+    for s in ("quantize", "trace", "sae", "landscape", "robustness", "reliability", "attribution"):
         assert pools[f"stage/{s}"] == "microscope-gpu", s
     for s in ("ingest", "metrics", "report"):
         assert pools[f"stage/{s}"] == "microscope-cpu", s
-    assert len(api.post("/deployments/filter", {"limit": 100})) == 10  # nothing registered twice
+    assert len(api.post("/deployments/filter", {"limit": 100})) == 12  # nothing registered twice
     # the watch schedule exists, inactive; the checkpoint trigger is one automation after two deploys
     (sched,) = deployments["watch/watch"]["schedules"]
     assert sched["schedule"]["cron"] == "*/15 * * * *" and sched["active"] is False

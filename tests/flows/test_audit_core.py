@@ -184,7 +184,19 @@ def test_demo_text_configuration_on_a_tiny_model(
     assert p.returncode == 0, p.stderr[-3000:]
     rec = json.loads(p.stdout)
     assert {s: r["status"] for s, r in rec["stages"].items()} == dict.fromkeys(
-        ("ingest", "quantize", "trace", "sae", "metrics", "robustness", "reliability", "report"), "completed"
+        (
+            "ingest",
+            "quantize",
+            "trace",
+            "sae",
+            "metrics",
+            "landscape",
+            "robustness",
+            "reliability",
+            "attribution",
+            "report",
+        ),
+        "completed",
     )
     for fmt in ("int8", "nf4"):  # every variant quantized, traced, attacked and checked for reliability
         assert {s: r["status"] for s, r in rec["variants"][fmt].items()} == dict.fromkeys(

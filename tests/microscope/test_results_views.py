@@ -73,7 +73,10 @@ def test_quantization_and_drift_tables_are_the_records(gpt2) -> None:
         if fig in m:
             assert row[fig] == m[fig]
     assert row["memory_ratio"] == pytest.approx(m["measured_bytes"] / m["fp_bytes"], rel=1e-12)
-    drift = results.drift_table(rec)
+    table = results.drift_table(rec)
+    assert list(table["variant"]) == sorted(table["variant"])  # by variant, then layer
+    assert set(table["variant"]) == set(rec.variants)
+    drift = table[table["variant"] == "int8"]
     recorded = rec.variants["int8"]["quantize"].details["drift"]
     assert set(drift["hook"]) == set(recorded)
     for hook, cos, err in zip(drift["hook"], drift["cosine"], drift["rel_error"], strict=True):
@@ -191,11 +194,16 @@ def test_report_readers_are_the_records(gpt2) -> None:
         rows == sorted(trace["datasets"].values(), key=lambda r: (r["layer"], r["hook"])) and prefix == trace["prefix"]
     )
     assert results.trace_points(None) == ([], "")
-    (q,) = results.variant_summaries(rec.variants)
-    quant = raw["variants"]["int8"]["quantize"]
-    assert (q["variant"], q["produced"], q["metrics"]) == ("int8", quant["details"]["produced"], quant["metrics"])
-    drift = {(p["hook"], p["cosine"], p["rel_error"]) for p in results.drift_points(rec.variants)}
-    assert drift == {(h, d["cosine"], d["rel_error"]) for h, d in quant["details"]["drift"].items()}
+    summaries = results.variant_summaries(rec.variants)
+    assert [q["variant"] for q in summaries] == list(rec.variants)
+    for q in summaries:
+        quant = raw["variants"][q["variant"]]["quantize"]
+        assert (q["produced"], q["metrics"]) == (quant["details"]["produced"], quant["metrics"])
+        drift = {
+            (p["hook"], p["cosine"], p["rel_error"])
+            for p in results.drift_points({q["variant"]: rec.variants[q["variant"]]})
+        }
+        assert drift == {(h, d["cosine"], d["rel_error"]) for h, d in quant["details"]["drift"].items()}
     for s in results.sae_summaries(rec.saes):
         d = raw["saes"][s["hook"]]["details"]
         assert (s["failed"], s["architecture"], s["d_sae"]) == (False, d["architecture"], d["d_sae"])
@@ -261,3 +269,34 @@ def test_reliability_tables_are_the_records(vision) -> None:
     roc = results.roc_points(rec)
     noise = roc[(roc["ood_set"] == "uniform-noise") & (roc["score"] == "knn")]
     assert list(noise["fpr"]) == r["details"]["ood"]["uniform-noise"]["knn"]["roc"]["fpr"]
+
+
+def test_pruned_variants_sparsity_curve_and_mask_view(gpt2, tiny_gpt2_dir: Path) -> None:
+    """magnitude-30 and magnitude-50 of the tiny GPT-2: the exact sparsity, and the mask view equal to a global
+    magnitude threshold computed with NumPy on the checkpoint's own tensors."""
+    from safetensors.numpy import load_file
+
+    store, rec, _ = gpt2
+    table = results.pruning_table(rec).set_index("variant")
+    assert list(table.index) == ["magnitude-30", "magnitude-50"] and set(table["method"]) == {"magnitude"}
+    tensors = load_file(str(tiny_gpt2_dir / "model.safetensors"))
+    mats = results.pruned_matrices(rec, "magnitude-50")
+    weights = {m: tensors[f"{m}.weight"] for m in mats}
+    assert all(".h." in m for m in mats)  # the blocks' matrices; embeddings and the tied head never
+    flat = np.concatenate([np.abs(w).ravel() for w in weights.values()])
+    for v, target in (("magnitude-30", 0.3), ("magnitude-50", 0.5)):
+        assert table.loc[v, "target"] == target
+        k = int(target * flat.size)
+        assert table.loc[v, "sparsity"] == pytest.approx(k / flat.size, abs=1e-12)
+        assert math.isfinite(table.loc[v, "kl_mean"])
+    assert table.loc["magnitude-50", "kl_mean"] > table.loc["magnitude-30", "kl_mean"]  # more pruned, further off
+    threshold = np.sort(flat, kind="stable")[int(0.5 * flat.size)]
+    name = next(iter(mats))
+    kept = (np.abs(weights[name]) >= threshold).astype(float).T  # Conv1D stores [in, out]
+    grid = results.mask_grid(store, rec, "magnitude-50", name, cells=4)
+    rows, cols = np.array_split(np.arange(kept.shape[0]), 4), np.array_split(np.arange(kept.shape[1]), 4)
+    want = np.array([[kept[np.ix_(r, c)].mean() for c in cols] for r in rows])
+    block = min(len(r) * len(c) for r in rows for c in cols)
+    assert np.allclose(grid, want, atol=2 / block)  # ties at the threshold: at most a weight or two
+    with pytest.raises(results.InputError, match="not a pruned variant"):
+        results.pruned_matrices(rec, "int8")
