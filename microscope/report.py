@@ -364,6 +364,51 @@ def _reliability_view(fp: StageRecord | None, variants: dict[str, dict[str, Stag
     }
 
 
+def _landscape_view(fp: StageRecord | None, variants: dict[str, dict[str, StageRecord]]) -> dict[str, Any]:
+    """Curvature and sharpness per variant, full precision's slices (1-D lines, the 2-D grid) and eigenvalues."""
+    o = results.landscape_overview(fp, variants)
+    if o is None:
+        return {"land_rows": [], "land_reason": (fp.details.get("reason") if fp is not None else None)}
+    d = o["records"]["fp"].details
+    lines = {v: list(zip(r.details["slice_1d"]["alphas"], r.details["slice_1d"]["loss"], strict=True))
+             for v, r in o["records"].items() if r.details.get("slice_1d")}  # fmt: skip
+    charts_ = [_svg(charts.line_chart(lines, "loss along a filter-normalised direction", "α", "loss", markers=False))]
+    grid = d.get("slice_2d")
+    if grid:
+        charts_.append(
+            _svg(charts.value_grid(grid["loss"], "loss on the 2-D slice (rows α, columns β)", colorbar_label="loss"))
+        )
+    return {
+        "land_rows": [{"variant": v, "m": r.metrics, "u": r.undefined} for v, r in o["records"].items()],
+        "land_charts": charts_,
+        "land_eigen": o["eigen"],
+        "land_samples": o["samples"],
+        "land_kind": o["kind"],
+        "land_note": o["note"],
+        "land_sharpness": o["sharpness"],
+    }
+
+
+def _attribution_view(
+    fp: StageRecord | None, variants: dict[str, dict[str, StageRecord]], metrics: StageRecord | None
+) -> dict[str, Any]:
+    """Completeness and the randomisation check per variant; full precision's shares per block beside the
+    block's Fisher and Hutchinson shares (are the sensitive blocks the ones decisions flow through?)."""
+    o = results.attribution_overview(fp, variants)
+    if o is None or fp is None:
+        return {"attr_rows": []}
+    sens = (metrics.details.get("sensitivity") or []) if metrics is not None else []
+    shares = results.layer_shares_table(fp, sens)
+    return {
+        "attr_rows": [{"variant": v, "m": r.metrics, "u": r.undefined} for v, r in o["records"].items()],
+        "attr_kind": o["kind"],
+        "attr_methods": o["methods"],
+        "attr_samples": len(o["samples"]),
+        "attr_randomisation": o["randomisation"],
+        "attr_shares": shares.to_dict("records"),
+    }
+
+
 # ---- the page ---------------------------------------------------------------------------------
 
 
@@ -390,6 +435,8 @@ def render(
         **_metrics_view(stages.get("metrics"), causal),
         **_robustness_view(stages.get("robustness"), variants or {}),
         **_reliability_view(stages.get("reliability"), variants or {}),
+        **_landscape_view(stages.get("landscape"), variants or {}),
+        **_attribution_view(stages.get("attribution"), variants or {}, stages.get("metrics")),
         "notes": notes,
     }
     return _environment(notes).get_template(TEMPLATE).render(**context)

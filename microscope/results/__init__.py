@@ -31,7 +31,9 @@ through this package: `from microscope import results; results.layer_table(...)`
 
 from microscope.errors import InputError
 from microscope.results.architecture import BYTES, ingest_summary, memory_table, module_table
+from microscope.results.attribution import attribution_overview, attribution_results, layer_shares_table
 from microscope.results.index import AuditRef, list_audits, load_audit, manifest_digest
+from microscope.results.landscape import landscape_history, landscape_overview
 from microscope.results.layers import (
     FLAGGED_COLUMNS,
     SAE_FIGURES,
@@ -95,6 +97,11 @@ __all__ = [
     "CURVE_FIGURES",
     "InputError",
     "mask_grid",
+    "attribution_overview",
+    "attribution_results",
+    "layer_shares_table",
+    "landscape_history",
+    "landscape_overview",
     "pruned_matrices",
     "pruning_table",
     "FEATURE_COLUMNS",
