@@ -159,7 +159,8 @@ def main() -> None:
         say(f"sending a damaged copy of the last checkpoint as step {bad_step} (transformer.h.1.attn.c_attn ×3)")
         run_cli(
             "notify", "--checkpoint", str(bad), "--run-id", RUN_ID, "--step", str(bad_step),
-            "--dataset", str(corpus), "--config", "demo_lm", "--stages", "ingest,quantize,trace,sae,metrics,reliability,report",
+            "--dataset", str(corpus), "--config", "demo_lm", "--stages",
+            "ingest,quantize,trace,sae,metrics,landscape,reliability,attribution,report",
             "--tag", "damaged=attn x3", env=env,
         )  # fmt: skip
         digits = demo / "digits"

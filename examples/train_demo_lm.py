@@ -83,7 +83,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=600, help="optimiser steps")
     ap.add_argument("--every", type=int, default=200, help="a checkpoint (and an audit) every this many steps")
     ap.add_argument("--config", default="demo_lm", help="the audit config the checkpoints are audited with")
-    ap.add_argument("--stages", default="ingest,quantize,trace,sae,metrics,reliability,report")
+    ap.add_argument("--stages", default="ingest,quantize,trace,sae,metrics,landscape,reliability,attribution,report")
     args = ap.parse_args()
 
     import logging

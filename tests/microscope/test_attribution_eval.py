@@ -156,6 +156,7 @@ def test_causal_lm_tokens_sum_to_the_logit_gap() -> None:
     model = GPT2LMHeadModel(cfg).eval()
     ids = _ids()
     blocks = {f"transformer.h.{i}": model.transformer.h[i] for i in range(2)}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
     r = ae.evaluate_text(model, ids, _cfg(samples=3, ig_steps=128, max_tokens=12), 0, True, blocks, _Tok())
     assert r["kind"] == "causal"
     tok = torch.from_numpy(ids[r["samples"], :12])
@@ -171,7 +172,18 @@ def test_causal_lm_tokens_sum_to_the_logit_gap() -> None:
     assert s0["tokens"] == [f"Ġw{i}" for i in tok[0].tolist()] and len(s0["scores"]) == 12
     assert s0["next_token"] == f"Ġw{ids[r['samples'][0], 12]}"
     assert sum(r["layer_shares"].values()) == pytest.approx(1.0)
-    assert r["randomisation"] is None and r["undefined"]["randomisation_spearman"]
+    # the randomisation check: the last block re-initialised in a copy; Spearman recomputed with SciPy
+    from scipy.stats import spearmanr
+
+    rnd = r["randomisation"]
+    assert rnd["randomised"] == "transformer.h.1" and rnd["method"] == "integrated_gradients"
+    assert r["figures"]["randomisation_spearman"] == rnd["spearman"] and rnd["passed"] == (rnd["spearman"] < 0.5)
+    assert -1.0 <= rnd["spearman"] <= 1.0
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the caller's model untouched
+    again = ae.evaluate_text(model, ids, _cfg(samples=3, ig_steps=128, max_tokens=12), 0, True, blocks, _Tok())
+    assert again["randomisation"]["spearman"] == rnd["spearman"]  # seeded
+    same = spearmanr(np.abs(r["per_sample"][0]["scores"]), np.abs(again["per_sample"][0]["scores"]))[0]
+    assert same == pytest.approx(1.0)  # unrandomised: identical maps correlate perfectly, unlike the check's
     json.dumps(r, allow_nan=False)
     AttributionDetails(prefix="p", variant="int8", **ae.small(r))
     assert len(ae.small(r)["per_sample"][0]["top_tokens"]) == ae.TOP_TOKENS
