@@ -19,15 +19,35 @@ MAPS = ("input", "saliency", "integrated_gradients", "smoothgrad")
 TITLES = {"input": "input", "saliency": "saliency", "integrated_gradients": "IG", "smoothgrad": "SmoothGrad"}
 
 
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (bytes_to_unicode) inverted: each printable stand-in -> the byte it is."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    extra = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+_BYTES = _byte_alphabet()
+
+
 def display_tokens(tokens: list[str]) -> list[str]:
-    """Token strings as read in text: word pieces (`##x`) glued to the word before, byte-level (`Ġx`) and
-    SentencePiece (`▁x`) prefixes turned into the space they stand for; each keeps its own cell."""
-    byte_level = any(t.startswith(("Ġ", "▁")) for t in tokens)
+    """Token strings as read in text: word pieces (`##x`) glued to the word before; byte-level BPE tokens
+    (`Ġx`, `âĢĻ`) decoded to their UTF-8 text (a character split over tokens shows in the token completing
+    it); SentencePiece's `▁` as a space; newlines and tabs as ↵ and ⇥. Each token keeps its own cell."""
+    import codecs
+
+    if any(t.startswith("Ġ") for t in tokens) and all(c in _BYTES for t in tokens for c in t):
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return [utf8.decode(bytes(_BYTES[c] for c in t)).replace("\n", "↵").replace("\t", "⇥") for t in tokens]
     out = []
     for i, t in enumerate(tokens):
-        if byte_level:
-            t = t.replace("Ċ", "↵").replace("ĉ", "⇥")
-            out.append(" " + t[1:] if t.startswith(("Ġ", "▁")) else t)
+        if t.startswith("▁"):
+            out.append(" " + t[1:])
         elif t.startswith("##"):
             out.append(t[2:])
         else:

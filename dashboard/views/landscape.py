@@ -126,7 +126,7 @@ if not eig.empty:
                 y=alt.Y("block:N", sort=None, title=None, axis=alt.Axis(labelLimit=260)),
                 tooltip=["block", alt.Tooltip("share:Q", format=".2%")],
             )
-            .properties(height=max(80, charts.ROW_PX * len(top))),
+            .properties(height=alt.Step(charts.ROW_PX + 6)),  # one band per block, however few
             width="stretch",
         )
 

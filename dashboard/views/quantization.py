@@ -72,7 +72,7 @@ if not pruned.empty:
     st.caption(
         "Pruning what-ifs: the weights zeroed as the method ranks them, without the fine-tuning that pruning "
         "usually gets; `sparsity` is the exact share of zeros in the pruned matrices (embeddings and the output "
-        "head are never pruned)."
+        "head of a language model are never pruned)."
     )
     figure = next((f for f in results.CURVE_FIGURES if f in pruned.columns and pruned[f].notna().any()), None)
     if figure is not None and pruned.groupby("method").size().max() > 1:
