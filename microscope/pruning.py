@@ -87,7 +87,15 @@ def _keep_all_but_lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     import torch
 
     keep = torch.ones_like(scores, dtype=torch.bool)
-    keep[torch.sort(scores, stable=True).indices[:k]] = False
+    if k <= 0:
+        return keep
+    # Selection, not a sort (O(n)): everything below the k-th smallest score, then the lowest-index ties
+    # at it until exactly k; the same set a stable sort's first k would give.
+    threshold = torch.kthvalue(scores, k).values
+    below = scores < threshold
+    keep[below] = False
+    ties = torch.nonzero(scores == threshold).flatten()[: k - int(below.sum())]
+    keep[ties] = False
     return keep
 
 
