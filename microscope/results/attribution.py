@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from schemas.records import AuditRecord, StageRecord, StageStatus
 
-from microscope.results.missing import HOW, variant_why_missing, why_missing
+from microscope.results.missing import HOW, finished_by_variant, variant_why_missing, why_missing
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -26,13 +26,7 @@ def attribution_by_variant(
     fp: StageRecord | None, variants: Mapping[str, Mapping[str, StageRecord]]
 ) -> dict[str, StageRecord]:
     """The finished attribution records: full precision's first (`fp`), then each variant's by name."""
-    out = {"fp": fp} if fp is not None else {}
-    out |= {v: recs["attribution"] for v, recs in sorted(variants.items()) if "attribution" in recs}
-    return {
-        k: r
-        for k, r in out.items()
-        if r.status not in (StageStatus.failed, StageStatus.skipped) and r.details.get("kind") is not None
-    }
+    return finished_by_variant("attribution", fp, variants, "kind")
 
 
 def attribution_overview(

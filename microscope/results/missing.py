@@ -4,9 +4,10 @@ figures are absent from an audit and how to produce them; and a figure as a numb
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
-from schemas.records import AuditRecord, StageStatus
+from schemas.records import AuditRecord, StageRecord, StageStatus
 
 from microscope.figures import is_number
 
@@ -52,3 +53,17 @@ def variant_why_missing(record: AuditRecord, stage: str) -> dict[str, str]:
 def number(v: Any) -> float:
     """The figure as a float, NaN where it is not a number."""
     return float(v) if is_number(v) else math.nan
+
+
+def finished_by_variant(
+    stage: str, fp: StageRecord | None, variants: Mapping[str, Mapping[str, StageRecord]], holds: str
+) -> dict[str, StageRecord]:
+    """A per-variant stage's finished records (not failed or skipped, with `holds` in their details): full
+    precision's first (`fp`), then each variant's by name."""
+    out = {"fp": fp} if fp is not None else {}
+    out |= {v: recs[stage] for v, recs in sorted(variants.items()) if stage in recs}
+    return {
+        k: r
+        for k, r in out.items()
+        if r.status not in (StageStatus.failed, StageStatus.skipped) and r.details.get(holds) is not None
+    }

@@ -7,9 +7,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from schemas.records import AuditRecord, StageRecord, StageStatus
+from schemas.records import AuditRecord, StageRecord
 
-from microscope.results.missing import variant_why_missing, why_missing
+from microscope.results.missing import finished_by_variant, variant_why_missing, why_missing
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -24,13 +24,7 @@ def reliability_by_variant(
     fp: StageRecord | None, variants: Mapping[str, Mapping[str, StageRecord]]
 ) -> dict[str, StageRecord]:
     """The finished reliability records: full precision's first (`fp`), then each variant's by name."""
-    out = {"fp": fp} if fp is not None else {}
-    out |= {v: recs["reliability"] for v, recs in sorted(variants.items()) if "reliability" in recs}
-    return {
-        k: r
-        for k, r in out.items()
-        if r.status not in (StageStatus.failed, StageStatus.skipped) and r.details.get("ood") is not None
-    }
+    return finished_by_variant("reliability", fp, variants, "ood")
 
 
 def reliability_overview(

@@ -16,7 +16,7 @@ from microscope.figures import split
 from microscope.modality import ImageData, open_data
 from microscope.models import loading
 from microscope.stages.inputs import StageInputs
-from microscope.stages.runner import StageRun, run_stage, stage_prefix
+from microscope.stages.runner import StageRun, run_for_variant
 
 VERSION = "1"
 
@@ -35,16 +35,8 @@ class _Job(StageInputs):
 
 def run(inp: StageInputs, variant: str = "fp") -> StageRecord:
     chash = config_hash(inp.cfg, inp.dataset_digest, variant)
-    prefix = stage_prefix(inp.model_digest, "attribution", chash)
     job = inp.extend(_Job, variant=variant)
-    return run_stage(
-        inp.store,
-        "attribution",
-        prefix,
-        chash,
-        lambda r: _compute(r, job),
-        variant=None if variant == "fp" else variant,
-    )
+    return run_for_variant(inp, "attribution", chash, lambda r: _compute(r, job), variant)
 
 
 def blocks_of(model: Any, arch: Architecture) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from microscope.figures import Undefined, split
 from microscope.modality import ImageData, open_data
 from microscope.models import loading
 from microscope.stages.inputs import StageInputs
-from microscope.stages.runner import StageRun, run_stage, stage_prefix
+from microscope.stages.runner import StageRun, run_for_variant
 
 VERSION = "1"
 
@@ -36,11 +36,8 @@ class _Job(StageInputs):
 
 def run(inp: StageInputs, variant: str = "fp") -> StageRecord:
     chash = config_hash(inp.cfg, inp.dataset_digest, variant)
-    prefix = stage_prefix(inp.model_digest, "landscape", chash)
     job = inp.extend(_Job, variant=variant)
-    return run_stage(
-        inp.store, "landscape", prefix, chash, lambda r: _compute(r, job), variant=None if variant == "fp" else variant
-    )
+    return run_for_variant(inp, "landscape", chash, lambda r: _compute(r, job), variant)
 
 
 def _compute(run: StageRun, job: _Job) -> StageRecord:

@@ -15,7 +15,7 @@ from microscope.figures import Undefined, split
 from microscope.modality import ImageData, open_data
 from microscope.models import loading
 from microscope.stages.inputs import StageInputs
-from microscope.stages.runner import StageRun, run_stage, stage_prefix
+from microscope.stages.runner import StageRun, run_for_variant
 
 VERSION = "2"  # 2: k-NN's k from the fit split's size
 
@@ -54,16 +54,8 @@ class _Job(StageInputs):
 def run(inp: StageInputs, variant: str = "fp", baseline: StageRecord | None = None) -> StageRecord:
     base = baseline.config_hash or "" if baseline is not None else ""
     chash = config_hash(inp.cfg, inp.dataset_digest, variant, base)
-    prefix = stage_prefix(inp.model_digest, "reliability", chash)
     job = inp.extend(_Job, variant=variant, baseline=baseline)
-    return run_stage(
-        inp.store,
-        "reliability",
-        prefix,
-        chash,
-        lambda r: _compute(r, job),
-        variant=None if variant == "fp" else variant,
-    )
+    return run_for_variant(inp, "reliability", chash, lambda r: _compute(r, job), variant)
 
 
 def _compute(run: StageRun, job: _Job) -> StageRecord:

@@ -19,13 +19,16 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from schemas.details import StageDetails
 from schemas.records import StageRecord, StageStatus
 
 from microscope.errors import StorageError, describe_os_error, out_of_space
 from microscope.store import MANIFEST, ArtifactStore
+
+if TYPE_CHECKING:
+    from microscope.stages.inputs import StageInputs
 
 log = logging.getLogger("microscope.stages")
 
@@ -209,3 +212,11 @@ def cleaned_after_failure(store: ArtifactStore, prefixes: list[str]) -> Iterator
         for prefix in prefixes:
             store.clean_orphans(prefix, why="half-written by this failed run")
         raise
+
+
+def run_for_variant(
+    inp: StageInputs, stage: str, chash: str, compute: Callable[[StageRun], StageRecord], variant: str
+) -> StageRecord:
+    """`run_stage` for a stage run on full precision ("fp", recorded without a variant) or on one variant."""
+    prefix = stage_prefix(inp.model_digest, stage, chash)
+    return run_stage(inp.store, stage, prefix, chash, compute, variant=None if variant == "fp" else variant)
