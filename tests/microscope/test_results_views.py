@@ -300,3 +300,22 @@ def test_pruned_variants_sparsity_curve_and_mask_view(gpt2, tiny_gpt2_dir: Path)
     assert np.allclose(grid, want, atol=2 / block)  # ties at the threshold: at most a weight or two
     with pytest.raises(results.InputError, match="not a pruned variant"):
         results.pruned_matrices(rec, "int8")
+
+
+def test_report_shows_landscape_attributions_and_pruning(gpt2) -> None:
+    """The HTML report's new sections, rendered from the finished audit's stage records, carry the records'
+    own figures: λmax, each block's attribution share (as results computes it) and a pruned variant's sparsity."""
+    from microscope import report
+
+    _, rec, _ = gpt2
+    html = report.render(rec.stages, rec.architecture, None, None, 60, rec.variants, rec.saes)
+    assert "<h2>Loss landscape and curvature</h2>" in html and "<h2>Attributions</h2>" in html
+    land = rec.stages["landscape"]
+    assert f"<td>{land.metrics['lambda_max']:.4g}</td>" in html
+    assert "compare checkpoints of one run or a model with its variants, not across models" in html
+    shares = results.layer_shares_table(rec.stages["attribution"], rec.stages["metrics"].details["sensitivity"])
+    assert len(shares) == len(rec.stages["attribution"].details["layer_shares"]) > 0
+    for block, pct in zip(shares["block"], shares["attribution_pct"], strict=True):
+        assert f"<code>{block}</code></td><td>{pct:.1f}%</td>" in html
+    sparsity = rec.variants["magnitude-50"]["quantize"].metrics["sparsity"]
+    assert f"{100 * sparsity:.1f}% of the pruned matrices zero, no fine-tuning" in html
