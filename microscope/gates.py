@@ -149,7 +149,8 @@ def _absent_column(src: _Sources, rest: str, path: str) -> NoReturn:
     """A layer column this audit lacks: `Skip` when a stage that did not run would have made it (saying
     why), else `GateError` listing the columns there are."""
     missing = src.table.attrs.get("missing", {})
-    for c in (*results.WEIGHT_COLUMNS, *results.SENSITIVITY_COLUMNS):
+    # the weight columns, those the layer table derives from them, and the sensitivity ones: metrics makes them
+    for c in (*results.WEIGHT_COLUMNS, "effective_rank_share", "condition_z", *results.SENSITIVITY_COLUMNS):
         if rest.endswith("." + c):
             raise Skip(missing.get("metrics") or missing.get("metrics.sensitivity") or f"no {c} in this audit")
     m = PER_BLOCK.search(rest)

@@ -337,6 +337,25 @@ def test_a_stage_that_did_not_run_skips_its_rules(run) -> None:
     assert "robustness to --stages" in v.results[0].reason and "trace to --stages" in v.results[1].reason
 
 
+def test_an_audit_without_metrics_skips_the_weight_rules_the_table_derives(run) -> None:
+    """An audit that ran quantize but not metrics has a layer table (its drift columns) without the weight
+    columns; the shipped health rules on columns derived from them are skipped, saying why, not errors."""
+    store, recs = run
+    rec = recs[2].model_copy(update={"stages": {k: v for k, v in recs[2].stages.items() if k != "metrics"}})
+    v = gates.judge(
+        store,
+        rec,
+        rules(
+            {"metric": "layers.*.effective_rank_share", "check": ">= 0.1"},
+            {"metric": "layers.*.condition_z", "check": "<= 3.5"},
+            {"metric": "layers.*.alpha", "check": "in [2, 6]"},
+            baseline="none",
+        ),
+    )
+    assert [r.outcome for r in v.results] == ["skipped"] * 3, [(r.outcome, r.reason) for r in v.results]
+    assert all("metrics" in r.reason for r in v.results)
+
+
 def test_rule_files(tmp_path: Path) -> None:
     shipped, where = gates.load_rules("gates")  # examples/gates.yaml
     assert where.endswith("examples/gates.yaml") and shipped.baseline == "previous" and len(shipped.rules) >= 6
