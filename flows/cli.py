@@ -520,6 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--timeout", type=float, default=120.0, help="give up after this many seconds of retrying")
     n.add_argument("--json", action="store_true")
     n.set_defaults(fn=cmd_notify)
+
+    from flows.lab import add_parser as add_steer  # the command's heavy imports happen when it runs
+
+    add_steer(sub)
     return p
 
 

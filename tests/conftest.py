@@ -44,6 +44,7 @@ SHARED_AUDITS = (
     "tests/dashboard/test_app.py",
     "tests/dashboard/test_browser.py",
     "tests/schemas/test_details.py",
+    "tests/flows/test_steer_cli.py",
 )
 LONGEST_FIRST = [
     "finished",

@@ -1,0 +1,93 @@
+"""The feature lab's model and SAE, taken from a finished audit: the checkpoint (full precision or one of its
+variants) as the audit saw it, the SAE the audit trained on `hook`, the hook's module and each feature's
+max activation (the unit steering's α is measured in), and the tokenizer."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from schemas.config import AuditConfig
+from schemas.records import AuditRecord, StageStatus
+
+from microscope import audits
+from microscope.errors import InputError
+from microscope.store import ArtifactStore
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from microscope.steering import Steerer
+
+
+@dataclass
+class Lab:
+    record: AuditRecord
+    hook: str
+    variant: str
+    module_path: str
+    steerer: Steerer
+    tokenizer: Any
+    max_acts: np.ndarray
+
+
+def sae_folder(store: ArtifactStore, record: AuditRecord, hook: str) -> Path:
+    """A local folder holding the SAE's cfg.json and sae_weights.safetensors."""
+    sae = record.saes.get(hook)
+    if sae is None or sae.status in (StageStatus.failed, StageStatus.skipped):
+        trained = ", ".join(
+            h for h, r in record.saes.items() if r.status not in (StageStatus.failed, StageStatus.skipped)
+        )
+        raise InputError(f"audit {record.audit_id} has no SAE on {hook!r}; trained: {trained or 'none'}")
+    paths = [store.local_path(f"{sae.details['prefix']}/sae/{f}") for f in ("cfg.json", "sae_weights.safetensors")]
+    if paths[0].parent == paths[1].parent:
+        return paths[0].parent
+    folder = Path(tempfile.mkdtemp(prefix="microscope-sae-"))  # a remote store's cache may split them
+    for p in paths:
+        shutil.copy(p, folder / p.name)
+    return folder
+
+
+def module_of(record: AuditRecord, hook: str) -> str:
+    """The module whose output the hook reads (as the trace stage recorded it)."""
+    trace = record.stages.get("trace")
+    datasets = (trace.details.get("datasets") or {}) if trace is not None else {}
+    if hook not in datasets:
+        raise InputError(f"audit {record.audit_id} did not trace {hook!r}; traced: {', '.join(datasets) or 'nothing'}")
+    return str(datasets[hook]["module"])
+
+
+def open_lab(store: ArtifactStore, audit_id: str, hook: str, variant: str = "fp", device: str | None = None) -> Lab:
+    import numpy as np
+
+    from microscope import results
+    from microscope.modality import open_data
+    from microscope.models import loading
+    from microscope.quantization import load_audited
+    from microscope.sae.io import load
+    from microscope.steering import Steerer
+
+    record = audits.load(store, audit_id)
+    if variant != "fp" and variant not in record.variants:
+        raise InputError(f"audit {audit_id} has no variant {variant!r}; it has: fp, {', '.join(record.variants)}")
+    folder, module_path = sae_folder(store, record, hook), module_of(record, hook)
+    table = results.features(store, record, hook)
+    sae = load(folder)
+    max_acts = np.full(int(sae.cfg["d_sae"]), np.nan)
+    max_acts[table["feature"].to_numpy(dtype=np.int64)] = table["max_activation"].to_numpy(dtype=np.float64)
+    cfg = AuditConfig.model_validate(record.config)
+    arch = record.architecture
+    if arch is None:
+        raise InputError(f"audit {audit_id} has no architecture (ingest did not finish); run the audit again")
+
+    def calibration() -> Any:  # SNIP and Wanda variants are pruned on the audit's own data, as the stages did
+        return open_data(record.stages["ingest"], store).pruning_calibration(arch, cfg)
+
+    model = load_audited(record.model, variant, cfg.quantize, device or loading.compute_device(), calibration)
+    tokenizer = loading.load_tokenizer(record.model)
+    causal = arch.is_causal and arch.has_unembedding
+    steerer = Steerer(model, sae.to(next(model.parameters()).device), module_path, max_acts, causal)
+    return Lab(record, hook, variant, module_path, steerer, tokenizer, max_acts)

@@ -1,0 +1,85 @@
+"""`microscope steer` on the session's finished tiny-GPT-2 audit: the JSON's KL and edited top-k equal a forward
+with the edit applied by hand (the SAE read with safetensors, its max activation from the features table), and
+bad edits, hooks and variants are one-line refusals with exit code 2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import entropy
+
+from microscope import results
+from microscope.store import open_store
+from tests.conftest import run_cli
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def audit(finished_audits: dict[str, dict]) -> dict:
+    return finished_audits["step1"]
+
+
+def env_for(audit: dict) -> dict[str, str]:
+    import os
+
+    return {**os.environ, "MICROSCOPE_STORE": audit["store_uri"]}
+
+
+def test_steer_json_is_the_hand_edited_forward(audit: dict, tiny_gpt2_dir: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    store = open_store(audit["store_uri"])
+    rec = results.load_audit(store, audit["audit_id"])
+    table = results.features(store, rec, HOOK)
+    feature = int(table.loc[table["max_activation"].idxmax(), "feature"])
+    max_act = float(table.loc[table["feature"] == feature, "max_activation"].iloc[0])
+    prompt = "The class definition creates"
+    args = ["steer", audit["audit_id"], "--hook", HOOK, "--feature", f"{feature}=+2", "--prompt", prompt, "--json"]
+    p = run_cli(args, env_for(audit), tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    out = json.loads(p.stdout)
+
+    sae_prefix = rec.saes[HOOK].details["prefix"]
+    w_dec = load_file(str(store.local_path(f"{sae_prefix}/sae/sae_weights.safetensors")))["W_dec"]
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
+    ids = AutoTokenizer.from_pretrained(tiny_gpt2_dir)(prompt, return_tensors="pt")["input_ids"]
+    direction = 2.0 * max_act * w_dec[feature]
+
+    def add(_m: torch.nn.Module, _i: object, o: object) -> object:
+        return (o[0] + direction, *o[1:]) if isinstance(o, tuple) else o + direction
+
+    with torch.no_grad():
+        clean = model(input_ids=ids).logits[0, -1].double().softmax(-1).numpy()
+        handle = model.transformer.h[1].register_forward_hook(add)
+        try:
+            edited = model(input_ids=ids).logits[0, -1].double().softmax(-1).numpy()
+        finally:
+            handle.remove()
+    assert out["kl"] == pytest.approx(entropy(clean, edited), rel=1e-6, abs=1e-9)
+    assert [t["token_id"] for t in out["top_edited"]] == list(np.argsort(-edited, kind="stable")[:10])
+    assert out["edits"] == [{"feature": feature, "mode": "add", "alpha": 2.0}]
+    assert out["features"][0]["after_mean"] > out["features"][0]["before_mean"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "says"),
+    [
+        (["--feature", "3=+x"], "bad edit '3=+x'"),
+        (["--feature", "3=+1", "--hook", "blocks.0.hook_resid_post"], "has no SAE on 'blocks.0.hook_resid_post'"),
+        (["--feature", "3=+1", "--variant", "nf4"], "has no variant 'nf4'"),
+        (["--feature", "3=+1", "--positions", "5:2"], "--positions '5:2'"),
+    ],
+)
+def test_steer_refuses_in_one_line(audit: dict, tmp_path: Path, extra: list[str], says: str) -> None:
+    args = ["steer", audit["audit_id"], "--hook", HOOK, "--prompt", "x", *extra]
+    if "--hook" in extra[2:]:
+        args = ["steer", audit["audit_id"], "--prompt", "x", *extra]
+    p = run_cli(args, env_for(audit), tmp_path)
+    assert p.returncode == 2 and says in p.stderr, p.stderr[-2000:]
+    assert len(p.stderr.strip().splitlines()) == 1
