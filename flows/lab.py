@@ -26,6 +26,13 @@ def add_parser(sub: Any) -> None:
     st.add_argument("--top-k", type=int, default=10, help="next tokens listed (default 10)")
     st.add_argument("--continue", dest="continuation", type=int, default=0, help="greedy tokens to generate")
     st.add_argument(
+        "--off-target",
+        type=int,
+        default=4,
+        metavar="N",
+        help="the edit's cost on the audit's last N token windows (KL, Δ perplexity; 0: skip; default 4)",
+    )
+    st.add_argument(
         "--store", default=argparse.SUPPRESS, help="a folder or s3://bucket/prefix (default: the settings')"
     )
     st.add_argument("--json", action="store_true", help="one JSON object on stdout (includes the KL)")
@@ -48,14 +55,22 @@ def cmd_steer(args: argparse.Namespace) -> int:
 
     edits = [parse_edit(f) for f in args.feature]
     where = positions(args.positions)
-    if args.top_k < 1 or args.continuation < 0:
-        raise ValueError("--top-k must be at least 1 and --continue at least 0")
-    lab = open_lab(open_store(args.store), args.audit, args.hook, args.variant)
+    if args.top_k < 1 or args.continuation < 0 or args.off_target < 0:
+        raise ValueError("--top-k must be at least 1, --continue and --off-target at least 0")
+    store = open_store(args.store)
+    lab = open_lab(store, args.audit, args.hook, args.variant)
     ids = lab.tokenizer(args.prompt, return_tensors="pt")["input_ids"]
     if ids.shape[1] == 0:
         raise ValueError("--prompt has no tokens; give some text")
     res = lab.steerer.compare(ids, edits, where, args.top_k, args.continuation)
     out = {"audit": lab.record.audit_id, "hook": args.hook, "variant": args.variant, "prompt": args.prompt} | res
+    if args.off_target:
+        import torch
+
+        from microscope.modality import open_data
+
+        held_out = open_data(lab.record.stages["ingest"], store).ids[-args.off_target :]
+        out["off_target"] = lab.steerer.off_target(torch.from_numpy(held_out.astype("int64")), edits, where)
     tok = lab.tokenizer
     for key in ("top_clean", "top_edited"):
         if key in out:
@@ -76,6 +91,18 @@ def _print(out: dict[str, Any], f: Any) -> None:
     for row in out.get("features", []):
         print(f"  feature {row['feature']}: activation {row['before_mean']:.4g} → {row['after_mean']:.4g}", file=f)
     print(f"  residual shift ‖Δh‖ {out['residual_shift']:.4g} · edited pass {1000 * out['seconds']:.0f} ms", file=f)
+    cost = out.get("off_target")
+    if cost and "kl_mean" in cost:
+        print(
+            f"  off-target on {cost['windows']} held-out windows: KL {cost['kl_mean']:.4g} nats per token, "
+            f"Δ perplexity {cost['delta_ppl']:+.4g}",
+            file=f,
+        )
+    elif cost:
+        print(
+            f"  off-target on {cost['windows']} held-out windows: embedding cosine {cost['embedding_cosine']:.6f}",
+            file=f,
+        )
     if "kl" in out:
         print(f"  KL(clean ‖ edited) at the next token: {out['kl']:.4g} nats", file=f)
         print(f"  {'clean':<28}{'edited':<28}", file=f)

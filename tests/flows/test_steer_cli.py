@@ -65,6 +65,12 @@ def test_steer_json_is_the_hand_edited_forward(audit: dict, tiny_gpt2_dir: Path,
     assert [t["token_id"] for t in out["top_edited"]] == list(np.argsort(-edited, kind="stable")[:10])
     assert out["edits"] == [{"feature": feature, "mode": "add", "alpha": 2.0}]
     assert out["features"][0]["after_mean"] > out["features"][0]["before_mean"]
+    cost = out["off_target"]  # the edit's cost on the audit's last 4 windows (its mathematics: test_steering)
+    assert (
+        cost["windows"] == 4
+        and cost["kl_mean"] > 0
+        and cost["ppl_edited"] - cost["ppl_clean"] == pytest.approx(cost["delta_ppl"])
+    )
 
 
 @pytest.mark.parametrize(
