@@ -524,6 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.lab import add_parser as add_steer  # the command's heavy imports happen when it runs
 
     add_steer(sub)
+    from flows.patch_cmd import add_parser as add_patch
+
+    add_patch(sub)
     return p
 
 

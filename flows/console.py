@@ -30,6 +30,14 @@ class StageLines(logging.Filter):
         return record.name.startswith("microscope")
 
 
+class _OptionalKernel(logging.Filter):
+    """bitsandbytes warns on import, on CPUs with AVX-512 BF16, that its optional `kernels` hub package is
+    missing; the 4-bit layers run as dequantize + matmul here (microscope/quant4bit.py), so it is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to load CPU gemm_4bit_forward")
+
+
 def quiet_console(verbose: bool) -> None:
     """Install the quiet console for this process and the processes it starts (before prefect is imported)."""
     if verbose:
@@ -38,3 +46,4 @@ def quiet_console(verbose: bool) -> None:
     # libraries' deprecation notes are not the user's business (here and in the processes started from here)
     os.environ.setdefault("PYTHONWARNINGS", "ignore")
     warnings.simplefilter("ignore")
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernel())
