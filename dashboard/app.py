@@ -56,6 +56,7 @@ pages = [
     st.Page(str(VIEWS / "architecture.py"), title="Architecture", icon="🏗️"),
     st.Page(str(VIEWS / "layers.py"), title="Layers", icon="🧱"),
     st.Page(str(VIEWS / "sae.py"), title="SAE features", icon="🧬"),
+    st.Page(str(VIEWS / "lab.py"), title="Feature lab", icon="🎛️"),
     st.Page(str(VIEWS / "quantization.py"), title="Quantization", icon="🗜️"),
     st.Page(str(VIEWS / "robustness.py"), title="Robustness", icon="🛡️"),
     st.Page(str(VIEWS / "reliability.py"), title="Reliability", icon="🎯"),

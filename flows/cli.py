@@ -527,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.patch_cmd import add_parser as add_patch
 
     add_patch(sub)
+    from flows.sae_cmd import add_parser as add_sae
+
+    add_sae(sub)
     return p
 
 

@@ -73,7 +73,8 @@ def open_lab(store: ArtifactStore, audit_id: str, hook: str, variant: str = "fp"
     record = audits.load(store, audit_id)
     if variant != "fp" and variant not in record.variants:
         raise InputError(f"audit {audit_id} has no variant {variant!r}; it has: fp, {', '.join(record.variants)}")
-    folder, module_path = sae_folder(store, record, hook), module_of(record, hook)
+    folder = sae_folder(store, record, hook)
+    module_path = module_of(record, record.saes[hook].details.get("hook", hook))  # `H@import` reads H
     table = results.features(store, record, hook)
     sae = load(folder)
     max_acts = np.full(int(sae.cfg["d_sae"]), np.nan)

@@ -45,6 +45,8 @@ SHARED_AUDITS = (
     "tests/dashboard/test_browser.py",
     "tests/schemas/test_details.py",
     "tests/flows/test_steer_cli.py",
+    "tests/dashboard/test_lab_page.py",
+    "tests/flows/test_sae_import_e2e.py",
 )
 LONGEST_FIRST = [
     "finished",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import Field
 
 from schemas.details._base import Details, StageDetails
@@ -46,6 +48,14 @@ class TopFeature(Details):
     bottom_logits: list[str] | None = Field(description="Tokens it suppresses most (None: no unembedding).")
 
 
+class ImportedSae(Details):
+    """Where an SAE imported in SAELens' layout came from (microscope/sae/external.py)."""
+
+    source: str = Field(description="The folder it was imported from.")
+    weights_sha256: str = Field(description="sha256 of the imported sae_weights.safetensors.")
+    saelens_cfg: dict[str, Any] = Field(description="The imported cfg.json as SAELens wrote it.")
+
+
 class SaeDetails(StageDetails):
     """sae: one trained SAE (its own prefix; written by the SAE stage itself, not through `StageRun.record`)."""
 
@@ -65,3 +75,6 @@ class SaeDetails(StageDetails):
         description="The hooks whose SAEs one fit trained together (joint mode); [hook] alone otherwise."
     )
     top_features: list[TopFeature] = Field(description="The densest non-dense features, best context first.")
+    imported: ImportedSae | None = Field(None, description="An SAE imported, not trained here: its provenance.")
+
+    omit_if_none = frozenset({"imported"})
