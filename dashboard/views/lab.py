@@ -57,7 +57,10 @@ def _default_prompt(sae: Any) -> str:
     prompt's last token."""
     for f in sae.details.get("top_features") or []:
         for c in f.get("top_contexts") or []:
-            text = f"{c.get('left', '')}{c.get('token', '')}".replace("<|endoftext|>", "").strip()
+            text = f"{c.get('left', '')}{c.get('token', '')}"
+            for special in ("<|endoftext|>", "[CLS]", "[SEP]", "[PAD]", "<s>", "</s>"):  # the tokenizer adds its own
+                text = text.replace(special, "")
+            text = text.strip()
             if text:
                 return text
     return FALLBACK_PROMPT

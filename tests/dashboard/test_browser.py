@@ -39,9 +39,9 @@ pytestmark = pytest.mark.skipif(
 APP = REPO / "dashboard" / "app.py"
 PAGES = sorted(p.stem for p in (REPO / "dashboard" / "views").glob("*.py") if not p.name.startswith("_"))
 REQUIRED = ("overview", "layers", "evolution", "compare")
-# Screenshotted: the four pages the viewer is judged by (every page runs under AppTest in test_app.py).
-# Layers first: see the test.
-SHOWN = ("layers", "overview", "evolution", "compare")
+# Screenshotted: the pages the viewer is judged by, and the feature lab with a model in the loop (every page
+# runs under AppTest in test_app.py). Layers first: see the test.
+SHOWN = ("layers", "overview", "evolution", "compare", "lab")
 WINDOW = (1400, 1800)
 RENDER_TIMEOUT_S = 90
 
@@ -232,6 +232,7 @@ def test_every_page_renders_in_chromium(audits: dict[str, str], tmp_path: Path) 
         "layers": (f"Layers · {step2}", "Matrix"),
         "evolution": ("Evolution", FINISHED_RUN, "Layer table at step 2"),
         "compare": ("Compare", f"A = {step2}", f"B = {step1}"),
+        "lab": (f"Feature lab · {step2}", "Clean vs edited", "Off-target cost"),  # the model loaded and steered
     }
     out = screenshot_dir()
     shots = []
