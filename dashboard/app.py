@@ -62,6 +62,7 @@ pages = [
     st.Page(str(VIEWS / "reliability.py"), title="Reliability", icon="🎯"),
     st.Page(str(VIEWS / "landscape.py"), title="Landscape", icon="⛰️"),
     st.Page(str(VIEWS / "attribution.py"), title="Attribution", icon="🔍"),
+    st.Page(str(VIEWS / "lineage.py"), title="Lineage", icon="🧭"),
     st.Page(str(VIEWS / "compare.py"), title="Compare", icon="⚖️"),
     st.Page(str(VIEWS / "evolution.py"), title="Evolution", icon="📈"),
     st.Page(str(VIEWS / "search.py"), title="Search", icon="🔎"),

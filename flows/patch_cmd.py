@@ -91,8 +91,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         "features": sorted({e.feature for e in edits}),
         "max_activation": {str(e.feature): float(lab.max_acts[e.feature]) for e in edits},
     }
-    save_adapter(patch, lab.steerer.model, args.out, manifest)
-    out = {"out": str(args.out)} | patch.describe() | {"fidelity": patch.fidelity}
+    files = save_adapter(patch, lab.steerer.model, args.out, manifest)
+    # a copy in the store beside the audit, so the viewer's Lineage page lists it
+    kept = f"patches/{lab.record.audit_id}/{Path(args.out).resolve().name}"
+    for f in files:
+        store.put_file(f"{kept}/{f.name}", f)
+    out = {"out": str(args.out), "store_key": kept} | patch.describe() | {"fidelity": patch.fidelity}
     if args.json:
         print(json.dumps(out, indent=2, default=float))
         return 0

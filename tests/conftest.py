@@ -47,6 +47,7 @@ SHARED_AUDITS = (
     "tests/flows/test_steer_cli.py",
     "tests/dashboard/test_lab_page.py",
     "tests/flows/test_sae_import_e2e.py",
+    "tests/microscope/test_lineage_finished.py",
 )
 LONGEST_FIRST = [
     "finished",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import html
 import math
 
+import pandas as pd
 import streamlit as st
 
 from dashboard import state
@@ -179,4 +180,27 @@ else:
             ),
             hide_index=True,
             width="stretch",
+        )
+
+# ---- provenance -------------------------------------------------------------------------------
+st.subheader("Where it comes from")
+st.caption(
+    "The upstream SAE features (two layers back where the audit has an SAE there) that feed this feature most "
+    "on its top contexts, by attribution: each upstream feature's activation × the gradient of this feature's "
+    "activation with respect to it, through the model (microscope/provenance.py)."
+)
+if st.button("Trace its upstream features", key="provenance"):
+    from microscope.errors import InputError
+    from microscope.provenance import graph_dot, provenance
+
+    try:
+        with st.spinner("Loading the model and attributing…"):
+            prov = provenance(store, rec.audit_id, hook, int(feature))
+    except InputError as exc:
+        st.info(str(exc))
+    else:
+        st.graphviz_chart(graph_dot(prov))
+        st.dataframe(pd.DataFrame(prov["edges"]), hide_index=True, width="stretch")
+        st.caption(
+            f"On {prov['contexts_used']} of the feature's top contexts; upstream SAE: `{prov['upstream_hook']}`."
         )

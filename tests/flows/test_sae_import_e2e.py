@@ -85,3 +85,19 @@ def test_import_saelens_sae_onto_finished_audit(
     # an add moves the residual by max_act·‖W_dec[i]‖ at each token (a random SAE's own feature may even drop)
     shift = float(lab.max_acts[feature] * lab.steerer.sae.W_dec[feature].double().norm())
     assert res["kl"] > 0 and res["residual_shift"] == pytest.approx(shift, rel=1e-5)
+
+    # an SAELens SAE imported one block lower gives the audit's own SAE an upstream: its features' provenance
+    from microscope.provenance import graph_dot, provenance
+
+    (tmp_path / "sae0").mkdir()
+    sae.save_model(tmp_path / "sae0")
+    lower = "blocks.0.hook_resid_post"
+    args = parser.parse_args(
+        ["sae", "import", str(tmp_path / "sae0"), "--audit", src["audit_id"], "--hook", lower, "--store", store.uri]
+    )
+    assert args.fn(args) == 0
+    own = int(results.features(store, audits.load(store, src["audit_id"]), HOOK)["density"].idxmax())
+    prov = provenance(store, src["audit_id"], HOOK, own, top=5)
+    assert prov["upstream_hook"] == lower and prov["contexts_used"] > 0 and prov["edges"]
+    assert all(e["share"] <= 1 for e in prov["edges"]) and sum(e["share"] for e in prov["edges"]) <= 1 + 1e-9
+    assert graph_dot(prov).startswith("digraph")

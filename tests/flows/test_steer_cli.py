@@ -102,7 +102,12 @@ def test_patch_export_import_apply_on_the_audit(audit: dict, tmp_path: Path) -> 
     args = ["patch", "export", audit["audit_id"], "--hook", HOOK, "--feature", f"{feature}=+2", "--out", str(out)]
     p = run_cli([*args, "--json"], env_for(audit), tmp_path)
     assert p.returncode == 0, p.stderr[-2000:]
-    fid = json.loads(p.stdout)["fidelity"]
+    exported = json.loads(p.stdout)
+    fid = exported["fidelity"]
+    assert exported["store_key"] == f"patches/{audit['audit_id']}/patch"  # a copy the Lineage page lists
+    from microscope.results.lineage import find_patches
+
+    assert [q["key"] for q in find_patches(store, rec)] == [exported["store_key"]]
     assert fid["kl_patched"] < 1e-9 < fid["kl_unpatched"] and fid["rel_residual"] < 1e-5  # a bias: exact
     assert {"adapter_config.json", "adapter_model.safetensors", "microscope_patch.json"} <= {
         f.name for f in out.iterdir()
