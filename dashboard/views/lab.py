@@ -9,6 +9,7 @@ moving α reruns only the edited pass (the Steerer caches the clean one)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ MAX_EDITS = 4
 ALPHA_RANGE = (-10.0, 10.0)
 TOP_K = 10
 NEUTRAL_WINDOWS = 4  # the audit's last token windows: the held-out slice the off-target cost is measured on
+PATCH_WINDOWS = 32  # the audit's first windows: a patch is fitted on 3/4 of them, its fidelity held out on the rest
 FALLBACK_PROMPT = "The quick brown fox jumps over the"
 K = "_microscope_lab."  # session-state keys of this page
 USABLE = ("completed", "cached")
@@ -40,6 +42,32 @@ def _neutral(uri: str, audit_id: str, _rec: Any) -> np.ndarray:
     from microscope.modality import open_data
 
     return np.asarray(open_data(_rec.stages["ingest"], state._open(uri)).ids[-NEUTRAL_WINDOWS:])
+
+
+@st.cache_data(max_entries=8, show_spinner=False)
+def _calibration(uri: str, audit_id: str, _rec: Any) -> Any:
+    """The windows a patch is fitted on (and its fidelity held out from): the audit's first 32."""
+    import torch
+
+    from microscope.modality import open_data
+
+    ids = open_data(_rec.stages["ingest"], state._open(uri)).ids[:PATCH_WINDOWS]
+    return torch.from_numpy(np.array(ids, dtype=np.int64))
+
+
+def _adapter_zip(fitted: Any, model: Any, manifest: dict[str, Any]) -> bytes:
+    """The patch as a PEFT LoRA adapter folder (+ manifest), zipped for the download button."""
+    import io
+    import tempfile
+    import zipfile
+
+    from microscope.patches import save_adapter
+
+    buf = io.BytesIO()
+    with tempfile.TemporaryDirectory() as tmp, zipfile.ZipFile(buf, "w") as zf:
+        for f in save_adapter(fitted, model, Path(tmp) / "patch", manifest):
+            zf.write(f, f"patch/{f.name}")
+    return buf.getvalue()
 
 
 def _one_line(exc: BaseException) -> str:
@@ -252,3 +280,77 @@ if across is not None and across[0] == signature:
     )
 elif not edits:
     st.caption("Add an edit to compare it across the variants and checkpoints.")
+
+# ---- as a weight patch ------------------------------------------------------------------------------
+if steerer.causal:
+    st.subheader("As a weight patch")
+    st.caption(
+        "The edits as a change of the block's last projection, without the SAE in the loop: adds are an exact "
+        "bias, clamps a least-squares rank-r update fitted on the audit's first windows. The patch is swapped "
+        "into the loaded model's weights for one pass and out again (no reload), and exported as a PEFT LoRA "
+        "adapter (`microscope patch apply` and `peft.PeftModel.from_pretrained` load it)."
+    )
+    patch_key = (signature, "patch")
+    if st.button("Fit a patch of these edits", disabled=not edits, key=K + "fit"):
+        from microscope.patches import make_patch
+
+        try:
+            with st.spinner("Fitting the patch…"):
+                fitted = make_patch(steerer, edits, _calibration(store.uri, rec.audit_id, rec), positions)
+        except (ValueError, results.InputError) as exc:
+            st.info(f"No patch for these edits: {_one_line(exc)}")
+        else:
+            st.session_state[K + "patch"] = (patch_key, fitted)
+    held = st.session_state.get(K + "patch")
+    if held is not None and held[0] == patch_key:
+        import torch
+
+        from microscope.patches import apply_patch, remove_patch
+
+        fitted = held[1]
+        handle = apply_patch(steerer.model, fitted)  # hot-swapped in, for this one pass
+        try:
+            with torch.no_grad():
+                patched = torch.log_softmax(steerer.model(input_ids=ids).logits[0, -1].double(), -1)
+        finally:
+            remove_patch(handle)
+        with torch.no_grad():
+            steered = torch.log_softmax(steerer.forward(ids, edits, positions).logits[0, -1].double(), -1)
+        kl_here = float((steered.exp() * (steered - patched)).sum())
+        st.session_state[K + "patch_kl"] = kl_here  # the figure shown (tests)
+        c = st.columns(4)
+        c[0].metric("patch", f"{fitted.kind}, rank {fitted.rank}", help=f"on `{fitted.module}`")
+        c[1].metric("KL(steered ‖ patched), this prompt", f"{kl_here:.3g}")
+        c[2].metric("KL(steered ‖ patched), held out", f"{fitted.fidelity['kl_patched']:.3g}")
+        c[3].metric("KL(steered ‖ clean), held out", f"{fitted.fidelity['kl_unpatched']:.3g}")
+        sp, si = steered.topk(TOP_K)
+        pp, pi = patched.topk(TOP_K)
+        st.dataframe(
+            pd.DataFrame(
+                {
+                    "SAE-steered next token": [_token(tok, int(i)) for i in si],
+                    "p (steered)": sp.exp().numpy(),
+                    "patched next token": [_token(tok, int(i)) for i in pi],
+                    "p (patched)": pp.exp().numpy(),
+                }
+            ),
+            hide_index=True,
+            width="stretch",
+        )
+        manifest = {
+            "audit": rec.audit_id,
+            "model_digest": rec.model_digest,
+            "model_source": rec.model.source,
+            "variant": variant,
+            "hook": hook,
+            "hook_module": lab.module_path,
+            "sae": rec.saes[hook].details.get("prefix"),
+            "features": sorted({e.feature for e in edits}),
+            "max_activation": {str(e.feature): float(lab.max_acts[e.feature]) for e in edits},
+        }
+        st.download_button(
+            "Download the adapter (zip)",
+            _adapter_zip(fitted, steerer.model, manifest),
+            file_name=f"patch-{rec.audit_id}.zip",
+            key=K + "download",
+        )

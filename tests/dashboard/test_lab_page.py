@@ -136,6 +136,15 @@ def test_lab_page_steers_resets_and_compares_everywhere(lab_env: dict) -> None:
     assert any(m.label == "edited pass" for m in at.metric)  # the latency is shown
     assert any(m.label == "mean KL per token" for m in at.metric)  # the off-target cost
 
+    # the add edit as a weight patch, swapped into the loaded model for one pass: a bias, so it reproduces the
+    # SAE-steered next token (float rounding only), and the model is back to its own weights afterwards
+    _button(at, "Fit a patch of these edits").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.session_state[K + "patch_kl"] < 1e-9
+    assert any(m.label == "KL(steered ‖ patched), held out" for m in at.metric)
+    at.run()  # the next run's edited pass comes after the patch was swapped out: the same KL as before it
+    assert at.session_state[K + "result"]["kl"] == pytest.approx(want["kl"], abs=1e-9)
+
     _button(at, "Reset").click().run()
     assert not at.exception and at.session_state[K + "n"] == 0
     assert at.session_state[K + "result"]["kl"] == 0.0 and at.session_state[K + "result"]["edits"] == []
