@@ -92,3 +92,24 @@ def open_lab(store: ArtifactStore, audit_id: str, hook: str, variant: str = "fp"
     causal = arch.is_causal and arch.has_unembedding
     steerer = Steerer(model, sae.to(next(model.parameters()).device), module_path, max_acts, causal)
     return Lab(record, hook, variant, module_path, steerer, tokenizer, max_acts)
+
+
+def pooled(model: Any, windows: Any, batch: int = 32) -> Any:
+    """Mean-pooled last hidden states of an encoder, one row per window (float64, on the CPU)."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(windows), batch):
+            ids = windows[i : i + batch].to(next(model.parameters()).device)
+            out.append(model(input_ids=ids).last_hidden_state.double().mean(1).cpu())
+    return torch.cat(out)
+
+
+def nearest_windows(table: Any, query: Any, k: int = 3) -> list[tuple[int, float]]:
+    """The k rows of `table` [N, d] nearest `query` [d] by cosine: (row, cosine), nearest first."""
+    import torch
+
+    cos = torch.nn.functional.cosine_similarity(table, query.double().cpu()[None, :], dim=1)
+    top = cos.topk(min(k, len(cos)))
+    return [(int(i), float(c)) for c, i in zip(top.values, top.indices, strict=True)]
