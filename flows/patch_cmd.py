@@ -83,6 +83,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     manifest = {
         "audit": lab.record.audit_id,
         "model_digest": lab.record.model_digest,
+        "weights_digest": lab.record.stages["ingest"].details.get("weights_digest"),
         "model_source": lab.record.model.source,
         "variant": args.variant,
         "hook": args.hook,

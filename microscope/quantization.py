@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from schemas.config import QuantizeConfig, unknown_format
+from schemas.config import PATCH_FORMAT, QuantizeConfig, unknown_format
 from schemas.records import ModelRef
 
 from microscope import pruning
@@ -146,7 +146,9 @@ def check_format(fmt: str) -> None:
 
 def format_info(fmt: str) -> QFormat:
     """The registered format, or a pruning format's: stored dense (zeros are not compressed), so its bytes are
-    those of the quantization after it, or of full precision."""
+    those of the quantization after it, or of full precision; a steering patch's are full precision's."""
+    if PATCH_FORMAT.fullmatch(fmt):
+        return QFormat(fmt, "patch", lambda _n: 4, 4, "the full-precision model with a steering patch in its weights")
     if not pruning.is_pruning(fmt):
         return FORMATS[fmt]
     spec = pruning.parse_format(fmt)
@@ -182,6 +184,8 @@ def load_variant(
     check_format(fmt)
     if pruning.is_pruning(fmt):
         return _load_pruned(ref, pruning.parse_format(fmt), cfg, device, calibration)
+    if m := PATCH_FORMAT.fullmatch(fmt):
+        return _load_patched(ref, m.group(1), cfg, device)
     f = FORMATS[fmt]
     try:
         if f.backend == "bitsandbytes":
@@ -231,6 +235,42 @@ def _load_pruned(
     for p in model.parameters():
         p.requires_grad_(False)
     model.microscope_pruning = report
+    return model
+
+
+def variant_identity(cfg: QuantizeConfig, variant: str) -> str:
+    """What a variant's name stands for in cache keys: the name, and for a steering patch also its files'
+    digest, so that a patch folder changed in place is not answered from the cache."""
+    import hashlib
+
+    m = PATCH_FORMAT.fullmatch(variant)
+    if m is None or m.group(1) not in cfg.patches:
+        return variant
+    h = hashlib.sha256()
+    for name in ("microscope_patch.json", "adapter_model.safetensors"):
+        f = Path(cfg.patches[m.group(1)]) / name
+        h.update(f.read_bytes() if f.is_file() else b"missing")
+    return f"{variant}@{h.hexdigest()[:16]}"
+
+
+def _load_patched(ref: ModelRef, name: str, cfg: QuantizeConfig, device: str) -> nn.Module:
+    """The full-precision model with the steering patch `name` (quantize.patches) written into its weights,
+    refused in one line when the patch was made for other weights."""
+    from microscope.patches import apply_patch, load_adapter
+
+    if name not in cfg.patches:
+        raise InputError(f"quantize.formats: patch-{name} has no folder in quantize.patches; add {name}: <folder>")
+    meta, patch = load_adapter(cfg.patches[name])
+    model = loading.load_model(ref, device).eval()
+    want, got = str(meta.get("weights_digest") or ""), loading.model_digest(model)
+    if want != got:
+        raise InputError(
+            f"quantize.patches.{name} was made for weights {want[:16] or 'unknown'}…, this checkpoint's are "
+            f"{got[:16]}…; export the patch from an audit of these weights"
+        )
+    apply_patch(model, patch)
+    for p in model.parameters():
+        p.requires_grad_(False)
     return model
 
 

@@ -43,10 +43,14 @@ PRUNE_FORMS = (
 )
 
 
+PATCH_FORMAT = re.compile(r"patch-([a-z0-9][a-z0-9_-]*)")  # a steering patch named in quantize.patches
+
+
 def unknown_format(name: str) -> str | None:
-    """Why `name` is not a format a config may name (None: it is one): a quantization format, or a pruning
-    format whose method takes that scope and whose quantization suffix is itself a quantization format."""
-    if name in QUANT_FORMATS:
+    """Why `name` is not a format a config may name (None: it is one): a quantization format, a steering patch
+    (`patch-<name>`, its folder in quantize.patches), or a pruning format whose method takes that scope and
+    whose quantization suffix is itself a quantization format."""
+    if name in QUANT_FORMATS or PATCH_FORMAT.fullmatch(name):
         return None
     m = PRUNE_FORMAT.fullmatch(name)
     if m is None:
@@ -224,6 +228,11 @@ class QuantizeConfig(Section):
     )
     eval_windows: int = Field(8, ge=1, description="Held-out windows (the dataset's last) for fidelity.")
     trace_variants: bool = Field(True, description="Also trace each variant into the activation cache.")
+    patches: dict[str, str] = Field(
+        default_factory=dict,
+        description="Steering patches audited as variants: name -> the folder `microscope patch export` wrote; "
+        "list it in formats as patch-<name>.",
+    )
 
     @field_validator("formats")
     @classmethod
@@ -234,6 +243,16 @@ class QuantizeConfig(Section):
         if len(set(v)) != len(v):
             raise ValueError("a format is listed twice; list each once")
         return v
+
+    @model_validator(mode="after")
+    def _patches_named(self) -> QuantizeConfig:
+        for f in self.formats:
+            m = PATCH_FORMAT.fullmatch(f)
+            if m and m.group(1) not in self.patches:
+                raise ValueError(
+                    f"formats lists {f} but quantize.patches has no {m.group(1)!r}: add {m.group(1)}: <folder>"
+                )
+        return self
 
     @field_validator("fallback")
     @classmethod

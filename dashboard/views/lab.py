@@ -340,6 +340,7 @@ if steerer.causal:
         manifest = {
             "audit": rec.audit_id,
             "model_digest": rec.model_digest,
+            "weights_digest": rec.stages["ingest"].details.get("weights_digest"),
             "model_source": rec.model.source,
             "variant": variant,
             "hook": hook,

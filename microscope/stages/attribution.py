@@ -15,6 +15,7 @@ from microscope.errors import InputError
 from microscope.figures import split
 from microscope.modality import ImageData, open_data
 from microscope.models import loading
+from microscope.quantization import variant_identity
 from microscope.stages.inputs import StageInputs
 from microscope.stages.runner import StageRun, run_for_variant
 
@@ -24,7 +25,13 @@ VERSION = "1"
 def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str) -> str:
     ac = cfg.attribution.model_dump(exclude={"variants"})
     return canonical_hash(
-        {"v": VERSION, "attribution": ac, "dataset": dataset_digest, "variant": variant, "seed": cfg.seed}
+        {
+            "v": VERSION,
+            "attribution": ac,
+            "dataset": dataset_digest,
+            "variant": variant_identity(cfg.quantize, variant),
+            "seed": cfg.seed,
+        }
     )
 
 

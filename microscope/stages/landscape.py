@@ -16,6 +16,7 @@ from microscope.errors import InputError
 from microscope.figures import Undefined, split
 from microscope.modality import ImageData, open_data
 from microscope.models import loading
+from microscope.quantization import variant_identity
 from microscope.stages.inputs import StageInputs
 from microscope.stages.runner import StageRun, run_for_variant
 
@@ -25,7 +26,13 @@ VERSION = "1"
 def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str) -> str:
     lc = cfg.landscape.model_dump(exclude={"variants", "batch_size"})  # they change what runs, not results
     return canonical_hash(
-        {"v": VERSION, "landscape": lc, "dataset": dataset_digest, "variant": variant, "seed": cfg.seed}
+        {
+            "v": VERSION,
+            "landscape": lc,
+            "dataset": dataset_digest,
+            "variant": variant_identity(cfg.quantize, variant),
+            "seed": cfg.seed,
+        }
     )
 
 

@@ -25,7 +25,15 @@ VERSION = "1"
 def config_hash(cfg: AuditConfig, fmt: str, dataset_digest: str) -> str:
     q = cfg.quantize.model_dump(exclude={"formats", "trace_variants"})
     points = {"layers": cfg.trace.layers, "hooks": cfg.trace.hooks}
-    return canonical_hash({"v": VERSION, "format": fmt, "quantize": q, "points": points, "dataset": dataset_digest})
+    return canonical_hash(
+        {
+            "v": VERSION,
+            "format": qz.variant_identity(cfg.quantize, fmt),
+            "quantize": q,
+            "points": points,
+            "dataset": dataset_digest,
+        }
+    )
 
 
 def run(inp: StageInputs, fmt: str) -> StageRecord:

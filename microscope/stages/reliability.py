@@ -14,6 +14,7 @@ from microscope.errors import InputError
 from microscope.figures import Undefined, split
 from microscope.modality import ImageData, open_data
 from microscope.models import loading
+from microscope.quantization import variant_identity
 from microscope.stages.inputs import StageInputs
 from microscope.stages.runner import StageRun, run_for_variant
 
@@ -24,7 +25,13 @@ def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str, baseline: s
     rc = cfg.reliability.model_dump(exclude={"variants", "batch_size"})  # they change what runs, not results
     ood = _file_digest(cfg.reliability.ood_dataset) if cfg.reliability.ood_dataset else ""
     return canonical_hash(
-        {"v": VERSION, "reliability": rc, "dataset": dataset_digest, "variant": variant, "baseline": baseline}
+        {
+            "v": VERSION,
+            "reliability": rc,
+            "dataset": dataset_digest,
+            "variant": variant_identity(cfg.quantize, variant),
+            "baseline": baseline,
+        }
         | {"seed": cfg.seed, "ood_dataset": ood}
     )
 

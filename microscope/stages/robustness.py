@@ -17,6 +17,7 @@ from microscope.errors import InputError
 from microscope.figures import split
 from microscope.modality import open_data
 from microscope.models import loading
+from microscope.quantization import variant_identity
 from microscope.robustness import summary
 from microscope.stages.inputs import StageInputs
 from microscope.stages.runner import StageRun, run_stage, stage_prefix
@@ -33,7 +34,7 @@ def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str, saes: dict[
             "robustness": rob,
             "quantize": cfg.quantize.model_dump() if variant != "fp" else None,
             "dataset": dataset_digest,
-            "variant": variant,
+            "variant": variant_identity(cfg.quantize, variant),
             "saes": dict(sorted(saes.items())),
             "seed": cfg.seed,
         }

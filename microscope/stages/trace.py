@@ -11,6 +11,7 @@ from schemas.records import StageRecord
 from microscope import dataset as ds
 from microscope.errors import InputError
 from microscope.models import loading
+from microscope.quantization import variant_identity
 from microscope.stages.inputs import StageInputs
 from microscope.stages.runner import StageRun, run_stage, stage_prefix
 from microscope.trace import Progress, resolve_layers, resolve_points, trace_to_parquet
@@ -20,7 +21,9 @@ VERSION = "1"
 
 def config_hash(cfg: AuditConfig, dataset_digest: str, variant: str = "fp") -> str:
     trace = cfg.trace.model_dump(exclude={"batch_size"})  # batch size changes speed, not results
-    return canonical_hash({"v": VERSION, "trace": trace, "dataset": dataset_digest, "variant": variant})
+    return canonical_hash(
+        {"v": VERSION, "trace": trace, "dataset": dataset_digest, "variant": variant_identity(cfg.quantize, variant)}
+    )
 
 
 def run(inp: StageInputs, progress: Progress | None = None, variant: str | None = None) -> StageRecord:

@@ -119,3 +119,57 @@ def test_patch_export_import_apply_on_the_audit(audit: dict, tmp_path: Path) -> 
     )
     assert p.returncode == 0 and "KL(steered ‖ patched)" in p.stdout, p.stderr[-2000:]
     assert not p.stderr.strip(), p.stderr  # no library chatter on a quiet console
+
+
+def test_a_patched_model_is_audited_as_a_variant(
+    audit: dict, tmp_path: Path, prefect_api: str, tiny_gpt2_dir: Path, corpus_file: Path
+) -> None:
+    """`patch-<name>` in quantize.formats audits the checkpoint with the exported patch in its weights: the
+    variant's fidelity equals the fidelity of the model patched directly (load_adapter + apply_patch); a patch
+    of other weights is refused in one line."""
+    from microscope.fidelity import fidelity
+    from microscope.modality import open_data
+    from microscope.models import loading
+    from microscope.patches import apply_patch, load_adapter
+    from microscope.trace import resolve_points
+    from schemas.config import ModelConfig
+    from tests.conftest import SMALL_AUDIT, cli_env
+
+    store = open_store(audit["store_uri"])
+    rec = results.load_audit(store, audit["audit_id"])
+    table = results.features(store, rec, HOOK)
+    feature = int(table.loc[table["max_activation"].idxmax(), "feature"])
+    out = tmp_path / "steer"
+    args = ["patch", "export", audit["audit_id"], "--hook", HOOK, "--feature", f"{feature}=+2", "--out", str(out)]
+    assert run_cli(args, env_for(audit), tmp_path).returncode == 0
+    config = tmp_path / "audit.yaml"
+    config.write_text(
+        SMALL_AUDIT.replace(
+            "formats: [int8, magnitude-30, magnitude-50]", f"formats: [patch-steer], patches: {{steer: {out}}}"
+        )
+    )
+    run = ["run", "--model", str(tiny_gpt2_dir), "--dataset", str(corpus_file), "--config", str(config)]
+    p = run_cli([*run, "--stages", "ingest,quantize", "--json"], cli_env(tmp_path, prefect_api), tmp_path)
+    assert p.returncode == 0, p.stderr[-3000:]
+    got = json.loads(p.stdout)["variants"]["patch-steer"]["quantize"]
+
+    ref = loading.resolve(ModelConfig(source=str(tiny_gpt2_dir)))
+    fp, patched = loading.load_model(ref).eval(), loading.load_model(ref).eval()
+    apply_patch(patched, load_adapter(out)[1])
+    new = open_store(str(tmp_path / "home" / "artifacts"))
+    ingest = results.load_audit(new, json.loads(p.stdout)["audit_id"]).stages["ingest"]
+    held_out = open_data(ingest, new).ids[-8:]  # quantize.eval_windows' default
+    arch = loading.describe(fp)
+    points = resolve_points(arch.hook_points, list(range(arch.n_layers)), ["resid"], arch.family)
+    stats, _ = fidelity(fp, patched, held_out, points, 8, True)
+    assert got["metrics"]["kl_mean"] == pytest.approx(stats["kl_mean"], rel=1e-6) and stats["kl_mean"] > 0
+
+    other = tmp_path / "other"  # the same patch claimed for other weights
+    other.mkdir()
+    for f in out.iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((other / "microscope_patch.json").read_text())
+    (other / "microscope_patch.json").write_text(json.dumps(meta | {"weights_digest": "0" * 64}))
+    config.write_text(config.read_text().replace(str(out), str(other)))
+    p = run_cli([*run, "--stages", "ingest,quantize"], cli_env(tmp_path, prefect_api), tmp_path)
+    assert p.returncode in (1, 2) and "was made for weights 0000000000000000" in p.stderr, p.stderr[-2000:]
