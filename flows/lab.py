@@ -50,7 +50,7 @@ def positions(text: str) -> Any:
 
 def cmd_steer(args: argparse.Namespace) -> int:
     from microscope.steering import parse_edit
-    from microscope.steering_audit import open_lab
+    from microscope.steering_audit import nearest_texts, open_lab
     from microscope.store import open_store
 
     edits = [parse_edit(f) for f in args.feature]
@@ -79,36 +79,12 @@ def cmd_steer(args: argparse.Namespace) -> int:
         if key in out:
             out[key] = tok.decode(out[key])
     if not lab.steerer.causal:  # an encoder: which of the audit's texts the edited embedding now sits nearest
-        out |= _nearest_texts(lab, store, ids, edits, where)
+        out |= nearest_texts(lab, store, ids, edits, where)
     if args.json:
         print(json.dumps(out, indent=2, allow_nan=False, default=float))
         return 0
     _print(out, sys.stdout)
     return 0
-
-
-NEAREST_POOL = 256  # the audit's first windows the nearest texts are looked up among
-
-
-def _nearest_texts(lab: Any, store: Any, ids: Any, edits: list[Any], where: Any) -> dict[str, Any]:
-    import torch
-
-    from microscope.modality import open_data
-    from microscope.steering_audit import nearest_windows, pooled
-
-    windows = torch.from_numpy(open_data(lab.record.stages["ingest"], store).ids[:NEAREST_POOL].astype("int64"))
-    table = pooled(lab.steerer.model, windows)
-    with torch.no_grad():
-        clean = lab.steerer.forward(ids).last_hidden_state[0].double().mean(0)
-        edited = lab.steerer.forward(ids, edits, where).last_hidden_state[0].double().mean(0)
-
-    def texts(query: Any) -> list[dict[str, Any]]:
-        return [
-            {"window": i, "cosine": c, "text": lab.tokenizer.decode(windows[i][:24], skip_special_tokens=True)}
-            for i, c in nearest_windows(table, query)
-        ]
-
-    return {"nearest_clean": texts(clean), "nearest_edited": texts(edited)}
 
 
 def _print(out: dict[str, Any], f: Any) -> None:

@@ -32,6 +32,7 @@ class Lab:
     steerer: Steerer
     tokenizer: Any
     max_acts: np.ndarray
+    pool: Any = None  # (windows, their pooled embeddings): nearest_texts' table, made once per lab
 
 
 def sae_folder(store: ArtifactStore, record: AuditRecord, hook: str) -> Path:
@@ -113,3 +114,30 @@ def nearest_windows(table: Any, query: Any, k: int = 3) -> list[tuple[int, float
     cos = torch.nn.functional.cosine_similarity(table, query.double().cpu()[None, :], dim=1)
     top = cos.topk(min(k, len(cos)))
     return [(int(i), float(c)) for c, i in zip(top.values, top.indices, strict=True)]
+
+
+NEAREST_POOL = 256  # the audit's first windows the nearest texts are looked up among
+
+
+def nearest_texts(lab: Lab, store: ArtifactStore, ids: Any, edits: list[Any], where: Any) -> dict[str, Any]:
+    """An encoder's clean and edited prompt embeddings: the audit's texts nearest each (the first
+    NEAREST_POOL windows, mean-pooled), as {nearest_clean, nearest_edited}: [{window, cosine, text}]."""
+    import torch
+
+    from microscope.modality import open_data
+
+    if lab.pool is None:  # once per lab: a change of α then costs two passes over the prompt only
+        windows = torch.from_numpy(open_data(lab.record.stages["ingest"], store).ids[:NEAREST_POOL].astype("int64"))
+        lab.pool = (windows, pooled(lab.steerer.model, windows))
+    windows, table = lab.pool
+    with torch.no_grad():
+        clean = lab.steerer.forward(ids).last_hidden_state[0].double().mean(0)
+        edited = lab.steerer.forward(ids, edits, where).last_hidden_state[0].double().mean(0)
+
+    def texts(query: Any) -> list[dict[str, Any]]:
+        return [
+            {"window": i, "cosine": c, "text": lab.tokenizer.decode(windows[i][:24], skip_special_tokens=True)}
+            for i, c in nearest_windows(table, query)
+        ]
+
+    return {"nearest_clean": texts(clean), "nearest_edited": texts(edited)}

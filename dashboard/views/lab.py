@@ -234,6 +234,14 @@ if res["causal"]:
         cont = res["continuation_clean" if title == "clean" else "continuation_edited"]
         if cont:
             col.code(prompt + tok.decode(cont), language=None, wrap_lines=True)
+elif edits:  # an encoder: which of the audit's texts the prompt's embedding sits nearest, before and after
+    from microscope.steering_audit import nearest_texts
+
+    near = nearest_texts(lab, store, ids, edits, positions)
+    left, right = st.columns(2)
+    for col, key, title in ((left, "nearest_clean", "clean"), (right, "nearest_edited", "edited")):
+        col.markdown(f"**{title}**: the audit's nearest texts")
+        col.dataframe(pd.DataFrame(near[key]), hide_index=True, width="stretch")
 
 # ---- off-target cost -----------------------------------------------------------------------------
 st.subheader("Off-target cost")
