@@ -66,7 +66,9 @@ class Receiver:
     def __init__(self, url: str, log: Path):
         self.url = url
         self.log = log
-        self.http = httpx.Client(base_url=url, timeout=30)
+        # A fresh connection per request: the receiver (uvicorn) closes a keep-alive connection idle for 5 s,
+        # and a pooled one reused in that instant fails with "Server disconnected" (seen under load in CI).
+        self.http = httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_keepalive_connections=0))
 
     def post(self, body: str | bytes, headers: dict[str, str]) -> httpx.Response:
         return self.http.post("/v1/checkpoints", content=body, headers=headers)
