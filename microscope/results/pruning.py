@@ -3,10 +3,10 @@ where in a matrix the zeros fell (the mask view, pooled to a grid)."""
 
 from __future__ import annotations
 
-import re
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from schemas.config import PRUNE_FORMAT
 from schemas.records import AuditRecord, StageStatus
 
 from microscope.errors import InputError
@@ -18,7 +18,6 @@ if TYPE_CHECKING:
 
 # The fidelity figure a curve plots, in order of preference (text models first; classifiers' accuracy).
 CURVE_FIGURES = ("kl_mean", "top1_agreement", "delta_ppl", "accuracy_q")
-_NAME = re.compile(r"(magnitude|snip|wanda)(-layer)?-(\d+)(?:\+(\S+))?")
 
 
 def pruning_table(record: AuditRecord) -> pd.DataFrame:
@@ -30,7 +29,7 @@ def pruning_table(record: AuditRecord) -> pd.DataFrame:
 
     rows = []
     for v, recs in sorted(record.variants.items()):
-        q, m = recs.get("quantize"), _NAME.fullmatch(v)
+        q, m = recs.get("quantize"), PRUNE_FORMAT.fullmatch(v)
         if q is None or m is None or q.status in (StageStatus.failed, StageStatus.skipped):
             continue
         p = q.details.get("pruning") or {}
