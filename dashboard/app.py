@@ -41,14 +41,14 @@ with st.sidebar:
         st.cache_data.clear()
     uri = state.store_uri()
     refs = []
-    if not state._local_missing(uri):
-        try:
+    try:  # whatever the store does, the page list below must stay: the page says what is wrong
+        if not state._local_missing(uri):
             refs = state.audit_index(uri)
-        except state.READ_ERRORS as e:  # the page says what is wrong; the sidebar only stays quiet
-            st.caption(f"Cannot list the audits: {e}")
-    if refs:
-        state.audit_picker(refs, widget=st.selectbox, key="_microscope_pick.sidebar_audit")
-        st.caption(f"{len(refs)} audit(s) in the store")
+        if refs:
+            state.audit_picker(refs, widget=st.selectbox, key="_microscope_pick.sidebar_audit")
+            st.caption(f"{len(refs)} audit(s) in the store")
+    except state.READ_ERRORS as e:
+        st.caption(f"Cannot list the audits: {str(e).splitlines()[0][:200]}")
 
 pages = [
     st.Page(str(VIEWS / "audits.py"), title="Audits", icon="🗂️", default=True),

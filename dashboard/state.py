@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import streamlit as st
 
 from microscope import results
-from microscope.errors import InputError
+from microscope.errors import MicroscopeError
 from microscope.settings import get_settings
 from microscope.store import ArtifactStore, open_store
 
@@ -32,8 +32,9 @@ T = TypeVar("T")
 
 
 def _read_errors() -> tuple[type[BaseException], ...]:
-    """What reading a store can raise: a bad URI or key, I/O, an invalid record, S3 (botocore)."""
-    errors: tuple[type[BaseException], ...] = (InputError, OSError, ValueError, KeyError)
+    """What reading a store can raise: a bad URI or key, an unreachable or full store (our errors), I/O, an
+    invalid record, S3 (botocore: no permission, no bucket)."""
+    errors: tuple[type[BaseException], ...] = (MicroscopeError, OSError, ValueError, KeyError)
     try:
         from botocore.exceptions import BotoCoreError, ClientError
     except ImportError:
@@ -101,6 +102,13 @@ def choose(
         raise ValueError(f"no options to choose {name} from")
     wanted = param(name)
     current = next((o for o in options if str(o) == wanted), None)
+    if current is None and wanted is not None:  # a link or an old URL naming what is not here: say so
+        near = closest(wanted, [str(o) for o in options])
+        current = next((o for o in options if str(o) == near[0]), None) if near else None
+        st.warning(
+            f"No {label.lower()} `{wanted}` here"
+            + (f". Closest: {', '.join(f'`{n}`' for n in near)}; showing `{near[0]}`." if near else ".")
+        )
     if current is None:
         current = default if default is not None and default in options else options[0]
     key = key or f"_microscope_pick.{name}"
@@ -155,9 +163,24 @@ def store() -> ArtifactStore | None:
 
 
 @st.cache_data(ttl=INDEX_TTL_S, show_spinner=False)
-def audit_index(uri: str) -> list[results.AuditRef]:
-    """Every audit in the store, oldest first (the records' JSON only)."""
+def _audit_index(uri: str) -> list[results.AuditRef]:
     return results.list_audits(_open(uri))
+
+
+def audit_index(uri: str) -> list[results.AuditRef]:
+    """Every audit in the store, oldest first (the records' JSON only). A store that failed to answer is
+    not asked again within INDEX_TTL_S in this session (an unreachable S3 endpoint costs its retries once
+    per rerun, not once per caller)."""
+    import time
+
+    failed = st.session_state.get("_microscope_index_error")
+    if failed and failed[0] == uri and time.monotonic() - failed[1] < INDEX_TTL_S:
+        raise failed[2]
+    try:
+        return _audit_index(uri)
+    except READ_ERRORS as e:
+        st.session_state["_microscope_index_error"] = (uri, time.monotonic(), e)
+        raise
 
 
 def index_or_stop() -> tuple[ArtifactStore, list[results.AuditRef]]:
@@ -178,29 +201,94 @@ def index_or_stop() -> tuple[ArtifactStore, list[results.AuditRef]]:
 
 
 def describe(ref: results.AuditRef) -> str:
-    run = f" · {ref.run_id}@{ref.step}" if ref.run_id else ""
-    return f"{ref.audit_id}{run} · {ref.status}"
+    """An audit as pickers name it: model, run and step (or date), status, the id's tail."""
+    return ref.label
+
+
+def closest(wanted: str, names: Sequence[str], n: int = 3) -> list[str]:
+    """The names most like `wanted` (difflib's ratio), for "did you mean" messages."""
+    import difflib
+
+    return difflib.get_close_matches(wanted, list(names), n=n, cutoff=0.3)
+
+
+def _duplicate_key(ref: results.AuditRef) -> tuple:
+    return (ref.digest, ref.config_digest, ref.run_id, ref.step)
+
+
+def distinct(refs: Sequence[results.AuditRef], keep: str | None = None) -> list[results.AuditRef]:
+    """`refs` with audits of the same model, config, run and step collapsed to the latest (plus `keep`,
+    the selected one, wherever it is): re-running an audit does not double the pickers."""
+    latest: dict[tuple, results.AuditRef] = {}
+    for r in refs:  # oldest first: the last one wins
+        latest[_duplicate_key(r) if r.digest else (r.audit_id,)] = r
+    kept = {r.audit_id for r in latest.values()} | ({keep} if keep else set())
+    return [r for r in refs if r.audit_id in kept]
+
+
+def resolve(refs: Sequence[results.AuditRef], wanted: str | None) -> results.AuditRef | None:
+    """The audit `wanted` names (its id or a unique prefix of it); the latest when nothing is wanted."""
+    if not wanted:
+        return refs[-1]
+    matches = [r for r in refs if r.audit_id == wanted] or [r for r in refs if r.audit_id.startswith(wanted)]
+    return matches[0] if len(matches) == 1 else None
+
+
+def compare_default(a: results.AuditRef, others: Sequence[results.AuditRef]) -> str:
+    """What A is most usefully compared with: the same run's previous checkpoint (else its next), else the
+    same weights under another config (another variant or stage set), else the latest audit of the same
+    architecture, else the latest audit. Never a re-run of A itself when anything else exists."""
+    rest = [r for r in others if not (r.digest and r.digest == a.digest and r.config_digest == a.config_digest)]
+    rest = rest or list(others)
+    if a.run_id and a.step is not None:
+        run = [r for r in rest if r.run_id == a.run_id and r.step is not None]
+        earlier = [r for r in run if r.step < a.step]
+        later = [r for r in run if r.step > a.step]
+        if earlier or later:
+            return (
+                max(earlier, key=lambda r: (r.step, r.created_at)) if earlier else min(later, key=lambda r: r.step)
+            ).audit_id
+    for same in (
+        [r for r in rest if a.digest and r.digest == a.digest],
+        [r for r in rest if r.model_name == a.model_name],
+    ):
+        if same:
+            return same[-1].audit_id
+    return rest[-1].audit_id
 
 
 def selected_audit(refs: Sequence[results.AuditRef], name: str = "audit") -> results.AuditRef:
-    """The audit the URL names (a unique id prefix is enough), else the latest."""
+    """The audit the URL names (a unique id prefix is enough), else the latest. An id that matches none
+    is an error naming it and the closest audits, and the page stops: never another audit's figures."""
     wanted = param(name)
+    found = resolve(refs, wanted)
+    if found is not None:
+        return found
+    assert wanted is not None
     by_id = {r.audit_id: r for r in refs}
-    if wanted and wanted not in by_id:
-        matches = [r for r in refs if r.audit_id.startswith(wanted)]
-        if len(matches) == 1:
-            return matches[0]
-        st.warning(f"No audit `{wanted}` in this store: showing the latest instead.")
-    return by_id.get(wanted or "", refs[-1])
+    matches = [r for r in refs if r.audit_id.startswith(wanted)]
+    what = "matches several audits" if matches else "is not in this store"
+    near = matches[-3:] or [by_id[i] for i in closest(wanted, list(by_id))]
+    st.error(
+        f"The audit `{wanted}` named in the link {what} (`{store_uri()}`). Pick one in the sidebar"
+        + (", or one of the closest below." if near else ".")
+    )
+    for r in near:
+        if st.button(f"Open {r.label}", key=f"_microscope_near.{name}.{r.audit_id}"):
+            set_param(name, r.audit_id)
+            st.rerun()
+    st.stop()
 
 
-def audit_picker(refs: Sequence[results.AuditRef], *, widget: Callable[..., Any], key: str) -> results.AuditRef:
-    """A picker over `refs` (newest first) bound to the `audit` parameter."""
-    current = selected_audit(refs)
-    newest_first = [r.audit_id for r in reversed(refs)]
+def audit_picker(refs: Sequence[results.AuditRef], *, widget: Callable[..., Any], key: str) -> results.AuditRef | None:
+    """A picker over `refs` (newest first, repeated audits collapsed) bound to the `audit` parameter."""
+    current = resolve(refs, param("audit"))
+    if current is None:  # the page says what is wrong (`selected_audit`); the sidebar stays usable
+        widget("Audit", ["(the link's audit is not here)"], key=f"{key}.unknown", disabled=True)
+        return None
+    shown = distinct(refs, keep=current.audit_id)
+    newest_first = [r.audit_id for r in reversed(shown)]
     by_id = {r.audit_id: r for r in refs}
-    if current.audit_id not in by_id:
-        current = refs[-1]
     chosen = choose(
         "Audit", newest_first, "audit", default=current.audit_id, widget=widget, key=key,
         format_func=lambda i: describe(by_id[i]),

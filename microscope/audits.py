@@ -11,7 +11,9 @@ import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+from schemas.config import canonical_hash
 from schemas.records import AuditRecord, AuditStart
 from schemas.stages import AUDIT_ID_MAX
 
@@ -102,6 +104,14 @@ class AuditRef:
     created_at: datetime
     model_source: str
     digest: str | None  # the weights' digest (None when ingest failed)
+    model_name: str = ""  # the architecture's class (or the checkpoint's file name before ingest)
+    config_digest: str = ""  # same model digest and config digest: the same audit run again
+
+    @property
+    def label(self) -> str:
+        """How a person names the audit: model, run and step, time, and the id's tail."""
+        where = f"{self.run_id} step {self.step}" if self.run_id else self.created_at.strftime("%Y-%m-%d %H:%M")
+        return f"{self.model_name or '?'} · {where} · {self.status} · …{self.audit_id[-6:]}"
 
 
 def list_audits(
@@ -122,6 +132,8 @@ def list_audits(
             created_at=datetime.fromisoformat(raw["created_at"]),
             model_source=(raw.get("model") or {}).get("source", ""),
             digest=raw.get("model_digest"),
+            model_name=((raw.get("architecture") or {}).get("class_name") or _file_name(raw)),
+            config_digest=canonical_hash(raw.get("config") or {}, length=12),
         )
         if run_id is not None and ref.run_id != run_id:
             continue
@@ -133,6 +145,11 @@ def list_audits(
     if run_id is not None:
         return sorted(out, key=lambda r: (r.step if r.step is not None else -1, r.created_at))
     return sorted(out, key=lambda r: r.created_at)
+
+
+def _file_name(raw: dict[str, Any]) -> str:
+    source = str((raw.get("model") or {}).get("source", ""))
+    return source.rstrip("/").rsplit("/", 1)[-1]
 
 
 def mark_started(store: ArtifactStore, record: AuditRecord) -> None:

@@ -48,8 +48,12 @@ st.caption(f"{len(shown)} of {len(refs)} audits")
 if shown.empty:
     st.info("No audit matches these filters.")
     st.stop()
+state.selected_audit(refs)  # a link naming no audit of this store: said here, and the page stops
 visible = [r for r in refs if r.audit_id in set(shown["audit_id"])]
 chosen = state.audit_picker(visible, widget=st.selectbox, key="_microscope_pick.audits_page")
+if chosen is None:
+    st.info("The selected audit is not among the filtered ones: widen the filters to pick it.")
+    st.stop()
 st.success(
     f"Selected `{chosen.audit_id}` ({chosen.status}). Open **Overview**, **Layers** or **Evolution** in the "
     "navigation: the selection is in the URL."

@@ -15,13 +15,13 @@ if len(refs) < 2:
     st.info(f"Comparing needs two audits; the store holds one. {state.PRODUCE}")
     st.stop()
 a = state.selected_audit(refs)
-others = [r for r in refs if r.audit_id != a.audit_id]
-same_run = [r for r in others if a.run_id and r.run_id == a.run_id]
-default = (same_run or others)[-1].audit_id
+others = [r for r in state.distinct(refs, keep=state.param("compare")) if r.audit_id != a.audit_id]
 by_id = {r.audit_id: r for r in refs}
 b_id = state.choose(
-    "Compare with", [r.audit_id for r in reversed(others)], "compare", default=default,
+    "Compare with", [r.audit_id for r in reversed(others)], "compare", default=state.compare_default(a, others),
     format_func=lambda i: state.describe(by_id[i]),
+    help="By default: the same run's previous checkpoint, else the same model under another config, else the "
+    "latest audit of the same architecture.",
 )  # fmt: skip
 rec_a = state.record_or_stop(store, a.audit_id)
 rec_b = state.record_or_stop(store, b_id)

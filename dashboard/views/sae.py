@@ -77,13 +77,22 @@ if not contexts:
     st.info("This feature never fired on the audit's tokens (a dead feature): it has no context.")
 
 
+arch = rec.architecture
+word_pieces = (arch is not None and arch.model_type in results.WORDPIECE_MODELS) or any(
+    t.startswith("##") for c in contexts for t in c.get("tokens") or []
+)
+
+
 def _shade(ctx: dict, top: float) -> str:
     """A context as HTML, every token's background by its activation relative to the feature's maximum
-    (contexts recorded before per-token activations were stored shade only their top token)."""
+    (contexts recorded before per-token activations were stored shade only their top token); word pieces
+    and byte-level markers rendered as the text they stand for."""
     tokens = ctx.get("tokens")
     acts = ctx.get("activations")
     if not tokens or acts is None:
         tokens, acts = [ctx["left"], ctx["token"], ctx["right"]], [0.0, ctx["activation"], 0.0]
+    else:
+        tokens = results.display_tokens(list(tokens), word_pieces)
     spans = []
     for tok, a in zip(tokens, acts, strict=False):
         a = 0.0 if a is None or not math.isfinite(a) else a
@@ -107,6 +116,32 @@ if contexts:
         st.caption(
             "This audit's SAE stage stored the top token's activation only: run the audit again to shade every token."
         )
+
+hist = results.feature_histogram(store, rec, hook, feature)
+if hist is not None and sum(hist["counts"]):
+    import pandas as pd
+
+    edges, counts = hist["edges"], hist["counts"]
+    bins = pd.DataFrame({"from": edges[:-1], "to": edges[1:], "tokens": counts})
+    st.markdown(
+        f"**Activation histogram** over the {sum(counts):,} traced tokens where feature {feature} fires "
+        "(log-spaced bins; as on Neuronpedia, the shape tells a crisp feature from a diffuse one)"
+    )
+    st.vega_lite_chart(
+        bins[bins["tokens"] > 0],
+        {
+            "mark": {"type": "bar", "tooltip": True},
+            "encoding": {
+                "x": {"field": "from", "type": "quantitative", "scale": {"type": "log"}, "title": "activation"},
+                "x2": {"field": "to"},
+                "y": {"field": "tokens", "type": "quantitative", "title": "tokens"},
+            },
+            "height": 160,
+        },
+        width="stretch",
+    )
+elif hist is None:
+    st.caption("No activation histogram: this audit's SAE stage predates it (run the sae stage again).")
 
 # ---- its fate in the quantized variants -------------------------------------------------------
 fate_cols = [c for c in table.columns if c.startswith("corr[")]

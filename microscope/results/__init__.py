@@ -69,8 +69,11 @@ from microscope.results.robustness import (
 from microscope.results.run import PROJECTION_FEATURES, headline_compare, layer_features, run_projection, run_series
 from microscope.results.sae import (
     FEATURE_COLUMNS,
+    WORDPIECE_MODELS,
+    display_tokens,
     feature_contexts,
     feature_fate,
+    feature_histogram,
     features,
     sae_summaries,
     variant_fate,
@@ -93,6 +96,9 @@ from microscope.results.weights import (
 )
 
 __all__ = [
+    "WORDPIECE_MODELS",
+    "display_tokens",
+    "feature_histogram",
     "BYTES",
     "CURVE_FIGURES",
     "InputError",

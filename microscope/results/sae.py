@@ -144,6 +144,67 @@ def feature_contexts(store: ArtifactStore, record: AuditRecord, hook: str, featu
     return [dict(c) for c in rows[0]] if rows else []
 
 
+def feature_histogram(store: ArtifactStore, record: AuditRecord, hook: str, feature: int) -> dict[str, Any] | None:
+    """The feature's activation histogram over every traced token where it fired: `edges` (log-spaced,
+    HIST_EDGES of the SAE stage; the first bin also holds smaller activations, the last larger ones) and
+    `counts`. None for audits whose SAE stage did not record it (before version 3) or without the SAE."""
+    import pyarrow.parquet as pq
+
+    from microscope.sae.features import HIST_EDGES
+
+    key, _ = _sae_features_key(store, record, hook)
+    if key is None:
+        return None
+    path = store.local_path(key)
+    if "activation_hist" not in pq.ParquetFile(path).schema_arrow.names:
+        return None
+    t = pq.read_table(path, columns=["feature", "activation_hist"], filters=[("feature", "==", feature)])
+    rows = t.column("activation_hist").to_pylist()
+    if not rows:
+        raise InputError(f"feature {feature} is not in the SAE on {hook}")
+    return {"edges": HIST_EDGES.tolist(), "counts": list(rows[0])}
+
+
+# Tokenizers whose pieces continue a word with "##" and start a word with nothing (WordPiece).
+WORDPIECE_MODELS = frozenset({"bert", "distilbert", "electra", "mobilebert", "squeezebert", "convbert", "layoutlm"})
+_NO_SPACE_BEFORE = frozenset(".,;:!?)]}'%")
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, char → byte (the inverse of its `bytes_to_unicode`): printable bytes
+    stand for themselves, the others are shifted to U+0100 and up (space is `Ġ`, newline `Ċ`)."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in keep}
+    shifted = [b for b in range(256) if b not in chars]
+    chars.update({b: chr(256 + i) for i, b in enumerate(shifted)})
+    return {c: b for b, c in chars.items()}
+
+
+def _raw_byte_level(tokens: list[str], alphabet: dict[str, int]) -> bool:
+    """Pieces still in the byte-level alphabet (`convert_ids_to_tokens`), not decoded text: some piece
+    holds a shifted char and every char is in the alphabet."""
+    return any(any(ord(ch) >= 256 for ch in t) for t in tokens) and all(ch in alphabet for t in tokens for ch in t)
+
+
+def display_tokens(tokens: list[str], word_pieces: bool) -> list[str]:
+    """Each token as it reads in running text: WordPiece continuations (`##x`) join their word and other
+    pieces get the space WordPiece drops (`he`, `##x` → `hex`); pieces still in GPT-2's byte-level alphabet
+    (`Ġthe`, `Ċ`) are decoded to their bytes' text, a character split over pieces shown on the piece that
+    completes it; SentencePiece's `▁` is a space. Decoded text is left as it is."""
+    import codecs
+
+    if word_pieces:
+        return [
+            t[2:] if t.startswith("##") else t if i == 0 or t in _NO_SPACE_BEFORE else " " + t
+            for i, t in enumerate(tokens)
+        ]
+    alphabet = _byte_alphabet()
+    if _raw_byte_level(tokens, alphabet):
+        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        return [utf8.decode(bytes(alphabet[ch] for ch in t)) for t in tokens]
+    return [t.replace("▁", " ") for t in tokens]
+
+
 def variant_fate(density_fp: float, density_v: float, corr: float) -> str:
     """A feature's fate on a quantized variant's activations (same SAE, same tokens): `survived` (its
     activations correlate ≥ 0.9 with full precision's), `drifted` (≥ 0.5), `lost` (it stops firing, or

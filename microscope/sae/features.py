@@ -11,6 +11,20 @@ from typing import Any
 import numpy as np
 import torch
 
+# The activation histogram's bins: log-spaced over 10⁻³ … 10³ (an activation below the first edge counts
+# in the first bin, above the last in the last): one pass, no per-latent maximum needed in advance.
+HIST_EDGES = np.logspace(-3.0, 3.0, 25)
+
+
+def activation_histogram(acts: torch.Tensor, hist: torch.Tensor) -> None:
+    """Add the positive activations of `acts` [n, d_sae] to `hist` [d_sae, len(HIST_EDGES) − 1]."""
+    rows, cols = torch.nonzero(acts > 0, as_tuple=True)
+    if not len(rows):
+        return
+    inner = torch.from_numpy(HIST_EDGES[1:-1]).to(acts.dtype)
+    bins = torch.bucketize(acts[rows, cols], inner, right=True)  # 0 … len(edges) − 2
+    hist.view(-1).index_add_(0, cols * hist.shape[1] + bins, torch.ones_like(bins, dtype=hist.dtype))
+
 
 @torch.no_grad()
 def top_activations(
@@ -18,9 +32,11 @@ def top_activations(
     batches: Iterable[tuple[np.ndarray, np.ndarray, np.ndarray]],
     d_sae: int,
     k: int,
+    hist: torch.Tensor | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Over (activations [n, d], window [n], position [n]) batches: per latent the k largest activations
-    and where they occurred, plus firing counts and activation sums. Memory O(d_sae · k)."""
+    and where they occurred, plus firing counts and activation sums; with `hist` ([d_sae, 24] int64), each
+    latent's activation histogram over HIST_EDGES is added to it. Memory O(d_sae · k)."""
     best_v = torch.full((d_sae, k), -torch.inf)
     best_w = torch.zeros((d_sae, k), dtype=torch.long)
     best_p = torch.zeros((d_sae, k), dtype=torch.long)
@@ -30,6 +46,8 @@ def top_activations(
         acts = encode(torch.from_numpy(np.ascontiguousarray(x)).float())  # [n, d_sae]
         fires += (acts > 0).sum(0).double()
         sums += acts.sum(0).double()
+        if hist is not None:
+            activation_histogram(acts, hist)
         kk = min(k, acts.shape[0])
         v, i = acts.T.topk(kk, dim=1)  # [d_sae, kk]
         w = torch.from_numpy(win.astype(np.int64))[i]
@@ -249,9 +267,11 @@ def table(
     pos_logits: list[list[str]] | None,
     neg_logits: list[list[str]] | None,
     fate: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+    hist: np.ndarray | None = None,
 ) -> Any:
     """One row per latent. `fate` maps a variant's name to its (density, corr) from `variant_fate`:
-    columns `density[<variant>]` and `corr[<variant>]`."""
+    columns `density[<variant>]` and `corr[<variant>]`; `hist` [d_sae, bins] the column `activation_hist`
+    (counts over HIST_EDGES)."""
     import pyarrow as pa
 
     ctx_type = pa.list_(
@@ -278,6 +298,8 @@ def table(
     if pos_logits is not None and neg_logits is not None:
         cols["top_logits"] = pa.array(pos_logits, type=pa.list_(pa.string()))
         cols["bottom_logits"] = pa.array(neg_logits, type=pa.list_(pa.string()))
+    if hist is not None:
+        cols["activation_hist"] = pa.array(hist.astype(np.int64).tolist(), type=pa.list_(pa.int64()))
     for name, (v_density, corr) in (fate or {}).items():
         cols[f"density[{name}]"] = pa.array(np.asarray(v_density, dtype=np.float64))
         cols[f"corr[{name}]"] = pa.array(np.asarray(corr, dtype=np.float64))

@@ -28,7 +28,7 @@ from microscope.stages.inputs import StageInputs
 from microscope.stages.runner import compute_unfinished, finished, publish, stage_prefix, timed
 from microscope.store import ArtifactStore
 
-VERSION = "2"  # 2: contexts carry per-token activations; features.parquet has each variant's fate
+VERSION = "3"  # 2: contexts carry per-token activations, each variant's fate; 3: activation histograms
 SAMPLE_ROWS = 16384
 
 
@@ -360,12 +360,15 @@ def _feature_table(
     plan: _Plan, loaded: Any, model: Any, fate: dict[str, tuple[np.ndarray, np.ndarray]], inp: _Inputs
 ) -> Any:
     """One row per latent: density, mean activation, top contexts, logit effects, each variant's fate."""
+    import torch
+
     from microscope.models import loading
 
     c, ids = inp.cfg.sae, inp.ids
     tokenizer = loading.load_tokenizer(inp.ref)
+    hist = torch.zeros((plan.d_sae, len(feat.HIST_EDGES) - 1), dtype=torch.int64)
     vals, wins, poss, fires, sums = feat.top_activations(
-        loaded.encode, parquet_rows(plan.paths), plan.d_sae, c.top_contexts
+        loaded.encode, parquet_rows(plan.paths), plan.d_sae, c.top_contexts, hist
     )
     all_density = fires / max(1, _rows(plan.paths))
     mean_act = np.divide(sums, fires, out=np.zeros_like(sums), where=fires > 0)
@@ -381,7 +384,7 @@ def _feature_table(
             tokenizer,
             c.top_logits,
         )
-    return feat.table(all_density, mean_act, ctx, pos_l, neg_l, fate)
+    return feat.table(all_density, mean_act, ctx, pos_l, neg_l, fate, hist.numpy())
 
 
 def _write_features(
