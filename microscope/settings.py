@@ -86,6 +86,11 @@ class Settings(BaseSettings):
         "and absolute-path prefixes, separated by spaces; anything else is refused with 422. Default: any s3:// "
         "URI and no local path. Empty: the receiver refuses to start (it would refuse every checkpoint).",
     )
+    viewer_stores: Annotated[tuple[str, ...], NoDecode] = Field(
+        (),
+        description="The stores the viewer may open, separated by spaces (a deployment sets its own store): the "
+        "Store box refuses any other. Empty: any store this process can read (a laptop).",
+    )
     callback_allow_private: bool = Field(
         False,
         description="Let result callbacks go to loopback, private, link-local and other non-public addresses (a "
@@ -122,7 +127,7 @@ class Settings(BaseSettings):
     def webhook_secrets(self) -> list[str]:
         return self.webhook_secret.get_secret_value().split() if self.webhook_secret else []
 
-    @field_validator("webhook_checkpoint_roots", mode="before")
+    @field_validator("webhook_checkpoint_roots", "viewer_stores", mode="before")
     @classmethod
     def _split_roots(cls, v: Any) -> Any:
         return tuple(v.split()) if isinstance(v, str) else v  # the environment's form: separated by spaces

@@ -1,7 +1,7 @@
 """The Helm chart in helm/microscope, rendered offline by the real Helm library (helm-python-sdk)
 and checked against the Kubernetes 1.33 schemas: lint, default and production values, pod
 security, worker RBAC, secret handling, the GPU pool defaults, the values schema, the
-registration hook and the ingresses."""
+registration hook, the ingresses and the viewer's authentication (oauth2-proxy sidecar or none)."""
 
 from __future__ import annotations
 
@@ -30,11 +30,29 @@ URL_PASSWORD = re.compile(r"://[^:/@\s]*:([^@\s]+)@")
 
 Doc = dict[str, Any]
 
+# The viewer sits behind an oauth2-proxy OIDC sign-in by default, which needs these three values:
+# render() adds them to every release that does not set `viewer.auth` itself.
+OIDC: dict[str, Any] = {
+    "oidcIssuerUrl": "https://login.acme.example/realms/ml",
+    "clientId": "microscope-viewer",
+    "existingSecret": "mic-viewer-oidc",
+}
+
+
+def with_oidc(values: dict[str, Any] | None) -> dict[str, Any]:
+    """`values` with `viewer.auth` = OIDC unless they set `viewer.auth` themselves (not mutated)."""
+    values = dict(values or {})
+    viewer = dict(values.get("viewer") or {})
+    if "auth" not in viewer:
+        viewer["auth"] = dict(OIDC)
+        values["viewer"] = viewer
+    return values
+
 
 def render(values: dict[str, Any] | None = None, name: str = RELEASE) -> tuple[list[Doc], str]:
     """Every manifest document of a release, and its NOTES.txt."""
     with helm.Chart.load(CHART) as chart:
-        files = chart.render(values or {}, name=name, namespace=NAMESPACE)
+        files = chart.render(with_oidc(values), name=name, namespace=NAMESPACE)
     docs: list[Doc] = []
     notes = ""
     for path, text in sorted(files.items()):
@@ -184,7 +202,17 @@ def test_services_probe_their_health_endpoints(default: list[Doc]) -> None:
     assert probe_path("prefect-server") == probe_path("prefect-server", "readinessProbe") == "/api/health"
     assert probe_path("worker-gpu") == probe_path("worker-cpu") == "/health"
     assert probe_path("mlflow") == "/health"
-    assert probe_path("viewer") == "/_stcore/health"
+    # the viewer's pod runs Streamlit and its oauth2-proxy; Streamlit listens on 127.0.0.1, which
+    # kubelet's httpGet (aimed at the pod IP) cannot reach, so its health is asked from inside
+    viewer = {
+        c["name"]: c
+        for c in one(default, "Deployment", "mic-microscope-viewer")["spec"]["template"]["spec"]["containers"]
+    }
+    assert set(viewer) == {"viewer", "oauth2-proxy"}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert "http://127.0.0.1:8501/_stcore/health" in viewer["viewer"][probe]["exec"]["command"][-1]
+    assert viewer["oauth2-proxy"]["livenessProbe"]["httpGet"] == {"path": "/ping", "port": "http"}
+    assert viewer["oauth2-proxy"]["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "http"}
     assert probe_path("webhook") == "/healthz"
     (qdrant,) = one(default, "StatefulSet", "mic-microscope-qdrant")["spec"]["template"]["spec"]["containers"]
     assert qdrant["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "http"}
@@ -374,7 +402,8 @@ def test_consumers_reference_the_generated_secrets(default: list[Doc]) -> None:
     assert refs("webhook")["MICROSCOPE_WEBHOOK_SECRET"] == ("mic-microscope-webhook", "webhook-secret")
     assert refs("mlflow")["AWS_SECRET_ACCESS_KEY"] == ("mic-microscope-minio", "root-password")
     for name in ("viewer", "webhook"):
-        (c,) = one(default, "Deployment", f"mic-microscope-{name}")["spec"]["template"]["spec"]["containers"]
+        pod = one(default, "Deployment", f"mic-microscope-{name}")["spec"]["template"]["spec"]
+        (c,) = [c for c in pod["containers"] if c["name"] == name]  # the viewer's pod also runs oauth2-proxy
         assert c["envFrom"] == [{"secretRef": {"name": "mic-microscope-credentials"}}]
 
 
@@ -601,3 +630,213 @@ def test_default_has_no_ingress_and_notes_explain_port_forwarding(default: list[
     assert "prefect deployment run audit/checkpoint -p model=" in notes
     _, notes = render(production_values(), name="microscope")
     assert "https://prefect.microscope.example.com/" in notes and "port-forward" not in notes
+
+
+# ---- the viewer behind authentication ---------------------------------------------------------
+
+OAUTH2_PROXY_IMAGE = re.compile(r"^quay\.io/oauth2-proxy/oauth2-proxy:v7\.\d+\.\d+$")
+
+
+def assert_valid(docs: list[Doc]) -> None:
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {exc.message} at {list(exc.path)}")
+
+
+def viewer_pod(docs: list[Doc], name: str = "mic-microscope-viewer") -> tuple[Doc, dict[str, Doc]]:
+    """The viewer's pod spec and its containers by name."""
+    spec = one(docs, "Deployment", name)["spec"]["template"]["spec"]
+    return spec, {c["name"]: c for c in spec["containers"]}
+
+
+def service_target(docs: list[Doc], name: str = "mic-microscope-viewer") -> tuple[str, int]:
+    """(container, port) the viewer Service's `http` port reaches, resolved as kube-proxy does."""
+    (port,) = one(docs, "Service", name)["spec"]["ports"]
+    assert port["name"] == "http"
+    _, by_name = viewer_pod(docs, name)
+    (target,) = [
+        (c, p["containerPort"])
+        for c, spec in by_name.items()
+        for p in spec.get("ports", [])
+        if p["name"] == port["targetPort"]
+    ]
+    return target
+
+
+def test_the_default_viewer_needs_oidc_values_or_says_how_to_opt_out() -> None:
+    with pytest.raises(helm.HelmRenderError) as raised:
+        render({"viewer": {"auth": {}}})  # the chart's defaults: mode oauth2-proxy, nothing else set
+    message = str(raised.value)
+    for value in ("viewer.auth.oidcIssuerUrl", "viewer.auth.clientId", "viewer.auth.existingSecret"):
+        assert message.count(value) == 1, message
+    assert message.count("viewer.auth.mode=none") == 1 and "without authentication" in message
+    assert '"client-secret"' in message and '"cookie-secret"' in message
+    # only what is missing is named
+    with pytest.raises(helm.HelmRenderError, match="set viewer.auth.clientId \\(") as raised:
+        render({"viewer": {"auth": {**OIDC, "clientId": ""}}})
+    assert "oidcIssuerUrl" not in str(raised.value) and "existingSecret" not in str(raised.value)
+    # no viewer, nothing to protect
+    docs, _ = render({"viewer": {"enabled": False, "auth": {}}})
+    assert "mic-microscope-viewer" not in {d["metadata"]["name"] for d in docs}
+
+
+def test_the_viewer_sits_behind_an_oauth2_proxy_sidecar(default: list[Doc]) -> None:
+    spec, by_name = viewer_pod(default)
+    assert [c["name"] for c in spec["containers"]] == ["viewer", "oauth2-proxy"]
+    viewer, proxy = by_name["viewer"], by_name["oauth2-proxy"]
+    # Streamlit on the loopback only, with no port of its own: the proxy is the only way in
+    assert viewer["command"] == ["microscope", "view", "--host", "127.0.0.1", "--port", "8501"]
+    assert "ports" not in viewer
+    assert service_target(default) == ("oauth2-proxy", 4180)
+    assert one(default, "Service", "mic-microscope-viewer")["spec"]["ports"][0]["port"] == 8501
+    assert OAUTH2_PROXY_IMAGE.match(proxy["image"]), proxy["image"]
+    assert "command" not in proxy  # the image's entrypoint is the proxy
+    args = proxy["args"]
+    for arg in (
+        "--provider=oidc",
+        "--oidc-issuer-url=https://login.acme.example/realms/ml",
+        "--client-id=microscope-viewer",
+        "--upstream=http://127.0.0.1:8501",
+        "--http-address=0.0.0.0:4180",
+        "--reverse-proxy=true",
+        "--email-domain=*",
+    ):
+        assert arg in args, args
+    assert not [
+        a for a in args if a.startswith(("--allowed-group", "--redirect-url", "--skip-auth", "--cookie-secure"))
+    ]
+    assert not [a for a in args if "secret" in a.lower()]  # secrets never on the command line
+    # secrets by reference from the operator's Secret; the proxy sees nothing of the credentials
+    assert "envFrom" not in proxy
+    assert env_of(proxy) == {
+        "OAUTH2_PROXY_CLIENT_SECRET": {
+            "name": "OAUTH2_PROXY_CLIENT_SECRET",
+            "valueFrom": {"secretKeyRef": {"name": "mic-viewer-oidc", "key": "client-secret"}},
+        },
+        "OAUTH2_PROXY_COOKIE_SECRET": {
+            "name": "OAUTH2_PROXY_COOKIE_SECRET",
+            "valueFrom": {"secretKeyRef": {"name": "mic-viewer-oidc", "key": "cookie-secret"}},
+        },
+    }
+    assert not [s for s in of_kind(default, "Secret") if s["metadata"]["name"] == "mic-viewer-oidc"]
+    # non-root under the chart's security contexts, read-only root filesystem
+    assert spec["securityContext"]["runAsNonRoot"] is True and spec["securityContext"]["runAsUser"] == 10001
+    assert proxy["securityContext"] == {**viewer["securityContext"], "readOnlyRootFilesystem": True}
+    assert proxy["resources"]["requests"] and proxy["resources"]["limits"]["memory"]
+    assert_valid([d for d in default if d["metadata"]["name"] == "mic-microscope-viewer"])
+
+
+def test_viewer_auth_values_reach_the_proxy() -> None:
+    auth = {
+        **OIDC,
+        "clientSecretKey": "oidc-client-secret",
+        "cookieSecretKey": "oidc-cookie-secret",
+        "emailDomains": ["acme.example", "acme-labs.example"],
+        "allowedGroups": ["ml-platform", "ml-admins"],
+        "extraArgs": ["--scope=openid email profile groups"],
+        "image": {"repository": "registry.example.com/oauth2-proxy", "tag": "v7.12.0", "pullPolicy": "Always"},
+    }
+    ingress = {
+        "enabled": True,
+        "className": "nginx",
+        "tls": {"enabled": True},
+        "viewer": {"host": "viewer.acme.example"},
+    }
+    docs, notes = render({"viewer": {"auth": auth}, "ingress": ingress})
+    assert_valid(docs)
+    _, by_name = viewer_pod(docs)
+    proxy = by_name["oauth2-proxy"]
+    assert proxy["image"] == "registry.example.com/oauth2-proxy:v7.12.0" and proxy["imagePullPolicy"] == "Always"
+    args = proxy["args"]
+    assert "--redirect-url=https://viewer.acme.example/oauth2/callback" in args
+    assert [a for a in args if a.startswith("--email-domain=")] == [
+        "--email-domain=acme.example",
+        "--email-domain=acme-labs.example",
+    ]
+    assert [a for a in args if a.startswith("--allowed-group=")] == [
+        "--allowed-group=ml-platform",
+        "--allowed-group=ml-admins",
+    ]
+    assert args[-1] == "--scope=openid email profile groups"  # extra flags last: they win
+    assert "--cookie-secure=false" not in args
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in proxy["env"]}
+    assert refs["OAUTH2_PROXY_CLIENT_SECRET"] == {"name": "mic-viewer-oidc", "key": "oidc-client-secret"}
+    assert refs["OAUTH2_PROXY_COOKIE_SECRET"] == {"name": "mic-viewer-oidc", "key": "oidc-cookie-secret"}
+    # the Ingress still reaches the Service, whose http port is the proxy's
+    (rule,) = one(docs, "Ingress", "mic-microscope-viewer")["spec"]["rules"]
+    assert rule["http"]["paths"][0]["backend"]["service"] == {"name": "mic-microscope-viewer", "port": {"number": 8501}}
+    assert service_target(docs) == ("oauth2-proxy", 4180)
+    assert "https://viewer.acme.example/oauth2/callback" in notes and "WITHOUT authentication" not in notes
+    # an ingress without TLS: the redirect is http and the session cookie cannot be Secure
+    docs, _ = render({"ingress": {"enabled": True}})
+    args = viewer_pod(docs)[1]["oauth2-proxy"]["args"]
+    assert "--redirect-url=http://viewer.microscope.local/oauth2/callback" in args and "--cookie-secure=false" in args
+
+
+def test_production_viewer_signs_in_with_the_company_idp(production: list[Doc]) -> None:
+    _, by_name = viewer_pod(production, "microscope-viewer")
+    proxy = by_name["oauth2-proxy"]
+    for arg in (
+        "--oidc-issuer-url=https://login.acme.example/realms/ml",
+        "--client-id=microscope-viewer",
+        "--redirect-url=https://microscope.example.com/oauth2/callback",
+        "--email-domain=acme.example",
+        "--allowed-group=ml-platform",
+    ):
+        assert arg in proxy["args"], proxy["args"]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in proxy["env"]} == {"microscope-viewer-oidc"}
+    assert service_target(production, "microscope-viewer") == ("oauth2-proxy", 4180)
+    assert "microscope-viewer-oidc" in PRODUCTION.read_text().split("helm upgrade")[0]  # listed with the other Secrets
+
+
+def test_mode_none_serves_streamlit_directly_and_notes_warn() -> None:
+    docs, notes = render({"viewer": {"auth": {"mode": "none"}}})
+    assert_valid(docs)
+    spec, by_name = viewer_pod(docs)
+    (viewer,) = spec["containers"]
+    assert viewer["command"] == ["microscope", "view", "--host", "0.0.0.0", "--port", "8501"]
+    assert viewer["ports"] == [{"name": "http", "containerPort": 8501}]
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert viewer[probe]["httpGet"] == {"path": "/_stcore/health", "port": "http"}
+    assert service_target(docs) == ("viewer", 8501)
+    assert "WARNING: viewer.auth.mode=none" in notes and "WITHOUT authentication" in notes
+    assert "oauth2-proxy with" not in notes
+    # and the default's notes say where users sign in instead of warning
+    _, notes = render()
+    assert "WARNING" not in notes
+    assert "oauth2-proxy with https://login.acme.example/realms/ml" in notes
+    assert "http://localhost:8501/oauth2/callback" in notes  # through port-forward (no ingress)
+
+
+@pytest.mark.parametrize(
+    ("auth", "message"),
+    [
+        ({**OIDC, "clientSecret": "s3cr3t"}, "additional properties 'clientSecret' not allowed"),
+        ({**OIDC, "mode": "basic"}, "value must be one of 'oauth2-proxy', 'none'"),
+        ({**OIDC, "existingSecret": "Viewer_OIDC"}, "does not match pattern"),
+        ({**OIDC, "emailDomains": []}, "minItems"),
+        ({**OIDC, "extraArgs": ["scope=openid"]}, "does not match pattern"),
+        (
+            {**OIDC, "image": {"repository": "quay.io/oauth2-proxy/oauth2-proxy", "tag": "v7.12.0", "digest": "x"}},
+            "additional properties 'digest' not allowed",
+        ),
+    ],
+)
+def test_schema_refuses_unknown_or_wrong_viewer_auth_values(auth: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=re.escape(message)):
+        render({"viewer": {"auth": auth}})
+
+
+@pytest.mark.parametrize("mode", ["oauth2-proxy", "none"])
+def test_the_viewer_only_opens_the_release_store(mode: str, production: list[Doc]) -> None:
+    docs, _ = render({"viewer": {"auth": {**OIDC, "mode": mode}}})
+    _, by_name = viewer_pod(docs)
+    stores = env_of(by_name["viewer"])["MICROSCOPE_VIEWER_STORES"]
+    # the very MICROSCOPE_STORE the release hands audit pods, read from the credentials Secret
+    assert stores["valueFrom"]["secretKeyRef"] == {"name": "mic-microscope-credentials", "key": "MICROSCOPE_STORE"}
+    assert secret_values(docs)[("mic-microscope-credentials", "MICROSCOPE_STORE")] == "s3://microscope/audits"
+    _, by_name = viewer_pod(production, "microscope-viewer")
+    stores = env_of(by_name["viewer"])["MICROSCOPE_VIEWER_STORES"]
+    assert stores["valueFrom"]["secretKeyRef"] == {"name": "microscope-credentials", "key": "MICROSCOPE_STORE"}

@@ -399,6 +399,30 @@ Checks that cannot be expressed in the values schema
 {{- end -}}
 {{- end -}}
 
+{{/* The viewer's authentication: with the default `oauth2-proxy`, fail with one message naming
+every missing value and the alternative. */}}
+{{- define "microscope.viewer.validateAuth" -}}
+{{- $a := .Values.viewer.auth -}}
+{{- if and .Values.viewer.enabled (eq $a.mode "oauth2-proxy") -}}
+{{- $missing := list -}}
+{{- if not $a.oidcIssuerUrl -}}{{- $missing = append $missing "viewer.auth.oidcIssuerUrl" -}}{{- end -}}
+{{- if not $a.clientId -}}{{- $missing = append $missing "viewer.auth.clientId" -}}{{- end -}}
+{{- if not $a.existingSecret -}}{{- $missing = append $missing "viewer.auth.existingSecret" -}}{{- end -}}
+{{- if $missing -}}
+{{- fail (printf "the viewer can delete audits and launch work, so by default (viewer.auth.mode=oauth2-proxy) it sits behind an oauth2-proxy OIDC sign-in: set %s (the Secret holds keys %q and %q; see the chart README, \"The viewer behind authentication\"), or set viewer.auth.mode=none to serve the viewer without authentication, only behind your own authenticating proxy" (join ", " $missing) $a.clientSecretKey $a.cookieSecretKey) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The viewer's OIDC redirect URL when its ingress is on (else oauth2-proxy derives it from the
+request, e.g. http://localhost:8501/oauth2/callback through `kubectl port-forward`). */}}
+{{- define "microscope.viewer.redirectUrl" -}}
+{{- $ing := .Values.ingress -}}
+{{- if and $ing.enabled $ing.viewer.enabled -}}
+{{- printf "%s://%s/oauth2/callback" (ternary "https" "http" $ing.tls.enabled) $ing.viewer.host -}}
+{{- end -}}
+{{- end -}}
+
 {{/* The current value of key `key` in Secret `name` when it exists in the cluster (so upgrades
 keep generated passwords), else a fresh random string. Offline rendering (`helm template`) has no
 cluster and always generates. Call once per password and keep the result in a variable. */}}
