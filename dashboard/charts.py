@@ -20,27 +20,51 @@ ROW_PX = 18
 
 
 def column_bars(df: pd.DataFrame, column: str) -> alt.Chart:
-    """One bar per row (weight matrix) in table order, anomalous rows in red; the first MAX_POINTS rows.
-    Up to LABELLED rows the bars are horizontal with every matrix named (long names need the width)."""
-    data = df[["name", "layer", column] + (["anomaly"] if "anomaly" in df.columns else [])].head(MAX_POINTS)
+    """The figure per weight matrix, sized for the model: up to LABELLED matrices one labelled horizontal
+    bar each (every name shown, ROW_PX a row: a 4-matrix CNN gets a short chart, not a strip); more, one
+    cell per (block, role) coloured by the figure (a 300-matrix model stays readable without scrolling).
+    Matrices where the figure is undefined are left out; when it is undefined for all, the chart says so.
+    Anomalous matrices in red."""
+    import pandas as pd
+
+    keep = ["name", "layer", column] + [c for c in ("anomaly", "role") if c in df.columns]
+    data = df[keep].head(MAX_POINTS)
+    data = data[pd.to_numeric(data[column], errors="coerce").notna()]
+    if data.empty:
+        note = pd.DataFrame({"note": [f"{column} is undefined for every matrix of this audit (the table says why)"]})
+        return alt.Chart(note, title=column).mark_text(align="left", x=0).encode(text="note:N").properties(height=24)
+    tooltip = ["name", "layer", alt.Tooltip(f"{_field(column)}:Q", title=column, format=".4g")]
+    if len(data) > LABELLED and "role" in data.columns:
+        return (
+            alt.Chart(data, title=f"{column} by block and role (mean over the matrices of a cell)")
+            .mark_rect()
+            .encode(
+                x=alt.X("layer:O", title="block"),
+                y=alt.Y("role:N", title=None),
+                color=alt.Color(f"mean({_field(column)}):Q", title=column, scale=alt.Scale(scheme="viridis")),
+                tooltip=["layer", "role", alt.Tooltip(f"mean({_field(column)}):Q", title=column, format=".4g")],
+            )
+            .properties(height=max(80, ROW_PX * data["role"].nunique()))
+        )
     color = (
         alt.condition(alt.datum.anomaly, alt.value(ANOMALY), alt.value(NORMAL))
         if "anomaly" in data.columns
         else alt.value(NORMAL)
     )
     value = alt.X(f"{_field(column)}:Q", title=column)
-    tooltip = ["name", "layer", alt.Tooltip(f"{_field(column)}:Q", title=column, format=".4g")]
     if len(data) <= LABELLED:
         return (
             alt.Chart(data, title=column)
             .mark_bar()
             .encode(
                 x=value,
-                y=alt.Y("name:N", sort=None, title=None, axis=alt.Axis(labelLimit=260)),
+                y=alt.Y(
+                    "name:N", sort=None, title=None, axis=alt.Axis(labelLimit=320, labelOverlap=False, labelFontSize=11)
+                ),
                 color=color,
                 tooltip=tooltip,
             )
-            .properties(height=max(80, ROW_PX * len(data)))
+            .properties(height=ROW_PX * len(data) + 40)
         )
     return (
         alt.Chart(data, title=column)
