@@ -42,7 +42,7 @@ with st.sidebar:
     uri = state.store_uri()
     refs = []
     try:  # whatever the store does, the page list below must stay: the page says what is wrong
-        if not state._local_missing(uri):
+        if not state._local_missing(uri) and state.store_refused(uri) is None:
             refs = state.audit_index(uri)
         if refs:
             state.audit_picker(refs, widget=st.selectbox, key="_microscope_pick.sidebar_audit")
@@ -55,6 +55,8 @@ pages = [
     st.Page(str(VIEWS / "overview.py"), title="Overview", icon="📋"),
     st.Page(str(VIEWS / "architecture.py"), title="Architecture", icon="🏗️"),
     st.Page(str(VIEWS / "layers.py"), title="Layers", icon="🧱"),
+    st.Page(str(VIEWS / "matrix.py"), title="Matrix explorer", icon="🔬"),
+    st.Page(str(VIEWS / "cka.py"), title="CKA", icon="🔗"),
     st.Page(str(VIEWS / "sae.py"), title="SAE features", icon="🧬"),
     st.Page(str(VIEWS / "lab.py"), title="Feature lab", icon="🎛️"),
     st.Page(str(VIEWS / "quantization.py"), title="Quantization", icon="🗜️"),
@@ -66,5 +68,7 @@ pages = [
     st.Page(str(VIEWS / "compare.py"), title="Compare", icon="⚖️"),
     st.Page(str(VIEWS / "evolution.py"), title="Evolution", icon="📈"),
     st.Page(str(VIEWS / "search.py"), title="Search", icon="🔎"),
+    st.Page(str(VIEWS / "launch.py"), title="Launch", icon="🚀"),
+    st.Page(str(VIEWS / "store.py"), title="Store", icon="🗄️"),
 ]
 st.navigation(pages).run()

@@ -139,6 +139,19 @@ def store_uri() -> str:
     return param("store") or default_store_uri()
 
 
+def store_refused(uri: str) -> str | None:
+    """Why this viewer will not open `uri` (a deployment's viewer reads only the stores it was given,
+    MICROSCOPE_VIEWER_STORES), or None."""
+    allowed = get_settings().viewer_stores
+    norm = uri.rstrip("/")
+    if not allowed or norm == default_store_uri().rstrip("/") or any(norm == a.rstrip("/") for a in allowed):
+        return None
+    return (
+        f"This viewer reads only {', '.join(f'`{a}`' for a in allowed)}: `{uri}` is not among the stores its "
+        "deployment configured (MICROSCOPE_VIEWER_STORES)."
+    )
+
+
 @st.cache_resource(show_spinner=False)
 def _open(uri: str) -> ArtifactStore:
     return open_store(uri)
@@ -152,6 +165,9 @@ def store() -> ArtifactStore | None:
     """The selected store, or None (with a notice on the page) when it cannot be opened. A local folder
     that does not exist is not created: the viewer only reads."""
     uri = store_uri()
+    if (why := store_refused(uri)) is not None:
+        st.error(why)
+        return None
     if _local_missing(uri):
         st.info(f"There is no store at `{uri}` yet: no audit has been written there. {PRODUCE}")
         return None
@@ -163,8 +179,17 @@ def store() -> ArtifactStore | None:
 
 
 @st.cache_data(ttl=INDEX_TTL_S, show_spinner=False)
-def _audit_index(uri: str) -> list[results.AuditRef]:
-    return results.list_audits(_open(uri))
+def _audit_index(uri: str) -> tuple[list[results.AuditRef], list[str]]:
+    unreadable: list[str] = []
+    return results.list_audits(_open(uri), unreadable=unreadable), unreadable
+
+
+def unreadable_records(uri: str) -> list[str]:
+    """The records of the store's index that could not be read (named with why), from the last listing."""
+    try:
+        return _audit_index(uri)[1]
+    except READ_ERRORS:
+        return []
 
 
 def audit_index(uri: str) -> list[results.AuditRef]:
@@ -177,10 +202,16 @@ def audit_index(uri: str) -> list[results.AuditRef]:
     if failed and failed[0] == uri and time.monotonic() - failed[1] < INDEX_TTL_S:
         raise failed[2]
     try:
-        return _audit_index(uri)
+        return _audit_index(uri)[0]
     except READ_ERRORS as e:
         st.session_state["_microscope_index_error"] = (uri, time.monotonic(), e)
         raise
+
+
+@st.cache_data(ttl=2, show_spinner=False)
+def running(uri: str, run_id: str | None = None) -> list[dict[str, Any]]:
+    """`results.running`: the audits started and not yet finished (their markers), re-read every 2 s."""
+    return results.running(_open(uri), run_id)
 
 
 def index_or_stop() -> tuple[ArtifactStore, list[results.AuditRef]]:
@@ -194,6 +225,12 @@ def index_or_stop() -> tuple[ArtifactStore, list[results.AuditRef]]:
     except READ_ERRORS as e:  # an unreadable record in the index
         st.error(f"Cannot list the audits in `{s.uri}`: {e}")
         st.stop()
+    if bad := unreadable_records(s.uri):
+        st.warning(
+            f"{len(bad)} audit record(s) in `{s.uri}` cannot be read and are left out: {'; '.join(bad[:3])}"
+            + (" …" if len(bad) > 3 else "")
+            + ". Run the audit again, or delete the record (`microscope delete AUDIT_ID`)."
+        )
     if not refs:
         st.info(f"No audit in the store `{s.uri}` yet. {PRODUCE}")
         st.stop()

@@ -530,6 +530,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.sae_cmd import add_parser as add_sae
 
     add_sae(sub)
+    from flows.store_cmd import add_parser as add_store
+
+    add_store(sub)
     return p
 
 

@@ -114,27 +114,41 @@ class AuditRef:
         return f"{self.model_name or '?'} · {where} · {self.status} · …{self.audit_id[-6:]}"
 
 
+def _ref(raw: dict[str, Any]) -> AuditRef:
+    return AuditRef(
+        audit_id=raw["audit_id"],
+        run_id=raw.get("run_id"),
+        step=raw.get("step"),
+        status=str(raw["status"]),
+        created_at=datetime.fromisoformat(raw["created_at"]),
+        model_source=(raw.get("model") or {}).get("source", ""),
+        digest=raw.get("model_digest"),
+        model_name=((raw.get("architecture") or {}).get("class_name") or _file_name(raw)),
+        config_digest=canonical_hash(raw.get("config") or {}, length=12),
+    )
+
+
 def list_audits(
-    store: ArtifactStore, run_id: str | None = None, model: str | None = None, status: str | None = None
+    store: ArtifactStore,
+    run_id: str | None = None,
+    model: str | None = None,
+    status: str | None = None,
+    unreadable: list[str] | None = None,
 ) -> list[AuditRef]:
     """Every audit in the store, oldest first; with `run_id` that run's in step order. `model` matches a
-    substring of the checkpoint's source or a prefix of its digest; `status` the audit's status."""
+    substring of the checkpoint's source or a prefix of its digest; `status` the audit's status. A record
+    that is not readable (truncated, not JSON, missing its id) is left out and named in `unreadable`, so
+    one damaged file does not hide every other audit."""
     out = []
     for key in store.list("audits"):
         if not key.endswith(".json") or key.count("/") != 1:
             continue
-        raw = json.loads(store.get_bytes(key))  # plain JSON: no validation of the (large) stage details
-        ref = AuditRef(
-            audit_id=raw["audit_id"],
-            run_id=raw.get("run_id"),
-            step=raw.get("step"),
-            status=str(raw["status"]),
-            created_at=datetime.fromisoformat(raw["created_at"]),
-            model_source=(raw.get("model") or {}).get("source", ""),
-            digest=raw.get("model_digest"),
-            model_name=((raw.get("architecture") or {}).get("class_name") or _file_name(raw)),
-            config_digest=canonical_hash(raw.get("config") or {}, length=12),
-        )
+        try:
+            ref = _ref(json.loads(store.get_bytes(key)))  # plain JSON: no validation of the large details
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            if unreadable is not None:
+                unreadable.append(f"{key} ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
+            continue
         if run_id is not None and ref.run_id != run_id:
             continue
         if model is not None and model not in ref.model_source and not (ref.digest or "").startswith(model):

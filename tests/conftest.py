@@ -48,6 +48,11 @@ SHARED_AUDITS = (
     "tests/dashboard/test_lab_page.py",
     "tests/flows/test_sae_import_e2e.py",
     "tests/microscope/test_lineage_finished.py",
+    "tests/dashboard/test_viewer_states.py",
+    "tests/microscope/test_store_admin.py",
+    "tests/flows/test_store_cmd.py",
+    "tests/dashboard/test_store_page.py",
+    "tests/dashboard/test_matrix_page.py",
 )
 LONGEST_FIRST = [
     "finished",

@@ -12,6 +12,7 @@ from dashboard import charts, state
 
 SPEEDS = (1, 2, 4, 8)  # steps per second
 TRAIL = 3  # steps of each matrix's path behind it in the projection
+FOLLOW_S = 5  # how often a followed run is looked at for new audits
 
 store, refs = state.index_or_stop()
 runs = sorted({r.run_id for r in refs if r.run_id})
@@ -27,6 +28,38 @@ current = state.selected_audit(refs)
 run = state.choose("Run", runs, "run", default=current.run_id)
 members = [r for r in refs if r.run_id == run]
 members.sort(key=lambda r: (r.step if r.step is not None else -1, r.created_at))
+
+
+def _run_state() -> tuple[tuple[str, str], ...]:
+    """What the page was drawn from: the run's audits and their statuses, plus the ones still running."""
+    listed = tuple((r.audit_id, r.status) for r in state.audit_index(store.uri) if r.run_id == run)
+    return listed + tuple((str(m["audit_id"]), "running") for m in state.running(store.uri, run))
+
+
+drawn = _run_state()
+follow = st.toggle(
+    "Follow the run live",
+    value=True,
+    help=f"Look for new checkpoints' audits every {FOLLOW_S} s and redraw when one finishes (no reload needed).",
+)
+
+
+@st.fragment(run_every=FOLLOW_S if follow else None)
+def _watch() -> None:
+    """Redraw the page when an audit of the run finishes or starts; say which are running meanwhile."""
+    now = _run_state()
+    if now != drawn:
+        st.rerun(scope="app")
+    steps_running = state.running(store.uri, run)
+    if steps_running:
+        st.info(
+            "Running now: "
+            + ", ".join(f"step {m['step']}" if m["step"] is not None else str(m["audit_id"]) for m in steps_running)
+            + " (the page redraws when it finishes)"
+        )
+
+
+_watch()
 
 series = state.run_series(store, run, members)
 state.notices(series.attrs.get("missing", {}))

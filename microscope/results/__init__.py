@@ -32,7 +32,7 @@ through this package: `from microscope import results; results.layer_table(...)`
 from microscope.errors import InputError
 from microscope.results.architecture import BYTES, ingest_summary, memory_table, module_table
 from microscope.results.attribution import attribution_overview, attribution_results, layer_shares_table
-from microscope.results.index import AuditRef, list_audits, load_audit, manifest_digest
+from microscope.results.index import AuditRef, list_audits, load_audit, manifest_digest, running
 from microscope.results.landscape import landscape_history, landscape_overview
 from microscope.results.layers import (
     FLAGGED_COLUMNS,
@@ -96,6 +96,7 @@ from microscope.results.weights import (
 )
 
 __all__ = [
+    "running",
     "WORDPIECE_MODELS",
     "display_tokens",
     "feature_histogram",

@@ -10,7 +10,7 @@ from microscope import audits
 from microscope.audits import AuditRef, list_audits
 from microscope.store import ArtifactStore
 
-__all__ = ["AuditRef", "list_audits", "load_audit", "manifest_digest"]
+__all__ = ["AuditRef", "list_audits", "load_audit", "manifest_digest", "running"]
 
 load_audit = audits.load
 
@@ -30,3 +30,9 @@ def manifest_digest(store: ArtifactStore, record: AuditRecord) -> str:
         name: [r.status.value, r.config_hash, r.artifacts.get("manifest"), r.error] for name, r in _all_records(record)
     }
     return canonical_hash({"audit": record.audit_id, "status": record.status.value, "stages": parts}, length=12)
+
+
+def running(store: ArtifactStore, run_id: str | None = None) -> list[dict[str, object]]:
+    """Audits started and not yet finished (of `run_id`), oldest first: `audit_id`, `run_id`, `step`,
+    `created_at` (from the markers running audits leave in the store)."""
+    return [m.model_dump() for m in audits.in_flight(store, run_id)]
