@@ -19,7 +19,7 @@ from schemas.gates import GateVerdict
 from schemas.hooks import matrix_role
 from schemas.records import Architecture, DatasetSummary, StageRecord
 
-from microscope import charts, results
+from microscope import charts, glossary, results
 from microscope.figures import is_number
 from microscope.models.loading import describe_nonfinite
 
@@ -47,6 +47,15 @@ def _fmt(v: Any) -> str:
 
 def _mb(b: float | None) -> str:
     return "–" if not is_number(b) else f"{b / 2**20:,.2f} MiB"
+
+
+def _th(key: str, cls: str = "") -> Markup:
+    """A table header for the record key `key`: the glossary's label, its help text as the tooltip."""
+    from markupsafe import Markup
+
+    term = glossary.lookup(key)
+    label, help_ = (term.label, term.help) if term else (key, "")
+    return Markup('<th{} title="{}">{}</th>').format(Markup(' class="l"') if cls == "l" else "", help_, label)
 
 
 def _pct(a: float | None, b: float | None = 1.0) -> str:
@@ -111,7 +120,7 @@ def _environment(notes: Footnotes) -> Environment:
     from jinja2 import Environment, PackageLoader
 
     env = Environment(loader=PackageLoader("microscope", "templates"), autoescape=True)
-    env.globals.update(fmt=_fmt, mb=_mb, pct=_pct, figure=notes.figure, undefined=notes.undefined)
+    env.globals.update(fmt=_fmt, mb=_mb, pct=_pct, th=_th, figure=notes.figure, undefined=notes.undefined)
     return env
 
 

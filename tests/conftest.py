@@ -53,6 +53,8 @@ SHARED_AUDITS = (
     "tests/flows/test_store_cmd.py",
     "tests/dashboard/test_store_page.py",
     "tests/dashboard/test_matrix_page.py",
+    "tests/microscope/test_glossary.py",
+    "tests/dashboard/test_overview_layers.py",
 )
 LONGEST_FIRST = [
     "finished",

@@ -1,11 +1,33 @@
 """The joined per-layer table (one row per weight matrix; see `microscope.results`): sortable, anomalous
-rows highlighted, a chart per chosen column, exports (CSV, Parquet, JSON) of exactly the table."""
+rows highlighted, columns labelled from the glossary (what each is on hover), a few chosen by default and
+all on demand, a link into the matrix explorer, a chart per chosen column, exports (CSV, Parquet, JSON) of
+exactly the table."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import streamlit as st
 
 from dashboard import charts, exports, state
+from dashboard.columns import column_config
+from microscope import glossary
+
+DEFAULT_COLUMNS = (
+    "name",
+    "role",
+    "layer",
+    "rows",
+    "cols",
+    "alpha",
+    "spectral_norm",
+    "stable_rank",
+    "effective_rank_share",
+    "condition_number",
+    "anomaly",
+    "anomaly_reasons",
+)
+MATRIX_PAGE = "views/matrix.py"  # another page (relative to app.py); offered only where app.py registers it
 
 store, refs, rec = state.current_audit()
 
@@ -25,14 +47,63 @@ if "anomaly" in table.columns:
 else:
     st.caption(f"{len(table)} blocks (no weight statistics: the metrics stage did not run)")
 
-# Lists become text for display; the exports keep the table as it is.
+# Lists become text for display; the exports keep the table as it is. The frame handed to st.dataframe is
+# the whole table: `column_order` picks what is shown, so sorting and the exports see the same rows.
 shown = state.display(table)
+everything = list(shown.columns)
+defaults = [c for c in DEFAULT_COLUMNS if c in everything]
+defaults += [c for c in everything if c not in defaults][: max(0, 6 - len(defaults))]  # blocks only: a few more
+pick, show_all = st.columns([5, 1], vertical_alignment="bottom")
+every = show_all.toggle("All columns", key="_layers.all", help=f"Show all {len(everything)} columns")
+chosen_cols = pick.multiselect(
+    "Columns",
+    everything,
+    default=defaults,
+    format_func=glossary.label,
+    key="_layers.columns",
+    disabled=every,
+    help="The table's columns by their glossary label; hover a column header for what it is.",
+)
+order = everything if every else chosen_cols or defaults
+config = column_config(shown)
 if "anomaly" in shown.columns and shown.size <= 200_000:
     highlight = "background-color: rgba(214, 39, 40, 0.18)"
     styled = shown.style.apply(lambda row: [highlight if row["anomaly"] else ""] * len(row), axis=1)
-    st.dataframe(styled, hide_index=True, width="stretch", height=420)
+    st.dataframe(styled, hide_index=True, width="stretch", height=420, column_config=config, column_order=order)
 else:
-    st.dataframe(shown, hide_index=True, width="stretch", height=420)
+    st.dataframe(shown, hide_index=True, width="stretch", height=420, column_config=config, column_order=order)
+
+
+# ---- into the matrix explorer ----------------------------------------------------------------
+def _registered(page: str) -> bool:
+    """Whether app.py's st.navigation lists `page` (a file not yet registered cannot be switched to).
+    Streamlit has no public API for the page list: its script context's, else no."""
+    from streamlit.runtime.scriptrunner_utils.script_run_context import get_script_run_ctx
+
+    path = (Path(__file__).resolve().parent / Path(page).name).resolve()
+    try:
+        pages = get_script_run_ctx().pages_manager.get_pages().values()  # type: ignore[union-attr]
+        return path.is_file() and any(Path(p["script_path"]).resolve() == path for p in pages)
+    except (AttributeError, KeyError, TypeError):
+        return False
+
+
+if _registered(MATRIX_PAGE):
+    if (target := st.session_state.pop("_layers.open_target", None)) is not None:
+        state.set_param("layer", target)
+        st.switch_page(str(Path(__file__).resolve().parent / Path(MATRIX_PAGE).name))  # = MATRIX_PAGE, from anywhere
+
+    def _open() -> None:  # remembered, then switched in the page body (a callback cannot switch pages)
+        st.session_state["_layers.open_target"] = st.session_state.get("_layers.open")
+
+    st.selectbox(
+        "Open in the matrix explorer",
+        list(table["name"]),
+        index=None,
+        placeholder="a matrix…",
+        key="_layers.open",
+        on_change=_open,
+    )
 
 # ---- one matrix ------------------------------------------------------------------------------
 names = list(table["name"])
@@ -50,7 +121,7 @@ if undefined:
 # ---- charts per column ------------------------------------------------------------------------
 numeric = state.numeric_columns(table, exclude=("layer", "rows", "cols"))
 preferred = [c for c in ("spectral_norm", "alpha", "effective_rank") if c in numeric]
-chosen = st.multiselect("Chart columns", numeric, default=preferred or numeric[:1])
+chosen = st.multiselect("Chart columns", numeric, default=preferred or numeric[:1], format_func=glossary.label)
 if len(table) > charts.MAX_POINTS:
     st.caption(f"Charts show the first {charts.MAX_POINTS} of {len(table)} rows.")
 for col in chosen:
