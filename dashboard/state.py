@@ -244,9 +244,9 @@ def describe(ref: results.AuditRef) -> str:
 
 def closest(wanted: str, names: Sequence[str], n: int = 3) -> list[str]:
     """The names most like `wanted` (difflib's ratio), for "did you mean" messages."""
-    import difflib
+    from microscope.results.matrix import closest_names
 
-    return difflib.get_close_matches(wanted, list(names), n=n, cutoff=0.3)
+    return closest_names(wanted, list(names), n=n)
 
 
 def _duplicate_key(ref: results.AuditRef) -> tuple:
@@ -491,6 +491,8 @@ def choose_int(label: str, name: str, *, max_value: int, default: int = 0) -> in
     """A number input in [0, max_value] bound to the query parameter `name` (like `choose`)."""
     wanted = param(name)
     value = int(wanted) if wanted and wanted.isdigit() and int(wanted) <= max_value else default
+    if wanted and str(value) != wanted:  # a link naming what is not here: say so, never a silent substitute
+        st.warning(f"No {label.lower()} `{wanted}` here ({label.lower()}s 0 to {max_value}); showing {value}.")
     key = f"_microscope_pick.{name}"
     st.session_state[key] = value  # the URL is the source of truth; the widget shows it
 

@@ -32,11 +32,10 @@ LEFTOVER_AGE_S = 3600.0  # a temp file outside any stage prefix this old has no 
 
 
 def human_bytes(n: int) -> str:
-    """Bytes as people read them: B, KiB, MiB or GiB (two decimals)."""
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= size:
-            return f"{n / size:,.2f} {unit}"
-    return f"{n} B"
+    """Bytes as people read them (binary units), as everywhere else in the viewer and the report."""
+    from microscope.formatting import fmt
+
+    return fmt(n, "bytes")
 
 
 # ---- the listing ------------------------------------------------------------------------------

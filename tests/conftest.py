@@ -33,31 +33,43 @@ WORKER_INDEX = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw
 # ---- parallel runs: which tests share a worker ----------------------------------------------------
 # `make test` runs the suite on xdist workers, a module at a time (so module fixtures, such as a Prefect
 # server on Postgres and `make deploy`, are built once); the modules that read the session's finished
-# audits go to one worker together, so those audits are made once. Groups start longest first (measured;
-# the rest in collection order), so the workers finish together.
-SHARED_AUDITS = (
-    "tests/microscope/test_results.py",
-    "tests/microscope/test_results_views.py",
-    "tests/microscope/test_feature_matching.py",
-    "tests/flows/test_robustness_e2e.py",
-    "tests/flows/test_reliability_e2e.py",
-    "tests/dashboard/test_app.py",
-    "tests/dashboard/test_browser.py",
-    "tests/schemas/test_details.py",
-    "tests/flows/test_steer_cli.py",
-    "tests/dashboard/test_lab_page.py",
-    "tests/flows/test_sae_import_e2e.py",
-    "tests/microscope/test_lineage_finished.py",
-    "tests/dashboard/test_viewer_states.py",
-    "tests/microscope/test_store_admin.py",
-    "tests/flows/test_store_cmd.py",
-    "tests/dashboard/test_store_page.py",
-    "tests/dashboard/test_matrix_page.py",
-    "tests/microscope/test_glossary.py",
-    "tests/dashboard/test_overview_layers.py",
-)
+# audits go to a worker in groups (SHARED_GROUPS), so those audits are made once per group: three groups
+# so that no one worker carries them all (a copy of the audits costs less than one worker running every
+# module). Groups start longest first (measured; the rest in collection order), so the workers finish
+# together.
+SHARED_GROUPS = {
+    "finished": (  # the viewer's pages and the results readers: text and vision audits
+        "tests/microscope/test_results.py",
+        "tests/microscope/test_results_views.py",
+        "tests/microscope/test_feature_matching.py",
+        "tests/dashboard/test_app.py",
+        "tests/schemas/test_details.py",
+        "tests/microscope/test_lineage_finished.py",
+        "tests/dashboard/test_viewer_states.py",
+        "tests/dashboard/test_matrix_page.py",
+        "tests/microscope/test_glossary.py",
+        "tests/dashboard/test_overview_layers.py",
+    ),
+    "finished-text": (  # the text audits only: the browser, steering, SAE import, store management
+        "tests/dashboard/test_browser.py",
+        "tests/flows/test_steer_cli.py",
+        "tests/dashboard/test_lab_page.py",
+        "tests/flows/test_sae_import_e2e.py",
+        "tests/microscope/test_store_admin.py",
+        "tests/flows/test_store_cmd.py",
+        "tests/dashboard/test_store_page.py",
+    ),
+    "finished-vision": (  # the vision audit only
+        "tests/flows/test_robustness_e2e.py",
+        "tests/flows/test_reliability_e2e.py",
+    ),
+}
+SHARED_AUDITS = tuple(path for paths in SHARED_GROUPS.values() for path in paths)
+_GROUP_OF = {path: group for group, paths in SHARED_GROUPS.items() for path in paths}
 LONGEST_FIRST = [
     "finished",
+    "finished-text",
+    "finished-vision",
     "tests/deploy/test_deployments_e2e.py",
     "tests/flows/test_gates_e2e.py",
     "tests/flows/test_audit_core.py",
@@ -74,7 +86,7 @@ LONGEST_FIRST = [
 
 def group_of(nodeid: str) -> str:
     path = nodeid.split("::", 1)[0]
-    return "finished" if path in SHARED_AUDITS else path
+    return _GROUP_OF.get(path, path)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

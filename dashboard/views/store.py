@@ -103,7 +103,7 @@ st.subheader("Delete an audit or a model")
 kind = st.radio("What", ["audit", "model"], horizontal=True, key="_microscope_store.kind")
 names = [a.audit_id for a in reversed(use.audits)] if kind == "audit" else [m.model for m in use.models]
 if not names:
-    st.info(f"No {kind} in this store.")
+    st.info(f"No {kind} in this store." + (f" {state.PRODUCE}" if kind == "audit" else ""))
 else:
     current = state.param("audit") if kind == "audit" else None  # the sidebar's audit, when it is here
     start = names.index(current) if current in names else 0

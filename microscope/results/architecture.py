@@ -42,12 +42,36 @@ def module_table(record: AuditRecord) -> pd.DataFrame:
     return df
 
 
+_EMBEDDING_NAMES = ("emb", "wte", "wpe", "embed_tokens", "shared")
+
+
+def _quantizable(record: AuditRecord, t: pd.DataFrame) -> dict[str, bool]:
+    """Which matrices a quantized format stores quantized: the Linear (and GPT-2 Conv1D) weights except the
+    output embedding, as `quantization.loading_skip` and transformers' quantizers decide. Inside the blocks
+    every matrix is one; outside, the module's recorded type decides (a CNN's convolutions stay at the
+    model's dtype, its Linear head does not), else its name (embeddings and the unembedding stay)."""
+    types = {m.name: m.type for m in (record.architecture.modules if record.architecture else [])}
+    unembedding = bool(record.architecture and record.architecture.has_unembedding)
+    out: dict[str, bool] = {}
+    for name, layer in zip(t["name"], t["layer"], strict=True):
+        module = name.removesuffix(".weight")
+        kind = types.get(module)
+        if layer >= 0:
+            out[name] = True
+        elif kind is not None:
+            out[name] = kind in ("Linear", "Conv1D") and not (unembedding and module.endswith("lm_head"))
+        else:
+            leaf = module.rsplit(".", 1)[-1]
+            out[name] = not any(e in leaf for e in _EMBEDDING_NAMES) and not (unembedding and leaf == "lm_head")
+    return out
+
+
 def memory_table(record: AuditRecord, table: pd.DataFrame | None = None) -> pd.DataFrame:
     """Weight memory per block (`layer`, -1 for everything outside the blocks) in full precision and in each
     quantized variant the audit made, in bytes: `bytes[fp]`, `bytes[<v>]`. A matrix inside a block is stored
     in the variant's format (its bytes per weight from `microscope.quantization.FORMATS`, scales included);
-    matrices outside the blocks (embeddings, heads) stay at the model's dtype, as transformers' quantizers
-    leave them. Biases and norms are not in the table (`metrics` measures 2-D weights only), so the column
+    outside the blocks, Linear matrices are too, while embeddings, the unembedding and convolutions stay at
+    the model's dtype, as our and transformers' quantizers leave them (`_quantizable`). Biases and norms are not in the table (`metrics` measures 2-D weights only), so the column
     sums are a lower bound of the quantize stage's `measured_bytes`, kept in `attrs["measured"]`."""
     import pandas as pd
 
@@ -65,6 +89,7 @@ def memory_table(record: AuditRecord, table: pd.DataFrame | None = None) -> pd.D
         for v, recs in sorted(record.variants.items())
         if "quantize" in recs and recs["quantize"].status != StageStatus.failed
     }
+    quantized = _quantizable(record, t)
     rows = []
     for layer, g in t.groupby("layer", sort=True):
         n = (g["rows"] * g["cols"]).astype(float)
@@ -72,12 +97,13 @@ def memory_table(record: AuditRecord, table: pd.DataFrame | None = None) -> pd.D
         row["bytes[fp]"] = float(n.sum() * fp_bytes)
         for v, fmt in produced.items():
             f = FORMATS.get(fmt)
-            if f is None or layer < 0:
-                row[f"bytes[{v}]"] = float(n.sum() * (f.other_bytes if f and fp_bytes > f.other_bytes else fp_bytes))
-            else:
-                row[f"bytes[{v}]"] = float(
-                    sum(o * i * f.quantized_bytes(int(i)) for o, i in zip(g["rows"], g["cols"], strict=True))
+            kept = f.other_bytes if f and fp_bytes > f.other_bytes else fp_bytes  # what a format leaves as is
+            row[f"bytes[{v}]"] = float(
+                sum(
+                    o * i * (f.quantized_bytes(int(i)) if f is not None and quantized[name] else kept)
+                    for name, o, i in zip(g["name"], g["rows"], g["cols"], strict=True)
                 )
+            )
         rows.append(row)
     df = pd.DataFrame(rows)
     df.attrs["missing"] = {}

@@ -61,6 +61,12 @@ def test_an_unknown_matrix_in_a_link_is_said_with_the_closest(recs: dict) -> Non
     assert "`transformer.h.0.attn.c_atn.weight`" in said and "Closest: `transformer.h.0.attn.c_attn.weight`" in said
 
 
+def test_a_feature_past_the_saes_width_is_said(recs: dict) -> None:
+    at = _page(recs["step1"]["store_uri"], "sae", audit=recs["step1"]["audit_id"], feature="99999")
+    assert not at.exception, [e.value for e in at.exception]
+    assert "No feature `99999` here (features 0 to" in _said(at)
+
+
 def test_an_unreadable_record_is_left_out_and_named(recs: dict, tmp_path: Path) -> None:
     store = tmp_path / "store"
     shutil.copytree(recs["step1"]["store_uri"], store)

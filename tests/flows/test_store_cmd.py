@@ -39,7 +39,7 @@ def test_gc_dry_run_then_yes(copy: Path, finished_audits: dict[str, dict], capsy
 
     assert main(["gc", "--store", str(copy)]) == 0
     out = capsys.readouterr().out
-    assert f"prefix   {orphan.parent.relative_to(copy).as_posix()}  (3.00 MiB)" in out
+    assert f"prefix   {orphan.parent.relative_to(copy).as_posix()}  (3 MiB)" in out
     assert "run again with --yes to delete" in out and orphan.exists()
     assert walk_total(copy) == before
 

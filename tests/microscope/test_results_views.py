@@ -64,6 +64,23 @@ def test_memory_table_from_the_weights(gpt2, tiny_gpt2_dir: Path) -> None:
     assert mem.attrs["measured"]["int8"] == rec.variants["int8"]["quantize"].metrics["measured_bytes"]
 
 
+def test_memory_table_of_a_cnn_counts_its_linear_layers_quantized(vision, digits_cnn) -> None:
+    """A CNN has no blocks: every matrix is outside them. torch-int8 converts its Linear layers (fc and the
+    head) and leaves the convolutions at fp32, so the estimate follows the measured variant, not fp."""
+    from safetensors.numpy import load_file
+
+    _, rec, _ = vision
+    tensors = load_file(str(digits_cnn[0]))
+    mem = results.memory_table(rec)
+    convs = sum(t.size for k, t in tensors.items() if k.endswith(".weight") and t.ndim == 4)
+    linears = [t for k, t in tensors.items() if k.endswith(".weight") and t.ndim == 2]
+    # int8: one byte per weight plus an fp32 scale per output row; convolutions 4 bytes per weight
+    expect = 4 * convs + sum(t.size + 4 * t.shape[0] for t in linears)
+    assert mem["bytes[torch-int8]"].sum() == expect
+    biases = sum(t.size for k, t in tensors.items() if k.endswith(".bias"))  # not in the table: fp32 in the variant
+    assert mem.attrs["measured"]["torch-int8"] == expect + 4 * biases
+
+
 def test_quantization_and_drift_tables_are_the_records(gpt2) -> None:
     _, rec, _ = gpt2
     q = results.quantization_table(rec)
