@@ -27,6 +27,7 @@ OUT = REPO / "docs" / "images"
 HEIGHT = 1100
 IMAGE_PAGES = {"robustness", "reliability", "landscape", "attribution", "quantization"}
 ENCODER_PAGES = {"sae", "search"}
+WAIT_FOR = {"lab": ("Clean vs edited",)}  # pages that keep working after their heading: what ends them
 
 
 def _audits(store_uri: str) -> dict[str, str]:
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                 for page in pages:
                     which = "image" if page in IMAGE_PAGES else "encoder" if page in ENCODER_PAGES else "run"
                     url = f"{base}/{page}?{urlencode({'audit': pick[which]})}"
-                    state = chrome.render(url, ())
+                    state = chrome.render(url, WAIT_FOR.get(page, ()))
                     png = chrome.screenshot(tmp / "shot.png")
                     path = OUT / f"viewer-{page}-{width}.png"
                     # a palette of 256 colours: a fifth of the bytes, the same picture for a UI

@@ -13,6 +13,7 @@ import streamlit as st
 
 from dashboard import state
 from microscope import results
+from microscope.formatting import fmt
 
 store, refs, rec = state.current_audit()
 
@@ -64,9 +65,11 @@ default = showcase[0] if showcase else int(view["feature"].iloc[0]) if not view.
 feature = state.choose_int("Feature", "feature", max_value=len(table) - 1, default=default)
 row = table.iloc[feature]
 c = st.columns(4)
-c[0].metric("density", f"{row['density']:.3e}")
-c[1].metric("mean activation (firing)", f"{row['mean_activation']:.4g}")
-c[2].metric("max activation", "—" if not math.isfinite(row["max_activation"]) else f"{row['max_activation']:.4g}")
+c[0].metric(
+    "density", fmt(row["density"], "percent"), help="Share of traced tokens where the feature fires (held-out rows)."
+)
+c[1].metric("mean activation (firing)", fmt(row["mean_activation"]), help="Mean activation where it fires.")
+c[2].metric("max activation", fmt(row["max_activation"]), help="Largest activation over the traced tokens.")
 if "top_logits" in table.columns and row.get("top_logits") is not None:
     c[3].markdown("**raises** " + " ".join(f"`{t}`" for t in row["top_logits"][:6]))
     c[3].markdown("**lowers** " + " ".join(f"`{t}`" for t in row["bottom_logits"][:6]))

@@ -109,7 +109,10 @@ def features(store: ArtifactStore, record: AuditRecord, hook: str) -> pd.DataFra
         act = flat.field("activation").to_numpy(zero_copy_only=False).astype(np.float64)
         left, tok, right = (flat.field(f).to_numpy(zero_copy_only=False) for f in ("left", "token", "right"))
         out["max_activation"] = np.where(has, act[first], np.nan)
-        out["top_context"] = [f"{left[i]}[{tok[i]}]{right[i]}" if h else None for i, h in zip(first, has, strict=True)]
+        # a context cut inside a word starts with its WordPiece continuation: shown as text, not `##al`
+        out["top_context"] = [
+            f"{left[i].removeprefix('##')}[{tok[i]}]{right[i]}" if h else None for i, h in zip(first, has, strict=True)
+        ]
     else:
         out["max_activation"] = np.full(len(has), np.nan)
         out["top_context"] = [None] * len(has)
