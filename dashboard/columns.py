@@ -48,3 +48,13 @@ def column_config(df: pd.DataFrame) -> dict[str, Any]:
         else:
             out[col] = st.column_config.TextColumn(**kw)
     return out
+
+
+def table(df: Any, **kwargs: Any) -> Any:
+    """`st.dataframe` with the glossary's labels, help and formats on the columns it knows (a caller's own
+    `column_config` entries win)."""
+    import pandas as pd
+
+    frame = df if isinstance(df, pd.DataFrame) else pd.DataFrame(df)
+    own = kwargs.pop("column_config", None) or {}
+    return st.dataframe(frame, column_config={**column_config(frame), **own}, **kwargs)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from dashboard import state
+from dashboard import columns, state
 from microscope.results import attribution as ra
 
 MAPS = ("input", "saliency", "integrated_gradients", "smoothgrad")
@@ -142,7 +142,7 @@ if rnd is not None:
         f"model learned. {rnd['meaning']}"
     )
 if len(overview["variants"]) > 1:
-    st.dataframe(pd.DataFrame(overview["variants"]), hide_index=True, width="stretch")
+    columns.table(pd.DataFrame(overview["variants"]), hide_index=True, width="stretch")
 
 # ---- blocks --------------------------------------------------------------------------------------
 st.subheader("Through which blocks")
@@ -158,7 +158,7 @@ else:
         "gradients|; Fisher and Hutchinson = the blocks' summed Fisher and Hessian traces (metrics stage). "
         "Sensitive blocks that carry little attribution (or the reverse) are worth a look."
     )
-    st.dataframe(
+    columns.table(
         shares,
         hide_index=True,
         width="stretch",

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, state
+from dashboard import charts, columns, state
 from microscope import results
 
 store, refs = state.index_or_stop()
@@ -36,7 +36,7 @@ if not heads.empty:
         picked = st.multiselect(
             "Stages", stages, default=[s for s in stages if s.startswith("reliability")] or stages[:2]
         )
-        st.dataframe(heads[heads["source"].isin(picked)], hide_index=True, width="stretch")
+        columns.table(heads[heads["source"].isin(picked)], hide_index=True, width="stretch")
 
 ta, tb = state.layer_table(store, rec_a), state.layer_table(store, rec_b)
 for label, t in (("A", ta), ("B", tb)):
@@ -57,7 +57,7 @@ deltas = pd.DataFrame({"name": joined["name"], "layer": joined["layer"]})
 for c in common:
     deltas[f"Δ {c}"] = joined[f"{c}.B"] - joined[f"{c}.A"]
 st.subheader("Per-matrix deltas (B − A)")
-st.dataframe(deltas, hide_index=True, width="stretch", height=360)
+columns.table(deltas, hide_index=True, width="stretch", height=360)
 
 preferred = [c for c in ("spectral_norm", "alpha") if c in common]
 chosen = st.multiselect("Chart columns", common, default=preferred or common[:1])

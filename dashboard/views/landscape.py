@@ -7,7 +7,7 @@ from __future__ import annotations
 import altair as alt
 import streamlit as st
 
-from dashboard import charts, state
+from dashboard import charts, columns, state
 from microscope.results.landscape import (
     MEANING,
     composition_frame,
@@ -38,7 +38,7 @@ records = overview["records"]
 # ---- the figures -------------------------------------------------------------------------------
 st.subheader("Curvature and sharpness")
 table = figures_table(records)
-st.dataframe(
+columns.table(
     table,
     hide_index=True,
     width="stretch",
@@ -114,7 +114,7 @@ if not eig.empty:
         "Power iteration on Hessian-vector products with deflation; an eigenvector's composition is its squared "
         "norm per block: where in the network the sharpest directions live."
     )
-    st.dataframe(eig, hide_index=True, width="stretch")
+    columns.table(eig, hide_index=True, width="stretch")
     comp = composition_frame(records["fp"])
     if not comp.empty:
         top = comp[comp["rank"] == comp["rank"].min()].sort_values("share", ascending=False).head(charts.LABELLED)
@@ -131,4 +131,4 @@ if not eig.empty:
         )
 
 with st.expander("Time per part (seconds)"):
-    st.dataframe([overview["seconds"]], hide_index=True)
+    columns.table([overview["seconds"]], hide_index=True)

@@ -7,7 +7,7 @@ import math
 
 import streamlit as st
 
-from dashboard import charts, state
+from dashboard import charts, columns, state
 from microscope import results
 
 store, refs, rec = state.current_audit()
@@ -43,7 +43,7 @@ if undefined:
         for v, figs in undefined.items():
             for fig, why in figs.items():
                 st.markdown(f"- **{v}** · `{fig}`: {why}")
-st.dataframe(table, hide_index=True, width="stretch")
+columns.table(table, hide_index=True, width="stretch")
 
 # ---- drift per layer --------------------------------------------------------------------------
 st.subheader("Activation drift per layer")
@@ -56,7 +56,7 @@ else:
     c2.altair_chart(charts.by_layer(drift, "rel_error", "‖q − fp‖ / ‖fp‖"), width="stretch")
     worst = drift.sort_values("rel_error", ascending=False).iloc[0]
     st.caption(f"Largest drift: {worst['variant']} at `{worst['hook']}` (relative error {worst['rel_error']:.4g}).")
-    st.dataframe(drift, hide_index=True, width="stretch")
+    columns.table(drift, hide_index=True, width="stretch")
 
 # ---- per matrix: memory -----------------------------------------------------------------------
 memory = results.memory_table(rec, state.layer_table(store, rec))
@@ -77,7 +77,7 @@ if not pruned.empty:
     figure = next((f for f in results.CURVE_FIGURES if f in pruned.columns and pruned[f].notna().any()), None)
     if figure is not None and pruned.groupby("method").size().max() > 1:
         st.altair_chart(charts.sparsity_curve(pruned, figure), width="stretch")
-    st.dataframe(pruned, hide_index=True, width="stretch")
+    columns.table(pruned, hide_index=True, width="stretch")
     c1, c2 = st.columns(2)
     variant = c1.selectbox("Mask of variant", list(pruned["variant"]), key="mask_variant")
     mats = results.pruned_matrices(rec, variant)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import charts, state
+from dashboard import charts, columns, state
 from microscope import results
 
 store, refs, rec = state.current_audit()
@@ -28,7 +28,7 @@ for fig, why in fp.undefined.items():
 
 # ---- calibration -------------------------------------------------------------------------------
 st.subheader("Calibration")
-st.dataframe(
+columns.table(
     table,
     hide_index=True,
     width="stretch",
@@ -76,7 +76,7 @@ if not ood.empty:
         "share of OOD inputs accepted when 95% of in-distribution ones are kept; FPR95 (OOD positive, OpenOOD "
         "v1.5) the share of in-distribution inputs flagged when 95% of OOD ones are caught."
     )
-    st.dataframe(ood, hide_index=True, width="stretch")
+    columns.table(ood, hide_index=True, width="stretch")
     variant = st.selectbox("ROC curves of", list(table["variant"]), key="reliability_roc_variant")
     roc = results.roc_points(rec, variant)
     sets = list(dict.fromkeys(roc["ood_set"])) if not roc.empty else []
@@ -91,7 +91,7 @@ if not smoothing.empty:
         "Cohen et al.'s CERTIFY: the share of images classified correctly with a certified L2 radius ≥ r "
         f"({overview.get('bound') or 'Clopper-Pearson'}); abstentions count as wrong."
     )
-    st.dataframe(smoothing, hide_index=True, width="stretch")
+    columns.table(smoothing, hide_index=True, width="stretch")
 
 # ---- corruptions -------------------------------------------------------------------------------
 corr = results.corruption_table(rec)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard import charts, state
+from dashboard import charts, columns, state
 from microscope import results
 
 store, refs, rec = state.current_audit()
@@ -30,7 +30,7 @@ cols = st.columns(max(len(attacks), 1))
 for c, attack in zip(cols, attacks, strict=False):
     c.altair_chart(charts.eps_curves(curves, attack), width="stretch")
 with st.expander("The curves as a table"):
-    st.dataframe(
+    columns.table(
         curves.pivot_table(index=["variant", "eps"], columns="attack", values="accuracy").reset_index(),
         hide_index=True,
         width="stretch",
@@ -42,7 +42,7 @@ aa = results.autoattack_table(rec)
 if aa.empty:
     st.info("No AutoAttack result: robustness.norms and robustness.eps choose its runs.")
 else:
-    st.dataframe(
+    columns.table(
         aa,
         hide_index=True,
         width="stretch",
@@ -57,7 +57,7 @@ brittle = results.brittle_features(rec)
 state.notices(brittle.attrs.get("missing", {}))
 if not brittle.empty:
     st.caption("The features whose activation moves most between clean and attacked inputs (full precision).")
-    st.dataframe(brittle, hide_index=True, width="stretch")
+    columns.table(brittle, hide_index=True, width="stretch")
 
 # ---- per layer -------------------------------------------------------------------------------
 shifts = [(h, v) for h, v in (r.details.get("layer_shifts") or {}).items()]
@@ -66,4 +66,4 @@ if shifts:
 
     st.subheader("Representation shift per layer under attack")
     df = pd.DataFrame(shifts, columns=["hook", "shift"]).sort_values("shift", ascending=False)
-    st.dataframe(df, hide_index=True, width="stretch")
+    columns.table(df, hide_index=True, width="stretch")
