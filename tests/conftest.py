@@ -166,7 +166,10 @@ def wordpiece_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tok.train_from_iterator(corpus_lines(400), vocab_size=512)
     out = tmp_path_factory.mktemp("wordpiece")
     tok.save_model(str(out))
-    BertTokenizerFast(vocab_file=str(out / "vocab.txt")).save_pretrained(out)
+    # from the trained tokenizer itself: transformers 5 no longer reads `vocab_file` here (it built a
+    # 5-token vocabulary that made every word [UNK])
+    special = {f"{k}_token": f"[{k.upper()}]" for k in ("unk", "pad", "cls", "sep", "mask")}
+    BertTokenizerFast(tokenizer_object=tok._tokenizer, **special).save_pretrained(out)
     return out
 
 
