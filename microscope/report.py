@@ -49,13 +49,16 @@ def _mb(b: float | None) -> str:
     return "–" if not is_number(b) else f"{b / 2**20:,.2f} MiB"
 
 
-def _th(key: str, cls: str = "") -> Markup:
-    """A table header for the record key `key`: the glossary's label, its help text as the tooltip."""
+def _th(key: str, cls: str = "", label: str | None = None) -> Markup:
+    """A table header for the record key `key`: the glossary's label (or `label`, for a column of a family
+    such as one ε of a sweep), its help text as the tooltip."""
     from markupsafe import Markup
 
     term = glossary.lookup(key)
-    label, help_ = (term.label, term.help) if term else (key, "")
-    return Markup('<th{} title="{}">{}</th>').format(Markup(' class="l"') if cls == "l" else "", help_, label)
+    text, help_ = (term.label, term.help) if term else (key, "")
+    return Markup('<th{} title="{}">{}</th>').format(
+        Markup(' class="l"') if cls == "l" else "", help_, text if label is None else label
+    )
 
 
 def _pct(a: float | None, b: float | None = 1.0) -> str:

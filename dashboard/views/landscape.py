@@ -38,16 +38,7 @@ records = overview["records"]
 # ---- the figures -------------------------------------------------------------------------------
 st.subheader("Curvature and sharpness")
 table = figures_table(records)
-columns.table(
-    table,
-    hide_index=True,
-    width="stretch",
-    column_config={
-        name: st.column_config.NumberColumn(name, help=MEANING.get(name), format="%.4g")
-        for name in table.columns
-        if name != "variant"
-    },
-)
+columns.table(table, hide_index=True, width="stretch")  # labels, help and formats from the glossary
 sharp = overview["sharpness"]
 fp = overview["figures"]["fp"]
 cols = st.columns(3)

@@ -28,38 +28,7 @@ for fig, why in fp.undefined.items():
 
 # ---- calibration -------------------------------------------------------------------------------
 st.subheader("Calibration")
-columns.table(
-    table,
-    hide_index=True,
-    width="stretch",
-    column_config={
-        "ece": st.column_config.NumberColumn(
-            "ECE", help="Top-label expected calibration error (L1); lower is better.", format="%.4f"
-        ),
-        "ece_before_ts": st.column_config.NumberColumn(
-            "ECE held-out", help="ECE on the held-out split before temperature scaling.", format="%.4f"
-        ),
-        "ece_after_ts": st.column_config.NumberColumn(
-            "ECE after T", help="ECE on the held-out split after temperature scaling.", format="%.4f"
-        ),
-        "temperature": st.column_config.NumberColumn(
-            "T", help="The temperature minimising NLL on the fit split; > 1: over-confident.", format="%.3f"
-        ),
-        "nll": st.column_config.NumberColumn("NLL", help="Mean negative log-likelihood (nats).", format="%.4f"),
-        "nll_before_ts": st.column_config.NumberColumn("NLL held-out", format="%.4f"),
-        "nll_after_ts": st.column_config.NumberColumn("NLL after T", format="%.4f"),
-        "brier": st.column_config.NumberColumn(
-            "Brier", help="Multi-class Brier score; lower is better.", format="%.4f"
-        ),
-        "mean_corruption_accuracy": st.column_config.NumberColumn(
-            "corruption acc.", help="Mean accuracy over the corruptions and severities.", format="%.3f"
-        ),
-        "accuracy": st.column_config.NumberColumn("accuracy", format="%.4f"),
-        "aurc": st.column_config.NumberColumn(
-            "AURC", help="Area under the risk–coverage curve (selective prediction); lower is better.", format="%.4f"
-        ),
-    },  # fmt: skip
-)
+columns.table(table, hide_index=True, width="stretch")  # labels, help and formats from the glossary
 bins = results.reliability_diagram(rec)
 if not bins.empty:
     views = list(dict.fromkeys(bins["view"]))

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from schemas.records import AuditRecord, StageRecord, StageStatus
 
+from microscope import glossary
 from microscope.results.missing import HOW, finished_by_variant, variant_why_missing, why_missing
 
 if TYPE_CHECKING:
@@ -17,18 +18,8 @@ if TYPE_CHECKING:
 
 HOW_LANDSCAPE = "add landscape to --stages (the landscape section sets samples, eigenvalues, grid, span and sharpness)"
 HISTORY_FIGURES = ("loss", "lambda_max", "eps_sharpness", "rho_sharpness", "slice_1d_curvature")
-MEANING = {
-    "loss": "Mean loss over the fixed subset at the checkpoint's weights.",
-    "lambda_max": "Largest Hessian eigenvalue: the curvature of the sharpest direction; larger is sharper.",
-    "eps_sharpness": "Keskar's ε-sharpness: the largest relative loss rise (%) within a small box around the "
-    "weights; larger means a sharper minimum.",
-    "rho_sharpness": "SAM's ρ-sharpness: the loss rise after one normalised gradient-ascent step of size ρ "
-    "(ASAM's scale-invariant step when adaptive).",
-    "slice_1d_curvature": "Second derivative at 0 of the 1-D slice along a filter-normalised random direction.",
-    "lipschitz_upper": "Product of the layers' spectral norms: an upper bound on how much the output can move per "
-    "unit of input, valid for a plain chain of layers only.",
-    "jacobian_norm": "Mean Frobenius norm of the input-output Jacobian: the measured local input sensitivity.",
-}
+# one sentence per figure, from the glossary the report and the viewer's tables share
+MEANING = {name: glossary.TERMS[name].help for name in (*HISTORY_FIGURES, "lipschitz_upper", "jacobian_norm")}
 
 
 def why_landscape_missing(record: AuditRecord) -> dict[str, str]:

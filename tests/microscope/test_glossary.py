@@ -63,6 +63,9 @@ def test_entries_are_complete() -> None:
         ("robustness.autoattack_Linf", "AutoAttack Linf", "percent"),
         ("report.bytes", "report size", "bytes"),
         ("drift.blocks.0.hook_mlp_out", "activation drift · blocks.0.hook_mlp_out", "number"),
+        ("r=0.5", "certified acc. r ≥ 0.5", "percent"),
+        ("fpr95_id_positive", "FPR95 (ID+)", "percent"),
+        ("gate.rule", "rule", "text"),
     ],
 )
 def test_families_resolve(key: str, label: str, kind: str) -> None:
@@ -98,3 +101,37 @@ def test_a_finished_report_has_the_labelled_headers(finished_audits: dict) -> No
     html = Path(finished_audits["step1"]["report_uri"]).read_text()
     for key in ("spectral_norm", "alpha", "kl_mean", "fvu", "grad_norm"):
         assert str(_th(key)) in html, key
+
+
+def _headers(html: str) -> list[tuple[str, str]]:
+    """(title, label) of every table header of a report."""
+    return re.findall(r'<th(?: class="l")?(?: title="([^"]*)")?>(.*?)</th>', html, flags=re.S)
+
+
+def test_every_report_header_explains_itself(finished_audits: dict, finished_vision: dict) -> None:
+    """Every column and row header of a finished report, a causal LM's and the digits CNN's (robustness,
+    OOD, smoothing, corruptions, landscape, attributions), carries the glossary's help as its tooltip."""
+    from pathlib import Path
+
+    seen = set()
+    for raw in (finished_audits["step1"], finished_vision):
+        html = Path(raw["report_uri"]).read_text()
+        headers = _headers(html)
+        assert len(headers) == html.count("<th"), "a header the pattern did not read"
+        untitled = sorted({label for title, label in headers if not title})
+        assert not untitled, f"{raw['audit_id']}: headers without help: {untitled}"
+        seen |= {label for _, label in headers}
+    # the vision report reached the tables that had hand-written headers
+    for label in ("AUROC", "FPR95 (ID+)", "abstained", "severity 5", "λmax", "IG completeness (max)", "Fisher %"):
+        assert label in seen, label
+    assert any(label.startswith("PGD ε=") for label in seen) and any(label.startswith("r = ") for label in seen)
+
+
+def test_the_viewers_reliability_tables_are_in_the_glossary(finished_vision: dict) -> None:
+    """The Reliability page shows these tables through `dashboard.columns.table`: each column has an entry."""
+    store = open_store(finished_vision["store_uri"])
+    rec = results.load_audit(store, finished_vision["audit_id"])
+    tables = (results.ood_table(rec), results.smoothing_table(rec), results.corruption_table(rec))
+    columns = {str(c) for t in tables for c in t.columns}
+    assert {"auroc", "fpr95_ood_positive", "abstained", "severity"} <= columns
+    assert not {c for c in columns if glossary.lookup(c) is None}
