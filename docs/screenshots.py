@@ -54,22 +54,27 @@ def main(argv: list[str] | None = None) -> int:
     OUT.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="microscope-shots-"))
     with browser.viewer(args.store, tmp / "streamlit.log") as base:
-        for width in args.widths:
-            browser.WINDOW = (width, HEIGHT)
-            chrome = browser.Chromium(tmp / f"profile-{width}", tmp / f"chromium-{width}.log")
-            try:
-                for page in pages:
-                    which = "image" if page in IMAGE_PAGES else "encoder" if page in ENCODER_PAGES else "run"
-                    url = f"{base}/{page}?{urlencode({'audit': pick[which]})}"
-                    state = chrome.render(url, WAIT_FOR.get(page, ()))
+        chrome = browser.Chromium(tmp / "profile", tmp / "chromium.log", size=(args.widths[0], HEIGHT))
+        try:
+            for page in pages:
+                which = "image" if page in IMAGE_PAGES else "encoder" if page in ENCODER_PAGES else "run"
+                url = f"{base}/{page}?{urlencode({'audit': pick[which]})}"
+                wait_for = WAIT_FOR.get(page, ())
+                # open each page once, at the first width; the others are the same page reflowed (no rerun)
+                chrome.resize(args.widths[0], HEIGHT)
+                state = chrome.render(url, wait_for)
+                for i, width in enumerate(args.widths):
+                    if i:
+                        chrome.resize(width, HEIGHT)
+                        state = chrome.settle(wait_for, f"{page} at {width} px")
                     png = chrome.screenshot(tmp / "shot.png")
                     path = OUT / f"viewer-{page}-{width}.png"
                     # a palette of 256 colours: a fifth of the bytes, the same picture for a UI
                     Image.open(io.BytesIO(png)).convert("RGB").quantize(256).save(path, optimize=True)
                     flag = " (an exception on the page!)" if state["exceptions"] else ""
                     print(f"{path.relative_to(REPO)}: {path.stat().st_size // 1024} KiB{flag}")
-            finally:
-                chrome.close()
+        finally:
+            chrome.close()
     return 0
 
 

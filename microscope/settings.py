@@ -91,6 +91,11 @@ class Settings(BaseSettings):
         description="The stores the viewer may open, separated by spaces (a deployment sets its own store): the "
         "Store box refuses any other. Empty: any store this process can read (a laptop).",
     )
+    viewer_prewarm: bool = Field(
+        True,
+        description="The viewer imports torch and transformers in the background once its first page has rendered "
+        "(4–5 s of CPU), so the Feature lab's first open does not pay for them. Off: each page imports what it needs.",
+    )
     callback_allow_private: bool = Field(
         False,
         description="Let result callbacks go to loopback, private, link-local and other non-public addresses (a "

@@ -23,6 +23,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # process; more only spin against each other
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
+# AppTest runs the viewer's pages inside the test workers, where torch is imported already: the viewer's warm-up
+# thread (dashboard/prewarm.py) would only hold pages back; tests/dashboard/test_prewarm.py tests it
+os.environ.setdefault("MICROSCOPE_VIEWER_PREWARM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
