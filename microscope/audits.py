@@ -6,7 +6,9 @@ validates each record (the gates, a run's series), `list_audits` reads the plain
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import socket
 import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -174,6 +176,8 @@ def mark_started(store: ArtifactStore, record: AuditRecord) -> None:
         step=record.step,
         created_at=record.created_at,
         prefect_flow_run_id=record.prefect_flow_run_id,
+        host=socket.gethostname(),
+        pid=os.getpid(),
     )
     store.put_bytes(f"{IN_FLIGHT}/{record.audit_id}.json", start.model_dump_json().encode())
 
@@ -185,8 +189,10 @@ def mark_finished(store: ArtifactStore, audit_id: str) -> None:
 
 def in_flight(store: ArtifactStore, run_id: str | None = None) -> list[AuditStart]:
     """Audits started and not finished (of `run_id`), oldest first. A marker whose audit saved its record
-    since that start is finished: the record is saved just before the marker is dropped. A marker a killed
-    audit left behind stays (whoever waits for it does so with a bound)."""
+    since that start is finished: the record is saved just before the marker is dropped. A marker whose
+    process is gone from this machine was left by a killed audit (an interrupted `make demo`, a stopped
+    worker) and is not in flight; one from another machine or pod cannot be judged from here and stays
+    (whoever waits for it does so with a bound)."""
     out = []
     for key in store.list(IN_FLIGHT):
         if not key.endswith(".json") or key.count("/") != 2:
@@ -200,8 +206,24 @@ def in_flight(store: ArtifactStore, run_id: str | None = None) -> list[AuditStar
         rec_key = f"audits/{start.audit_id}.json"
         if store.exists(rec_key) and _created_at(store, rec_key) >= start.created_at:
             continue
+        if _killed(start):
+            continue
         out.append(start)
     return sorted(out, key=lambda s: s.created_at)
+
+
+def _killed(start: AuditStart) -> bool:
+    """The marker's process ran on this host and exists no more. (A reused pid reads as alive: the safe side,
+    a bounded wait.)"""
+    if start.pid is None or start.host != socket.gethostname():
+        return False
+    try:
+        os.kill(start.pid, 0)  # signal 0: only whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, another user's
+        return False
+    return False
 
 
 def _created_at(store: ArtifactStore, key: str) -> datetime:

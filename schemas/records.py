@@ -180,3 +180,5 @@ class AuditStart(Record):
     step: int | None = None
     created_at: datetime = Field(description="The audit's start: its record's created_at.")
     prefect_flow_run_id: str | None = None
+    host: str | None = Field(None, description="Host name of the machine (pod) running the audit.")
+    pid: int | None = Field(None, description="Process running the audit: on its own host, gone means killed.")

@@ -4,6 +4,10 @@ for), unknown paths, rule files."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -14,7 +18,7 @@ import pytest
 from microscope import audits, gates
 from microscope.store import LocalStore
 from schemas.gates import Check, GateRules
-from schemas.records import AuditRecord, ModelRef, StageRecord, StageStatus
+from schemas.records import AuditRecord, AuditStart, ModelRef, StageRecord, StageStatus
 
 MATRICES = ("h.0.attn.weight", "h.0.mlp.weight", "h.1.attn.weight", "h.1.mlp.weight")
 
@@ -276,6 +280,23 @@ def test_a_previous_step_that_does_not_finish_in_time_skips_relative_rules(side_
     first = record(store, "s1", 1, (1.0, 2.0, 3.0, 4.0))
     v = gates.judge(store, first, rules(SN_RATIO), wait_s=30)
     assert v.baseline_waited_for is None and "first audited checkpoint" in v.baseline_reason
+
+
+def test_a_marker_left_by_a_killed_audit_is_not_waited_for(side_by_side) -> None:
+    """Step 2's audit was killed (its process is gone from this machine): step 3's gate does not wait the
+    bound for it and judges against step 1; a marker from another host cannot be judged here and stays."""
+    store, running, rec = side_by_side
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    key = f"{audits.IN_FLIGHT}/s2.json"
+    marker = AuditStart.model_validate_json(store.get_bytes(key))
+    assert marker.host == socket.gethostname() and marker.pid == os.getpid()  # what mark_started records
+    store.put_bytes(key, marker.model_copy(update={"pid": int(gone.stdout)}).model_dump_json().encode())
+    assert audits.in_flight(store, "run") == []
+    v = gates.judge(store, rec, rules(SN_RATIO), wait_s=30)
+    assert v.baseline_waited_for is None and v.baseline_audit_id == "s1"
+    elsewhere = marker.model_copy(update={"pid": int(gone.stdout), "host": "another-pod"})
+    store.put_bytes(key, elsewhere.model_dump_json().encode())
+    assert [s.audit_id for s in audits.in_flight(store, "run")] == ["s2"]
 
 
 def test_tags_pin_a_baseline(run) -> None:
