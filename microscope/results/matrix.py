@@ -346,8 +346,8 @@ def relative_error(w: np.ndarray, wq: np.ndarray) -> float:
 def dequantized_weight(tensors: dict[str, np.ndarray], name: str) -> tuple[np.ndarray, str] | None:
     """The saved variant's weight of parameter `name`, dequantized, and how: a float tensor as is; torch-int8
     (`<module>.weight_int8` × `<module>.scale` per row); bitsandbytes LLM.int8 (int8 `weight` × `SCB`/127 per
-    row); bitsandbytes 4-bit (packed `weight` and its `weight.*` quant state) through bitsandbytes'
-    `dequantize_4bit`, the function its layers compute with. None when `tensors` holds none of these."""
+    row); bitsandbytes 4-bit (packed `weight` and its `weight.*` quant state) through `quant4bit.dequantize`,
+    the function the audit's 4-bit layers compute with. None when `tensors` holds none of these."""
     module = name.removesuffix(".weight")
     t = tensors.get(name)
     if t is not None and np.issubdtype(t.dtype, np.floating):
@@ -360,16 +360,18 @@ def dequantized_weight(tensors: dict[str, np.ndarray], name: str) -> tuple[np.nd
         return t.astype(np.float64) * scb[:, None] / 127.0, "saved variant (LLM.int8 × SCB/127)"
     state = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(f"{name}.")}
     if t is not None and t.dtype == np.uint8 and "absmax" in state:
-        return _dequantize_4bit(t, state), "saved variant (bitsandbytes dequantize_4bit)"
+        return _dequantize_4bit(t, state), "saved variant (4-bit: code × block absmax)"
     return None
 
 
 def _dequantize_4bit(packed: np.ndarray, state: dict[str, np.ndarray]) -> np.ndarray:
     import torch
-    from bitsandbytes.functional import QuantState, dequantize_4bit
+    from bitsandbytes.functional import QuantState
+
+    from microscope.quant4bit import dequantize
 
     qs = QuantState.from_dict({k: torch.from_numpy(v) for k, v in state.items()}, device=torch.device("cpu"))
-    return dequantize_4bit(torch.from_numpy(packed), qs).double().numpy()
+    return dequantize(torch.from_numpy(packed), qs).double().numpy()
 
 
 def _variant_tensors(

@@ -13,7 +13,7 @@ from microscope.stages.ingest import load_outputs
 from microscope.stages.runner import StageRun, run_stage, stage_prefix
 from microscope.store import ArtifactStore
 
-VERSION = "4"  # 4: template file, matplotlib charts, undefined figures with their reasons
+VERSION = "5"  # 4: template file, matplotlib charts, undefined figures with their reasons; 5: every header from the glossary
 
 
 def config_hash(

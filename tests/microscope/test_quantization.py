@@ -4,6 +4,7 @@ what to do; out-of-memory falls back along the chain."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -119,17 +120,34 @@ def odd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+def numpy_dequantize_4bit(packed: torch.Tensor, state: Any) -> np.ndarray:
+    """The 4-bit format's definition in NumPy: two codes a byte (high nibble first), code value × the absmax
+    of its block of 64 over the flattened weight; a nested absmax is 8-bit codes × their block's absmax +
+    offset. (bitsandbytes' own CPU `dequantize_4bit` takes blocks along rows on AVX512 hosts: not a reference.)"""
+    absmax = state.absmax.numpy().astype(np.float64)
+    if state.nested:
+        s2 = state.state2
+        scale = np.repeat(s2.absmax.numpy().astype(np.float64), s2.blocksize)[: absmax.size]
+        absmax = s2.code.numpy().astype(np.float64)[state.absmax.numpy().astype(np.int64)] * scale + float(state.offset)
+    b = packed.numpy().reshape(-1)
+    codes = np.stack([b >> 4, b & 15], axis=1).reshape(-1)
+    n = int(np.prod(state.shape))
+    values = state.code.numpy().astype(np.float64)[codes[:n]] * np.repeat(absmax, state.blocksize)[:n]
+    return values.reshape(tuple(state.shape))
+
+
 def round_trip_reference(path: Path, fmt: str, double_quant: bool) -> torch.nn.Module:
-    """The full-precision model with every quantizable weight replaced by its 4-bit round trip, computed
-    here with bitsandbytes' functions: blocks of 64 over the flattened [out, in] weight."""
-    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+    """The full-precision model with every quantizable weight replaced by its 4-bit round trip: quantized
+    by bitsandbytes, dequantized in NumPy (`numpy_dequantize_4bit`): blocks of 64 over the flattened
+    [out, in] weight."""
+    from bitsandbytes.functional import quantize_4bit
 
     model = loading.load_model(ref_for(path))
     for name in qz.quantizable(model):
         mod = model.get_submodule(name)
         w = linear_weight(mod)[0].contiguous()  # [out, in]; a Conv1D stores the transpose
         packed, state = quantize_4bit(w, blocksize=64, quant_type=fmt, compress_statistics=double_quant)
-        w_q = dequantize_4bit(packed, state)
+        w_q = torch.from_numpy(numpy_dequantize_4bit(packed, state)).to(w.dtype)
         with torch.no_grad():
             mod.weight.copy_(w_q if isinstance(mod, torch.nn.Linear) else w_q.t())
     return model.requires_grad_(False)
