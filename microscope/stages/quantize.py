@@ -19,7 +19,8 @@ from microscope.models import loading
 from microscope.stages.inputs import StageInputs
 from microscope.stages.runner import StageRun, run_stage, stage_prefix
 
-VERSION = "2"  # 2: 4-bit layers dequantize over the flattened weight on every host (AVX512 CPUs took blocks per row)
+# 2: 4-bit layers dequantize over the flattened weight on every host (AVX512 CPUs took blocks per row)
+VERSION = "2"
 
 
 def config_hash(cfg: AuditConfig, fmt: str, dataset_digest: str) -> str:

@@ -13,7 +13,8 @@ from microscope.stages.ingest import load_outputs
 from microscope.stages.runner import StageRun, run_stage, stage_prefix
 from microscope.store import ArtifactStore
 
-VERSION = "5"  # 4: template file, matplotlib charts, undefined figures with their reasons; 5: every header from the glossary
+# 4: template file, matplotlib charts, undefined figures with their reasons; 5: every header from the glossary
+VERSION = "5"
 
 
 def config_hash(
