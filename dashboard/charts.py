@@ -79,16 +79,16 @@ def column_bars(df: pd.DataFrame, column: str) -> alt.Chart:
     )
 
 
-def step_lines(series: pd.DataFrame, column: str, step: int) -> alt.LayerChart:
-    """`column` against `step`, with a rule at the selected step."""
+def step_lines(series: pd.DataFrame, column: str, step: int, title: str | None = None) -> alt.LayerChart:
+    """`column` against `step` (titled `title`, else the column), with a rule at the selected step."""
     data = series[["step", column]].dropna().head(MAX_POINTS)
     line = (
-        alt.Chart(data, title=column)
+        alt.Chart(data, title=title or column)
         .mark_line(point=True)
         .encode(
             x=alt.X("step:Q", title="step"),
             y=alt.Y(f"{_field(column)}:Q", title=None, scale=alt.Scale(zero=False)),
-            tooltip=["step", alt.Tooltip(f"{_field(column)}:Q", title=column, format=".4g")],
+            tooltip=["step", alt.Tooltip(f"{_field(column)}:Q", title=title or column, format=".4g")],
         )
     )
     rule = alt.Chart(alt.Data(values=[{"step": step}])).mark_rule(color=ANOMALY, strokeDash=[4, 3]).encode(x="step:Q")

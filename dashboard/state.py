@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import streamlit as st
 
-from microscope import results
+from microscope import glossary, results
 from microscope.errors import MicroscopeError
 from microscope.settings import get_settings
 from microscope.store import ArtifactStore, open_store
@@ -566,11 +566,12 @@ def gate_history(s: ArtifactStore, run_id: str, refs: Sequence[results.AuditRef]
 
 @st.cache_data(max_entries=128, show_spinner=False)
 def step_chart(key: tuple, column: str, _data: pd.DataFrame) -> str:
-    """`charts.step_lines` of `column` as a template (`charts.at_step`); `key` names `_data`."""
+    """`charts.step_lines` of `column` as a template (`charts.at_step`), titled with the glossary's label;
+    `key` names `_data`."""
     from dashboard import charts
 
     del key
-    return charts.template(charts.step_lines(_data, column, charts.STEP))
+    return charts.template(charts.step_lines(_data, column, charts.STEP, glossary.long_label(column)))
 
 
 @st.cache_data(max_entries=8, show_spinner=False)

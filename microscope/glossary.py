@@ -356,6 +356,16 @@ def label(key: str) -> str:
     return t.label if t else key
 
 
+def long_label(key: str) -> str:
+    """The label with the SAE's hook kept (`sae[blocks.1.hook_resid_post].fvu` → "FVU (blocks.1.hook_resid_post)"),
+    for pickers and chart titles that put figures of several SAEs side by side; else `label`."""
+    t = lookup(key)
+    if t is None:
+        return key
+    m = _SOURCE.fullmatch(key)
+    return f"{t.label} ({m['qual']})" if m and m["stage"] == "sae" and m["qual"] else t.label
+
+
 def modality(is_images: bool, is_causal: bool, has_unembedding: bool) -> str:
     """The glossary's modality of an audited model: a classifier of images, a causal LM (with logits over
     the vocabulary), else a text encoder."""

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard import charts, state
+from dashboard import charts, columns, state
+from microscope import glossary
 
 SPEEDS = (1, 2, 4, 8)  # steps per second
 TRAIL = 3  # steps of each matrix's path behind it in the projection
@@ -84,7 +85,13 @@ preferred += [c for c in figures if c in ("reliability.ece", "reliability.mean_c
 preferred += [c for c in figures if c.startswith("reliability.auroc_")][:1]
 landscape = [c for c in ("landscape.lambda_max", "landscape.eps_sharpness", "landscape.rho_sharpness") if c in figures]
 preferred += landscape
-chosen = st.multiselect("Figures", figures, default=preferred or figures[:3])
+chosen = st.multiselect(
+    "Figures",
+    figures,
+    default=preferred or figures[:3],
+    format_func=glossary.long_label,
+    help="The audits' headline figures by their glossary label; the Overview's folded list gives each one's key.",
+)
 if landscape:
     st.caption(
         "`landscape.*` (λmax, ε- and ρ-sharpness) are diagnostics on one fixed data subset: comparable across this "
@@ -97,7 +104,12 @@ with c1:
     name = state.choose("Matrix", names, "layer") if names else None
 with c2:
     column = (
-        st.selectbox("Its figure", per_matrix, index=per_matrix.index("alpha") if "alpha" in per_matrix else 0)
+        st.selectbox(
+            "Its figure",
+            per_matrix,
+            index=per_matrix.index("alpha") if "alpha" in per_matrix else 0,
+            format_func=glossary.label,
+        )
         if per_matrix
         else None
     )
@@ -111,7 +123,7 @@ if name is not None and column is not None:
 
 # ---- playback ---------------------------------------------------------------------------------
 PLAYING = "_microscope_playing"
-p1, p2, _ = st.columns([1, 2, 6])
+p1, p2, _ = st.columns([2, 3, 4])  # ▶ Play keeps its label at 1000 px
 playing = bool(st.session_state.get(PLAYING))
 if p1.button("⏸ Pause" if playing else "▶ Play", disabled=len(steps) < 2):
     playing = not playing
@@ -144,7 +156,7 @@ def panels() -> None:
         if matrix_series is not None:
             spec = state.step_chart((*key, name), column, matrix_series)
             st.vega_lite_chart(spec=charts.at_step(spec, step), width="stretch")
-            st.caption(f"`{column}` of `{name}` across the run")
+            st.caption(f"{glossary.label(column)} of `{name}` across the run")
     with right:
         if projection.attrs.get("missing"):
             state.notices(projection.attrs["missing"])
@@ -167,7 +179,7 @@ def panels() -> None:
         rec = state.record_or_stop(store, str(at["audit_id"]))
         table = state.layer_table(store, rec)
         state.notices(table.attrs.get("missing", {}))
-        st.dataframe(state.display(table), hide_index=True, width="stretch", height=320)
+        columns.table(state.display(table), hide_index=True, width="stretch", height=320)
 
 
 panels()

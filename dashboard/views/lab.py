@@ -174,7 +174,7 @@ for i in range(n):
         del st.session_state[f"{K}f{i}"]
     st.session_state.setdefault(f"{K}f{i}", top_last)
     st.session_state.setdefault(f"{K}a{i}", 2.0)
-    c_f, c_m, c_a = st.columns([1, 1, 3])
+    c_f, c_m, c_a = st.columns([3, 2, 5])  # the feature box keeps its − / + at 1000 px
     f = int(c_f.number_input("feature", 0, d_sae - 1, step=1, key=f"{K}f{i}"))
     mode = c_m.selectbox("mode", ["add", "clamp"], key=f"{K}m{i}")
     alpha = c_a.slider("α (× max activation)", *ALPHA_RANGE, step=0.1, key=f"{K}a{i}")

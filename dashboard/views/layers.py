@@ -53,7 +53,7 @@ shown = state.display(table)
 everything = list(shown.columns)
 defaults = [c for c in DEFAULT_COLUMNS if c in everything]
 defaults += [c for c in everything if c not in defaults][: max(0, 6 - len(defaults))]  # blocks only: a few more
-pick, show_all = st.columns([5, 1], vertical_alignment="bottom")
+pick, show_all = st.columns([3, 1], vertical_alignment="bottom")  # the toggle keeps its label at 1000 px
 every = show_all.toggle("All columns", key="_layers.all", help=f"Show all {len(everything)} columns")
 chosen_cols = pick.multiselect(
     "Columns",

@@ -73,6 +73,13 @@ def test_families_resolve(key: str, label: str, kind: str) -> None:
     assert t is not None and (t.label, t.kind) == (label, kind)
 
 
+def test_long_labels_keep_the_sae_hook() -> None:
+    assert glossary.long_label("sae[blocks.1.hook_resid_post].fvu") == "FVU (blocks.1.hook_resid_post)"
+    assert glossary.long_label("quantize[int8].kl_mean") == "KL mean (int8)"
+    assert glossary.long_label("metrics.alpha_mean") == "mean α" == glossary.label("metrics.alpha_mean")
+    assert glossary.long_label("no_such_figure") == "no_such_figure"
+
+
 def test_unknown_keys_are_none_and_modalities_apply() -> None:
     assert glossary.lookup("no_such_figure") is None and glossary.lookup("sae_fvu[int8].nowhere") is None
     assert glossary.label("no_such_figure") == "no_such_figure"
