@@ -4,7 +4,8 @@ Open-source Prefect has no inbound webhooks, so this small FastAPI service verif
 Webhooks signature, validates the body (schemas/webhook.py) and creates a flow run of the audit
 deployment through the Prefect REST API with an idempotency key derived from the content: the same
 (run_id, step, checkpoint) is one flow run whichever delivery, replica or restart it arrives through,
-because the Prefect server is the one place that dedupes. It keeps no state of its own.
+because the Prefect server is the one place that dedupes. It keeps no state of its own. Announced again
+after its audit failed, crashed or was cancelled, a checkpoint is audited again (five times at most).
 
     POST /v1/checkpoints             202 {flow_run_id, deployment, duplicate} | 401 | 408 | 413 | 422 | 431 | 503
     GET  /v1/checkpoints/{id}        the run's state; when finished, the audit's status, report, figures
@@ -46,6 +47,8 @@ from schemas.webhook import MAX_BODY_BYTES, Accepted, AuditStatus, CheckpointRea
 log = logging.getLogger("microscope.webhook")
 RETRY_AFTER_S = 5
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+ENDED_BADLY = FINAL - {"COMPLETED"}  # a checkpoint announced again after such an audit is audited again
+MAX_REAUDITS = 5  # ... this many times at most
 # An oversized body is read to its end (and dropped) before the 413: closing with unread bytes makes the
 # kernel send a RST that can destroy the response, and the sender then retries a "network error" forever.
 # Within bounds, though: beyond these the 413 goes out at once with `Connection: close`.
@@ -87,17 +90,25 @@ class PrefectApi:
         return self._deployment_id
 
     async def start(self, msg: CheckpointReady) -> tuple[str, bool]:
-        """(flow run id, duplicate): the server answers 201 for a new run, 200 for the idempotency key's run."""
+        """(flow run id, duplicate): the server answers 201 for a new run, 200 for the idempotency key's run.
+        A checkpoint announced again after its audit failed, crashed or was cancelled is audited again: the
+        new run's key names the ended one, so concurrent re-deliveries still start it once."""
         dep = await self.deployment_id()
-        body = {"parameters": msg.flow_parameters(), "idempotency_key": msg.idempotency_key(), "tags": ["webhook"]}
-        r = await self._call("POST", f"deployments/{dep}/create_flow_run", json=body)
-        if r.status_code == 404:
-            self._deployment_id = None  # deleted and re-registered: look it up again next time
-            raise Unavailable(f"deployment {self.deployment} is not registered; run `make deploy`")
-        if r.status_code in (400, 409, 422):
-            raise ValueError(_prefect_detail(r))
-        r.raise_for_status()
-        return r.json()["id"], r.status_code == 200
+        key = msg.idempotency_key()
+        for _ in range(MAX_REAUDITS + 1):
+            body = {"parameters": msg.flow_parameters(), "idempotency_key": key, "tags": ["webhook"]}
+            r = await self._call("POST", f"deployments/{dep}/create_flow_run", json=body)
+            if r.status_code == 404:
+                self._deployment_id = None  # deleted and re-registered: look it up again next time
+                raise Unavailable(f"deployment {self.deployment} is not registered; run `make deploy`")
+            if r.status_code in (400, 409, 422):
+                raise ValueError(_prefect_detail(r))
+            r.raise_for_status()
+            run = r.json()
+            if r.status_code != 200 or _state_type(run) not in ENDED_BADLY:
+                return run["id"], r.status_code == 200
+            key = f"{msg.idempotency_key()}-after-{run['id']}"
+        return run["id"], True  # as many audits of it ended badly: announcing it again starts no more
 
     async def flow_run(self, flow_run_id: str) -> dict[str, Any] | None:
         r = await self._call("GET", f"flow_runs/{flow_run_id}")
@@ -111,6 +122,10 @@ class PrefectApi:
             return (await self._call("GET", "health")).status_code == 200
         except Unavailable:
             return False
+
+
+def _state_type(run: dict[str, Any]) -> str | None:
+    return run.get("state_type") or (run.get("state") or {}).get("type")
 
 
 def _prefect_detail(r: httpx.Response) -> str:

@@ -88,16 +88,17 @@ def damaged_copy(last: Path, out: Path) -> Path:
 
 
 def wait_for_run(api: str, n: int, timeout_s: float) -> list[dict]:
-    """The training run's audit flow runs, once `n` of them have ended."""
+    """The training run's latest audit flow run per step, once `n` steps have one and each has ended (an
+    interrupted earlier demo leaves runs that failed: the receiver audits such a checkpoint again)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        runs = [
-            fr
-            for fr in api_json(f"{api}/flow_runs/filter", {"limit": 200})  # type: ignore[union-attr]
-            if fr["parameters"].get("run_id") == RUN_ID
-        ]
+        latest: dict[int, dict] = {}
+        for fr in sorted(api_json(f"{api}/flow_runs/filter", {"limit": 200}), key=lambda fr: fr["created"]):  # type: ignore[arg-type]
+            if fr["parameters"].get("run_id") == RUN_ID:
+                latest[fr["parameters"]["step"]] = fr
+        runs = [latest[s] for s in sorted(latest)]
         if len(runs) >= n and all(fr["state_type"] in FINAL for fr in runs):
-            return sorted(runs, key=lambda fr: fr["parameters"]["step"])
+            return runs
         if time.monotonic() > deadline:
             states = ", ".join(f"step {fr['parameters']['step']} {fr['state_type']}" for fr in runs)
             sys.exit(f"demo: the run's audits did not finish within {timeout_s:.0f} s ({states or 'none started'})")

@@ -193,6 +193,25 @@ def test_delivery_creates_one_flow_run_and_redelivery_finds_it(receiver: Receive
     assert sum(1 for f in flow_runs(prefect) if f["parameters"].get("run_id") == "run1") == 1
 
 
+def test_a_checkpoint_announced_again_after_its_audit_failed_is_audited_again(
+    receiver: Receiver, prefect: httpx.Client
+) -> None:
+    """A crashed audit (its worker killed, a stack stopped mid-run) is no answer to a re-announcement: a new
+    run starts, once however many deliveries race; a scheduled, running or completed one is the duplicate."""
+    body = body_of(run_id="run-reaudit", step=3)
+    first = receiver.deliver(body, sign(body)).json()
+    assert first["duplicate"] is False
+    state = {"state": {"type": "CRASHED", "name": "Crashed"}, "force": True}
+    assert prefect.post(f"/flow_runs/{first['flow_run_id']}/set_state", json=state).status_code in (200, 201)
+    again = [receiver.deliver(body, sign(body)).json() for _ in range(2)]  # two senders' re-announcements
+    assert again[0]["duplicate"] is False and again[0]["flow_run_id"] != first["flow_run_id"]
+    assert again[1] == {**again[0], "duplicate": True}
+    runs = [fr for fr in flow_runs(prefect) if fr["parameters"].get("run_id") == "run-reaudit"]
+    assert sorted(fr["id"] for fr in runs) == sorted([first["flow_run_id"], again[0]["flow_run_id"]])
+    retry = prefect.get(f"/flow_runs/{again[0]['flow_run_id']}").json()
+    assert retry["idempotency_key"].endswith(f"-after-{first['flow_run_id']}")
+
+
 def test_refusals_create_nothing(receiver: Receiver, prefect: httpx.Client) -> None:
     before = len(flow_runs(prefect))
     body = body_of(run_id="refused", step=1)
