@@ -214,6 +214,7 @@ _TERMS = [
     # ---- randomized smoothing and corruptions (reliability, image classifiers) ----
     _t("sigma", "σ", "Standard deviation of the smoothed classifier's Gaussian noise, in [0, 1] pixel units.", mods=IMAGES),
     _t("images", "images", "Images the figures were computed on.", kind="count", mods=IMAGES),
+    _t("samples", "samples", "Samples the figures were computed on (the same for every variant).", kind="count"),
     _t("abstained", "abstained", "Images on which the smoothed classifier abstained (the top class's lower confidence bound ≤ ½).", "lower", "count", IMAGES),
     _t("n0_n", "n0 / n", "Noisy copies per image to pick the top class (n0), then to bound its probability (n).", kind="text", mods=IMAGES),
     _t("corruption", "corruption", "A common corruption of Hendrycks & Dietterich (2019), written from the published definitions.", kind="text", mods=IMAGES),
