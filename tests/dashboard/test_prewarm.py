@@ -1,6 +1,6 @@
 """The viewer's warm-up (`dashboard.prewarm`): it imports its steps in the background once, never while a page
-runs and never letting a page run while it imports (a page that waits goes before the next step), and a
-failing step ends it quietly. Steps are modules
+runs or has just run and never letting a page run while it imports (a page that waits goes before the next
+step), and a failing step ends it quietly. Steps are modules
 written here that record when their import starts and ends and take 0.3 s."""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def _intervals(what: str) -> list[tuple[float, float]]:
 
 
 def test_the_steps_are_imported_once_in_order(steps: tuple[str, ...]) -> None:
-    w = WarmUp(steps)
+    w = WarmUp(steps, idle_s=0)
     w.start()
     w.start()  # a second page's run: nothing more
     assert w.done.wait(30)
@@ -55,7 +55,7 @@ def test_the_steps_are_imported_once_in_order(steps: tuple[str, ...]) -> None:
 
 
 def test_no_step_imports_while_a_page_runs_and_no_page_starts_during_a_step(steps: tuple[str, ...]) -> None:
-    w = WarmUp(steps)
+    w = WarmUp(steps, idle_s=0)
     page_times: list[tuple[float, float]] = []
 
     def page(hold: float) -> None:
@@ -86,12 +86,28 @@ def test_no_step_imports_while_a_page_runs_and_no_page_starts_during_a_step(step
     assert steps_run[0][1] <= page_times[1][0] and page_times[1][1] <= steps_run[1][0]
 
 
+def test_steps_wait_until_no_page_has_run_for_the_idle_time(steps: tuple[str, ...]) -> None:
+    """Pages clicked through in quick succession are never held back: the first step starts only once the
+    viewer has been idle for `idle_s` after the last page."""
+    w = WarmUp(steps, idle_s=0.6)
+    ends = []
+    for _ in range(3):  # three pages 0.2 s apart: each resets the idle clock
+        with w.page_run():
+            time.sleep(0.1)
+        ends.append(time.monotonic())
+        w.start()
+        time.sleep(0.2)
+    assert w.done.wait(30)
+    first_step = _intervals(steps[0])[0][0]
+    assert first_step >= ends[-1] + 0.6 - 0.01  # the page's own end is taken just before `ends` records it
+
+
 def test_a_failing_step_ends_the_warm_up_quietly(tmp_path: Path) -> None:
     sys.path.insert(0, str(tmp_path))
     try:
         names = _write_steps(tmp_path, ["warm_fail_ok", "warm_fail_bad", "warm_fail_never"])
         (tmp_path / "warm_fail_bad.py").write_text("raise ImportError('no such library here')\n")
-        w = WarmUp(names)
+        w = WarmUp(names, idle_s=0)
         w.start()
         assert w.done.wait(30)
         assert w.imported == ["warm_fail_ok"] and "warm_fail_never" not in sys.modules
