@@ -119,10 +119,13 @@ def stop_group(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def viewer(store: str, log: Path) -> Iterator[str]:
-    """`streamlit run dashboard/app.py` on `store` (as `microscope view --store` sets it); its base URL."""
+def viewer(store: str, log: Path, home: Path | None = None) -> Iterator[str]:
+    """`streamlit run dashboard/app.py` on `store` (as `microscope view --store` sets it), in the workspace
+    `home` when given (else the settings' default: the repository's .microscope); its base URL."""
     port = free_port()
     env = {**os.environ, "MICROSCOPE_STORE": store, "STREAMLIT_BROWSER_GATHER_USAGE_STATS": "false"}
+    if home is not None:
+        env["MICROSCOPE_HOME"] = str(home)
     env["MICROSCOPE_VIEWER_PREWARM"] = "true"  # as deployed: the warm-up imports while the pages are opened
     cmd = [str(VENV_BIN / "streamlit"), "run", str(APP), "--server.headless", "true", "--server.port", str(port)]
     cmd += ["--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false"]
@@ -268,7 +271,8 @@ def audits(finished_audits: dict[str, dict]) -> dict[str, str]:
 def site(audits: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Chromium]]:
     """One viewer and one Chromium for the module: every page is a navigation in the same tab."""
     tmp = tmp_path_factory.mktemp("browser")
-    with viewer(audits["store"], tmp / "streamlit.log") as base:
+    # a workspace of its own: nothing of the developer's .microscope (its Qdrant index) shows through
+    with viewer(audits["store"], tmp / "streamlit.log", home=tmp / "home") as base:
         browser = Chromium(tmp / "chromium-profile", tmp / "chromium.log", size=WIDE)
         try:
             yield base, browser
@@ -302,7 +306,7 @@ def expected_texts(page: str, audits: dict[str, str]) -> tuple[str, ...]:
         "reliability": (f"Reliability · {step2}", "reliability did not run"),
         "attribution": (f"Attribution · {step2}", "Checks"),
         "landscape": (f"Loss landscape · {step2}",),
-        "search": ("Search", "Neighbours"),
+        "search": ("Search", "Nothing is indexed in Qdrant yet"),  # this workspace has no index
         "launch": ("Launch an audit", "Start audit"),
         "store": ("Store", "Leftovers"),
     }.get(page, ())
